@@ -1,0 +1,167 @@
+"""Buffer-level MPI collectives on numpy arrays: the hot path of the plugin.
+
+```python
+import numpy as np
+from transparent_dist import collectives, world
+a, b = collectives.allreduce_average([np.ones(3, "f4"), np.ones((2, 2), "f4")],
+                                     weight=1.0, comm=world.get().comm)
+```
+
+Everything here moves raw buffers (`Allreduce`, `Bcast`, `Allgatherv` on numpy
+memory), never pickles, except the small agreement checks. Arrays of one
+dtype are fused into one contiguous buffer so a step costs one MPI call per
+dtype, not one per variable. Fusion buffers are kept between calls (two per
+layout, used in turn, so the arrays handed back from one step are never
+overwritten while that step can still read them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from transparent_dist.failures import CollectiveError
+
+# Dtypes MPI reduces natively; anything else (float16, bfloat16) is reduced
+# in float32 and cast back.
+_REDUCIBLE = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class _FusionBuffers:
+    """Per-layout pairs of preallocated buffers, handed out alternately."""
+
+    def __init__(self) -> None:
+        self._pairs: dict[tuple, list[np.ndarray]] = {}
+        self._turn: dict[tuple, int] = {}
+
+    def get(self, dtype: np.dtype, size: int, tag: str) -> np.ndarray:
+        key = (tag, dtype.str, size)
+        pair = self._pairs.get(key)
+        if pair is None:
+            pair = [np.empty(size, dtype), np.empty(size, dtype)]
+            self._pairs[key] = pair
+            self._turn[key] = 0
+        turn = self._turn[key]
+        self._turn[key] = 1 - turn
+        return pair[turn]
+
+
+_BUFFERS = _FusionBuffers()
+
+
+def _groups(arrays: Sequence[np.ndarray]) -> dict[np.dtype, list[int]]:
+    """Indices of `arrays` by exchange dtype, in first-seen order (the same
+    on every rank, since every rank passes the same layout)."""
+    groups: dict[np.dtype, list[int]] = {}
+    for i, a in enumerate(arrays):
+        dtype = a.dtype if a.dtype in _REDUCIBLE else np.dtype(np.float32)
+        groups.setdefault(dtype, []).append(i)
+    return groups
+
+
+def _reduce_fused(
+    arrays: Sequence[np.ndarray], comm: Any, weight: float | None, tag: str
+) -> list[np.ndarray]:
+    from mpi4py import MPI
+
+    out: list[np.ndarray] = [None] * len(arrays)  # type: ignore[list-item]
+    for dtype, members in _groups(arrays).items():
+        total = sum(arrays[i].size for i in members)
+        # One extra slot carries the sum of the ranks' weights.
+        extra = 0 if weight is None else 1
+        buf = _BUFFERS.get(dtype, total + extra, tag)
+        offset = 0
+        for i in members:
+            n = arrays[i].size
+            np.copyto(buf[offset : offset + n], arrays[i].reshape(-1), casting="unsafe")
+            offset += n
+        if weight is not None:
+            if weight == 0:
+                # A rank with no samples this step: its gradient may be NaN
+                # (a mean over nothing); it must contribute exactly zero.
+                buf[:total] = 0
+            elif weight != 1:
+                buf[:total] *= weight
+            buf[total] = weight
+        comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        if weight is not None:
+            weight_sum = buf[total]
+            if weight_sum > 0:
+                buf[:total] /= weight_sum
+        offset = 0
+        for i in members:
+            a = arrays[i]
+            view = buf[offset : offset + a.size].reshape(a.shape)
+            out[i] = view if view.dtype == a.dtype else view.astype(a.dtype)
+            offset += a.size
+    return out
+
+
+def allreduce_average(arrays: Sequence[np.ndarray], weight: float, comm: Any) -> list[np.ndarray]:
+    """The weighted mean over ranks: sum_r(w_r * a_r) / sum_r(w_r).
+
+    `weight` is this rank's weight (its sample count for the step, or 1 for
+    a plain mean). A rank with weight 0 contributes nothing, whatever its
+    arrays hold. The returned arrays are views of a fusion buffer, valid
+    until the call after next.
+    """
+    return _reduce_fused(arrays, comm, float(weight), "average")
+
+
+def allreduce_sum(arrays: Sequence[np.ndarray], comm: Any) -> list[np.ndarray]:
+    """Element-wise sums over ranks, fused per dtype."""
+    return _reduce_fused(arrays, comm, None, "sum")
+
+
+def broadcast(arrays: Sequence[np.ndarray], comm: Any, root: int = 0) -> list[np.ndarray]:
+    """Rank `root`'s arrays on every rank, in one `Bcast` of raw bytes
+    (so any dtype, bfloat16 and int64 counters included, travels as is)."""
+    arrays = [np.asarray(a, order="C") for a in arrays]
+    sizes = [a.nbytes for a in arrays]
+    buf = np.empty(sum(sizes), np.uint8)
+    if comm.Get_rank() == root:
+        offset = 0
+        for a, n in zip(arrays, sizes, strict=True):
+            buf[offset : offset + n] = a.reshape(-1).view(np.uint8)
+            offset += n
+    comm.Bcast(buf, root=root)
+    out = []
+    offset = 0
+    for a, n in zip(arrays, sizes, strict=True):
+        out.append(buf[offset : offset + n].view(a.dtype).reshape(a.shape).copy())
+        offset += n
+    return out
+
+
+def allgather_rows(array: np.ndarray, comm: Any) -> np.ndarray:
+    """The concatenation, in rank order, of every rank's `array` along axis
+    0 (ranks may hold different numbers of rows, zero included)."""
+    array = np.asarray(array, order="C")
+    rows = comm.allgather(int(array.shape[0]))
+    row_size = int(np.prod(array.shape[1:], dtype=np.int64))
+    out = np.empty((sum(rows),) + array.shape[1:], array.dtype)
+    counts = [r * row_size * array.dtype.itemsize for r in rows]
+    displacements = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64).tolist()
+    from mpi4py import MPI
+
+    comm.Allgatherv(
+        [array.reshape(-1).view(np.uint8), MPI.BYTE],
+        [out.reshape(-1).view(np.uint8), (counts, displacements), MPI.BYTE],
+    )
+    return out
+
+
+def check_agreement(what: str, value: Any, comm: Any) -> None:
+    """Raises the same CollectiveError (a ValueError) on every rank unless all ranks pass an
+    equal `value` (a small, picklable description)."""
+    values = comm.allgather(value)
+    if all(v == values[0] for v in values[1:]):
+        return
+    differing = [r for r, v in enumerate(values) if v != values[0]]
+    lines = [f"rank 0: {values[0]!r}"] + [f"rank {r}: {values[r]!r}" for r in differing[:3]]
+    raise CollectiveError(
+        f"transparent_dist: the ranks disagree on {what}; every rank must run "
+        f"the same script on data of the same shape. " + "; ".join(lines)
+    )

@@ -1,0 +1,95 @@
+"""Settings of the plugin: `TD_*` environment variables and `configure()`.
+
+```python
+import transparent_dist
+transparent_dist.configure(batch_size="global", lr_scaling="linear")
+```
+
+Every setting has an environment variable (read once, when the package is
+imported) and a keyword of `configure()` (which wins, and may be called at
+any point before the `fit` it should affect). The README has the table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+_CHOICES = {
+    "batch_size": ("per_rank", "global"),
+    "lr_scaling": ("none", "linear"),
+    "stdout": ("root", "all"),
+    "mpi": ("auto", "on", "off"),
+}
+
+
+@dataclasses.dataclass
+class Settings:
+    """The plugin's settings; one instance lives in `SETTINGS`."""
+
+    # `batch_size` passed to fit/evaluate/predict is per rank (global batch is
+    # N * batch_size) or the global batch.
+    batch_size: str = "per_rank"
+    # Opt-in linear learning-rate scaling by N with gradual warm-up.
+    lr_scaling: str = "none"
+    warmup_epochs: float = 5.0
+    # Whether ranks other than 0 may write to standard output.
+    stdout: str = "root"
+    # Whether to start MPI: "auto" starts it only under a launcher.
+    mpi: str = "auto"
+    # More messages from the plugin (on every rank).
+    verbose: bool = False
+    # The whole plugin off: plain Keras / TensorFlow.
+    disable: bool = False
+
+
+def _validate(key: str, value: object) -> object:
+    choices = _CHOICES.get(key)
+    if choices is not None and value not in choices:
+        raise ValueError(f"transparent_dist: {key}={value!r} is not one of {', '.join(choices)}")
+    if key == "warmup_epochs":
+        value = float(value)  # type: ignore[arg-type]
+        if value < 0:
+            raise ValueError("transparent_dist: warmup_epochs must be >= 0")
+    return value
+
+
+def from_environment(environ: os._Environ | dict | None = None) -> Settings:
+    """Reads the `TD_*` variables into a new `Settings`."""
+    env = os.environ if environ is None else environ
+    settings = Settings()
+    for field in dataclasses.fields(Settings):
+        name = "TD_" + field.name.upper()
+        if field.type == "bool":
+            setattr(settings, field.name, _env_bool(env, name, field.default))
+        elif name in env and env[name] != "":
+            setattr(settings, field.name, _validate(field.name, env[name].strip().lower()))
+    return settings
+
+
+def _env_bool(env, name: str, default: bool) -> bool:
+    value = env.get(name)
+    if value is None or value == "":
+        return default
+    return value.strip().lower() not in ("0", "false", "no", "off")
+
+
+SETTINGS = from_environment()
+
+
+def configure(**kwargs: object) -> Settings:
+    """Changes settings at run time; returns the settings in force.
+
+    ```python
+    transparent_dist.configure(batch_size="global")
+    ```
+    """
+    names = {f.name for f in dataclasses.fields(Settings)}
+    for key, value in kwargs.items():
+        if key not in names:
+            raise TypeError(
+                f"transparent_dist.configure() got an unknown setting {key!r}; "
+                f"known: {', '.join(sorted(names))}"
+            )
+        setattr(SETTINGS, key, _validate(key, value))
+    return SETTINGS

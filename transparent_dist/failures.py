@@ -1,0 +1,67 @@
+"""A rank that fails ends the whole job, promptly and saying why.
+
+```python
+from transparent_dist import failures
+failures.install()   # done by `import transparent_dist` in a job of size > 1
+```
+
+Without this, an uncaught exception on one rank leaves the others waiting
+in the next collective until the walltime. The hook prints the traceback
+with the failing rank, then calls MPI_Abort, which makes the launcher end
+every rank with a non-zero status.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from types import TracebackType
+
+from transparent_dist import world
+
+_PREVIOUS = None
+
+
+class CollectiveError(ValueError):
+    """An error that every rank detects together (data disagreement, bad
+    input): only rank 0 prints it."""
+
+
+def _is_collective(error: BaseException) -> bool:
+    return isinstance(error, CollectiveError) or getattr(error, "td_collective", False)
+
+
+def _hook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
+    w = world.get()
+    if kind is KeyboardInterrupt or w.size == 1:
+        (_PREVIOUS or sys.__excepthook__)(kind, error, tb)
+        return
+    if w.is_root or not _is_collective(error):
+        text = "".join(traceback.format_exception(kind, error, tb))
+        lines = "".join(f"[rank {w.rank}] {line}\n" for line in text.rstrip("\n").split("\n"))
+        sys.stderr.write(lines)
+        sys.stderr.write(
+            f"transparent_dist: rank {w.rank} of {w.size} failed with "
+            f"{kind.__name__}; ending all ranks of the job\n"
+        )
+    world.abort(1)
+
+
+def install() -> None:
+    """Makes an uncaught exception on any rank end the whole job."""
+    global _PREVIOUS
+    if sys.excepthook is not _hook:
+        _PREVIOUS = sys.excepthook
+        sys.excepthook = _hook
+
+
+def uninstall() -> None:
+    global _PREVIOUS
+    if sys.excepthook is _hook:
+        sys.excepthook = _PREVIOUS or sys.__excepthook__
+        _PREVIOUS = None
+
+
+def handle(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
+    """Reports an exception as the hook would (for the command-line runner)."""
+    _hook(kind, error, tb)

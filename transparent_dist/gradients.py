@@ -1,0 +1,119 @@
+"""Where gradients are averaged across ranks.
+
+```python
+import tensorflow as tf
+from transparent_dist import gradients
+grads = [tf.ones(3), None]
+averaged = gradients.average(grads)   # same structure, None stays None
+```
+
+`average` is called by the optimizer patches (Keras 3, tf_keras) just before
+an update, inside the traced train step: the gradients of one step go to MPI
+in one `tf.numpy_function` (one fused `Allreduce` per dtype, see
+`collectives`). Every rank issues it at the same point of the same step, so
+the order of collectives is the same everywhere.
+
+The mean is weighted by each rank's number of samples in the step when the
+train step told us (`samples_in_step`), so a short last batch split unevenly
+over the ranks still gives exactly the gradient one process would compute
+on the whole global batch. Custom loops get the plain mean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from transparent_dist import collectives, world
+
+_STEP = threading.local()
+
+
+@contextlib.contextmanager
+def samples_in_step(count: Any) -> Iterator[None]:
+    """Declares this rank's sample count for the step being traced or run;
+    `average` weights this rank's gradient by it."""
+    previous = getattr(_STEP, "count", None)
+    _STEP.count = count
+    try:
+        yield
+    finally:
+        _STEP.count = previous
+
+
+def current_sample_count() -> Any:
+    """This rank's sample count in the current step, or None outside a
+    Keras train step (custom loops)."""
+    count = getattr(_STEP, "count", None)
+    if count is None:
+        return None
+    import tensorflow as tf
+
+    # A tensor traced into another graph (a test step, an earlier trace)
+    # must not leak into this one.
+    if not tf.executing_eagerly() and not isinstance(count, (int, float)):
+        graph = getattr(count, "graph", None)
+        if graph is not None and graph is not tf.compat.v1.get_default_graph():
+            return None
+    return count
+
+
+def average(grads: Sequence[Any], weight: Any = None) -> list[Any]:
+    """Sample-weighted mean of `grads` over all ranks (graph or eager).
+
+    `grads` may hold None (left as is) and `tf.IndexedSlices` (densified:
+    the fused buffer is dense anyway). `weight` defaults to the sample count
+    declared with `samples_in_step`, else 1.
+    """
+    w = world.get()
+    grads = list(grads)
+    if w.size == 1:
+        return grads
+    import tensorflow as tf
+
+    present = [i for i, g in enumerate(grads) if g is not None]
+    if not present:
+        return grads
+    dense = [tf.convert_to_tensor(grads[i]) for i in present]
+    if weight is None:
+        weight = current_sample_count()
+    weight = tf.cast(1.0 if weight is None else weight, tf.float64)
+    comm = w.comm
+
+    def exchange(step_weight, *arrays):
+        return collectives.allreduce_average(arrays, float(step_weight), comm)
+
+    averaged = _collective_op(exchange, [weight, *dense], dense, "td_average_gradients")
+    for i, tensor in zip(present, averaged, strict=True):
+        grads[i] = tensor
+    return grads
+
+
+def sum_over_ranks(tensors: Sequence[Any]) -> list[Any]:
+    """Element-wise sums over ranks of `tensors` (graph or eager): used for
+    metric states, which are additive."""
+    w = world.get()
+    tensors = list(tensors)
+    if w.size == 1 or not tensors:
+        return tensors
+    comm = w.comm
+
+    def exchange(*arrays):
+        return collectives.allreduce_sum(arrays, comm)
+
+    return _collective_op(exchange, tensors, tensors, "td_sum_metric_states")
+
+
+def _collective_op(fn, inputs: list, like: list, name: str) -> list[Any]:
+    """`fn` (a numpy-level collective) as one stateful TF op whose outputs
+    have the dtypes and static shapes of `like`. Stateful ops keep program
+    order inside a `tf.function`, which keeps the collectives in the same
+    order on every rank."""
+    import tensorflow as tf
+
+    outputs = tf.numpy_function(fn, inputs, [t.dtype for t in like], stateful=True, name=name)
+    for tensor, reference in zip(outputs, like, strict=True):
+        tensor.set_shape(reference.shape)
+    return list(outputs)

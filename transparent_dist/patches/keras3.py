@@ -1,0 +1,404 @@
+"""Keras 3 (TensorFlow backend) made data-parallel, installed by `install()`.
+
+```python
+import keras
+from transparent_dist.patches import keras3
+keras3.install()      # idempotent; transparent_dist's import hook calls it
+```
+
+What is patched, and why there:
+
+- every optimizer's `apply` (so `fit`, `train_on_batch` and custom
+  `GradientTape` loops that call `apply_gradients` / `apply` alike): rank 0's
+  weights and optimizer state are broadcast before the first update, and the
+  gradients are averaged over the ranks (`gradients.average`);
+- the trainer's `_make_function`: each train / test step tells the gradient
+  exchange how many samples this rank holds in the step, so the mean is
+  sample-weighted; `_compute_loss` makes the loss of an empty local batch 0
+  instead of NaN;
+- `get_metrics_result`: metric states are summed over the ranks before the
+  results are computed, so every log value is the global one;
+- `fit`, `evaluate`, `predict`: the data is sharded (`keras_inputs`), the
+  callbacks are chosen per rank (`keras_callbacks`), XLA is turned off for
+  the steps that exchange, `predict` gathers all rows on every rank;
+- `Model.save`, `Model.save_weights` and `keras.saving.save_model`: rank 0
+  only.
+
+In a world of size 1 every patch calls straight through to Keras.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import random
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import tensorflow as tf
+from keras.src import tree
+from keras.src.backend.common.stateless_scope import in_stateless_scope
+from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+from keras.src.models.model import Model
+from keras.src.optimizers.base_optimizer import BaseOptimizer
+from keras.src.saving import saving_api
+from keras.src.trainers.data_adapters import array_slicing, data_adapter_utils
+from keras.src.trainers.trainer import Trainer
+from tensorflow.python.eager import context as tf_context
+
+from transparent_dist import (
+    broadcast,
+    collectives,
+    config,
+    gradients,
+    keras_callbacks,
+    keras_inputs,
+    log,
+    patching,
+    world,
+)
+
+_LOCAL = threading.local()
+_DEFAULT_BATCH_SIZE = 32
+
+
+def fitting() -> bool:
+    """Whether this thread is inside a patched `fit`."""
+    return getattr(_LOCAL, "fitting", False)
+
+
+@contextlib.contextmanager
+def _flag(name: str) -> Iterator[None]:
+    previous = getattr(_LOCAL, name, False)
+    setattr(_LOCAL, name, True)
+    try:
+        yield
+    finally:
+        setattr(_LOCAL, name, previous)
+
+
+def _distributed() -> bool:
+    return world.get().size > 1
+
+
+# ------------------------------------------------------------ optimizers
+
+
+def _sync_before_first_update(optimizer: Any, variables: list[Any]) -> None:
+    if broadcast.is_synced(optimizer):
+        return
+    with tf.init_scope():
+        if not optimizer.built:
+            optimizer.build(variables)
+            optimizer.built = True
+        broadcast.variables(
+            list(variables) + list(optimizer.variables),
+            what="trainable variables and optimizer state",
+        )
+    broadcast.mark_synced(optimizer)
+
+
+def _wrap_apply(original: Any) -> Any:
+    def apply(self, grads, trainable_variables=None):
+        # A wrapping optimizer (LossScaleOptimizer) calls its inner one's
+        # apply: the gradients are averaged once, by the outermost.
+        if not _distributed() or getattr(_LOCAL, "applying", False):
+            return original(self, grads, trainable_variables)
+        grads = list(grads)
+        if not grads:
+            return original(self, grads, trainable_variables)
+        variables = (
+            list(trainable_variables)
+            if trainable_variables is not None
+            else list(self._trainable_variables)
+        )
+        _sync_before_first_update(self, variables)
+        grads = gradients.average(grads)
+        with _flag("applying"):
+            return original(self, grads, trainable_variables)
+
+    return apply
+
+
+def _optimizer_classes() -> list[type]:
+    """BaseOptimizer and every subclass that defines its own `apply`."""
+    found, stack = [], [BaseOptimizer]
+    while stack:
+        cls = stack.pop()
+        if "apply" in vars(cls):
+            found.append(cls)
+        stack.extend(cls.__subclasses__())
+    return found
+
+
+# ------------------------------------------------------------ steps, loss, metrics
+
+
+def _first_leaf(x: Any) -> Any:
+    return next(leaf for leaf in tree.flatten(x) if leaf is not None)
+
+
+def _wrap_make_function(original: Any) -> Any:
+    def _make_function(self, step_function):
+        if not _distributed():
+            return original(self, step_function)
+
+        def step_with_sample_count(data):
+            x, _, _ = data_adapter_utils.unpack_x_y_sample_weight(data)
+            with gradients.samples_in_step(tf.shape(_first_leaf(x))[0]):
+                return step_function(data)
+
+        return original(self, step_with_sample_count)
+
+    return _make_function
+
+
+def _wrap_compute_loss(original: Any) -> Any:
+    def _compute_loss(self, *args, **kwargs):
+        loss = original(self, *args, **kwargs)
+        count = gradients.current_sample_count() if _distributed() else None
+        if count is None:
+            return loss
+        # A mean over an empty local batch is NaN; it must count as nothing.
+        return tf.where(count > 0, loss, tf.zeros_like(loss))
+
+    return _compute_loss
+
+
+def _wrap_get_metrics_result(original: Any) -> Any:
+    def get_metrics_result(self):
+        if not _distributed() or in_stateless_scope():
+            return original(self)
+        metrics = self.metrics
+        variables, seen = [], set()
+        for metric in metrics:
+            for v in metric.variables:
+                if id(v) not in seen:
+                    seen.add(id(v))
+                    variables.append(v)
+        summed = gradients.sum_over_ranks([tf.convert_to_tensor(v) for v in variables])
+        by_id = {id(v): s for v, s in zip(variables, summed, strict=True)}
+        results = {}
+        for metric in metrics:
+            result = metric.stateless_result([by_id[id(v)] for v in metric.variables])
+            if isinstance(result, dict):
+                results.update(result)
+            else:
+                results[metric.name] = result
+        return results
+
+    return get_metrics_result
+
+
+# ------------------------------------------------------------ fit / evaluate / predict
+
+
+def _bind(original: Any, self: Any, args: tuple, kwargs: dict) -> dict:
+    signature = inspect.signature(inspect.unwrap(original))
+    bound = signature.bind(self, *args, **kwargs)
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    extra = arguments.pop("kwargs", None) or {}
+    arguments.update(extra)
+    return arguments
+
+
+def _call(original: Any, arguments: dict) -> Any:
+    self = arguments.pop("self")
+    return original(self, **arguments)
+
+
+def _disable_xla(model: Any) -> None:
+    if model.jit_compile:
+        model.jit_compile = False
+        model.train_function = model.test_function = model.predict_function = None
+        log.info(
+            "jit_compile (XLA) is turned off: the gradient exchange runs MPI "
+            "from inside the step, which XLA cannot compile"
+        )
+
+
+def _global_batch(batch_size: int | None) -> int:
+    b = batch_size or _DEFAULT_BATCH_SIZE
+    if config.SETTINGS.batch_size == "global":
+        return b
+    return b * world.get().size
+
+
+@contextlib.contextmanager
+def _common_shuffle_seed() -> Iterator[None]:
+    """Makes the TF global seed equal on all ranks while the index pipeline
+    is built, so every rank draws the same permutation. A seed the script
+    set alike everywhere is used as is: then the permutation is the one plain
+    Keras draws."""
+    w = world.get()
+    seed = tf_context.global_seed()
+    seeds = w.comm.allgather(seed)
+    if seed is not None and all(s == seed for s in seeds):
+        yield
+        return
+    common = w.comm.bcast(random.randrange(2**31) if w.is_root else None, root=0)
+    tf.random.set_seed(common)
+    try:
+        yield
+    finally:
+        tf.random.set_seed(seed)
+
+
+def _array_batches(inputs_xyw: tuple, batch_size: int | None, shuffle: Any, what: str):
+    w = world.get()
+    inputs, n = keras_inputs.pack_arrays(*inputs_xyw)
+    collectives.check_agreement(f"the number of samples in {what}", n, w.comm)
+    keras_inputs.check_enough_samples(n, what)
+    with _common_shuffle_seed() if shuffle else contextlib.nullcontext():
+        dataset, _ = keras_inputs.array_batches(
+            inputs, n, _global_batch(batch_size), shuffle, w.rank, w.size
+        )
+    return dataset
+
+
+def _shard_batches(x: Any, y: Any, sample_weight: Any, batch_size: Any, shuffle: Any, what: str):
+    """`(x, y, sample_weight, batch_size)` for this rank, for fit / evaluate."""
+    w = world.get()
+    kind = keras_inputs.kind_of(x)
+    if kind == "arrays":
+        return _array_batches((x, y, sample_weight), batch_size, shuffle, what), None, None, None
+    if kind == "dataset":
+        return keras_inputs.dataset_batches(x, w.rank, w.size), y, sample_weight, batch_size
+    if kind == "pydataset":
+        return keras_inputs.pydataset_part(x, w.rank, w.size), y, sample_weight, batch_size
+    if kind == "generator":
+        return keras_inputs.generator_batches(x, w.rank, w.size), y, sample_weight, batch_size
+    log.info(f"{what} of type {type(x).__name__} is not sharded: every rank uses all of it")
+    return x, y, sample_weight, batch_size
+
+
+def _wrap_fit(original: Any) -> Any:
+    def fit(self, *args, **kwargs):
+        if not _distributed() or fitting():
+            return original(self, *args, **kwargs)
+        a = _bind(original, self, args, kwargs)
+        _disable_xla(self)
+        x, y, sample_weight, batch_size = a["x"], a["y"], a["sample_weight"], a["batch_size"]
+        if (
+            a["validation_split"]
+            and a["validation_data"] is None
+            and keras_inputs.kind_of(x) == "arrays"
+        ):
+            # Split before sharding: the validation set is the last part of
+            # the whole data, as in plain Keras.
+            (x, y, sample_weight), a["validation_data"] = array_slicing.train_validation_split(
+                (x, y, sample_weight), validation_split=a["validation_split"]
+            )
+            a["validation_split"] = 0.0
+        a["x"], a["y"], a["sample_weight"], a["batch_size"] = _shard_batches(
+            x, y, sample_weight, batch_size, a["shuffle"], "the training data"
+        )
+        if keras_inputs.kind_of(x) == "arrays":
+            a["shuffle"] = False  # drawn already, by the index pipeline
+        if a["validation_data"] is not None:
+            vd = a["validation_data"]
+            if isinstance(vd, (tuple, list)):
+                vx, vy, vw = data_adapter_utils.unpack_x_y_sample_weight(tuple(vd))
+            else:
+                vx, vy, vw = vd, None, None
+            vbatch = a["validation_batch_size"] or batch_size
+            vx, vy, vw, vbatch = _shard_batches(vx, vy, vw, vbatch, False, "the validation data")
+            a["validation_data"] = vx if vy is None and vw is None else (vx, vy, vw)
+            a["validation_batch_size"] = vbatch
+        a["callbacks"] = keras_callbacks.for_this_rank(a["callbacks"], fitting=True)
+        if not world.get().is_root:
+            a["verbose"] = 0
+        with _flag("fitting"):
+            return _call(original, a)
+
+    return fit
+
+
+def _wrap_evaluate(original: Any) -> Any:
+    def evaluate(self, *args, **kwargs):
+        if not _distributed() or fitting() or kwargs.get("_use_cached_eval_dataset"):
+            return original(self, *args, **kwargs)
+        a = _bind(original, self, args, kwargs)
+        _disable_xla(self)
+        a["x"], a["y"], a["sample_weight"], a["batch_size"] = _shard_batches(
+            a["x"], a["y"], a["sample_weight"], a["batch_size"], False, "the evaluation data"
+        )
+        a["callbacks"] = keras_callbacks.for_this_rank(a["callbacks"])
+        if not world.get().is_root:
+            a["verbose"] = 0
+        return _call(original, a)
+
+    return evaluate
+
+
+def _wrap_predict(original: Any) -> Any:
+    def predict(self, *args, **kwargs):
+        if not _distributed():
+            return original(self, *args, **kwargs)
+        w = world.get()
+        a = _bind(original, self, args, kwargs)
+        _disable_xla(self)
+        x, kind, gather = a["x"], keras_inputs.kind_of(a["x"]), True
+        if kind == "arrays":
+            _, n = keras_inputs.pack_arrays(x)
+            collectives.check_agreement("the number of samples to predict", n, w.comm)
+            keras_inputs.check_enough_samples(n, "the data to predict")
+            a["x"] = keras_inputs.array_block(x, n, w.rank, w.size)
+        elif kind == "dataset":
+            block = keras_inputs.dataset_block(x, w.rank, w.size)
+            gather = block is not None
+            a["x"] = x if block is None else block
+        elif kind == "pydataset":
+            a["x"] = keras_inputs.pydataset_part(x, w.rank, w.size, contiguous=True)
+        else:
+            gather = False
+        a["callbacks"] = keras_callbacks.for_this_rank(a["callbacks"])
+        if not w.is_root:
+            a["verbose"] = 0
+        outputs = _call(original, a)
+        if not gather:
+            return outputs
+        return tree.map_structure(lambda o: collectives.allgather_rows(o, w.comm), outputs)
+
+    return predict
+
+
+# ------------------------------------------------------------ saving
+
+
+def _root_only(original: Any) -> Any:
+    def on_root_only(*args, **kwargs):
+        if world.get().is_root:
+            return original(*args, **kwargs)
+        return None
+
+    return on_root_only
+
+
+def _patch_saving() -> None:
+    patching.wrap(Model, "save", _root_only)
+    patching.wrap(Model, "save_weights", _root_only)
+    # Every public alias of save_model (keras.saving, keras.models, tf.keras).
+    target = saving_api.save_model
+    for name, module in list(sys.modules.items()):
+        if name.startswith("keras") and getattr(module, "save_model", None) is target:
+            patching.wrap(module, "save_model", _root_only)
+
+
+# ------------------------------------------------------------ install
+
+
+def install() -> None:
+    """Installs the Keras 3 patches (idempotent)."""
+    for cls in _optimizer_classes():
+        patching.wrap(cls, "apply", _wrap_apply)
+    patching.wrap(TensorFlowTrainer, "_make_function", _wrap_make_function)
+    patching.wrap(Trainer, "_compute_loss", _wrap_compute_loss)
+    patching.wrap(Trainer, "get_metrics_result", _wrap_get_metrics_result)
+    patching.wrap(TensorFlowTrainer, "fit", _wrap_fit)
+    patching.wrap(TensorFlowTrainer, "evaluate", _wrap_evaluate)
+    patching.wrap(TensorFlowTrainer, "predict", _wrap_predict)
+    _patch_saving()
