@@ -1,0 +1,74 @@
+"""Helpers that start real MPI jobs for the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+JOBS = ROOT / "tests" / "jobs"
+PYTHON = sys.executable
+
+
+def _mpiexec() -> str:
+    beside = Path(sys.executable).parent / "mpiexec"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("mpiexec")
+    if found is None:
+        pytest.skip("no mpiexec: install the package (pip install -e .) to get the mpich wheel's")
+    return found
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    # Quiet TensorFlow, one compute thread per rank (the machine has 2 cores
+    # and the jobs run up to 4 ranks), and no stray settings from the caller.
+    env.update(TF_CPP_MIN_LOG_LEVEL="3", TF_NUM_INTRAOP_THREADS="1", OMP_NUM_THREADS="1")
+    for name in list(env):
+        if name.startswith("TD_"):
+            del env[name]
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+class Finished:
+    """A finished job: exit status, output, wall time."""
+
+    def __init__(self, proc: subprocess.CompletedProcess, seconds: float) -> None:
+        self.returncode = proc.returncode
+        self.stdout = proc.stdout
+        self.stderr = proc.stderr
+        self.seconds = seconds
+
+    def check(self) -> Finished:
+        assert self.returncode == 0, f"job failed ({self.returncode}):\n{self.stdout}\n{self.stderr[-6000:]}"
+        return self
+
+
+def run(args: list[str], ranks: int | None = None, env: dict | None = None, timeout: float = 600,
+        cwd: str | Path | None = None) -> Finished:
+    """Runs `args` (a python command line without the interpreter when it
+    starts with a .py file or -m/-c) under `mpiexec -n ranks`, or plainly
+    when `ranks` is None."""
+    command = list(args)
+    if command[0] != PYTHON and not command[0].endswith("mpiexec"):
+        command = [PYTHON, *command]
+    if ranks is not None:
+        command = [_mpiexec(), "-n", str(ranks), *command]
+    start = time.monotonic()
+    proc = subprocess.run(command, env=env or job_env(), capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, stdin=subprocess.DEVNULL)
+    return Finished(proc, time.monotonic() - start)
+
+
+def load_ranks(directory: Path, prefix: str, ranks: int) -> list[dict]:
+    return [json.loads((directory / f"{prefix}-rank{r}.json").read_text()) for r in range(ranks)]

@@ -1,0 +1,277 @@
+"""Scenarios of the core Keras 3 tests, all run in one process per job
+(TensorFlow's import costs seconds per rank, so one job runs them all).
+
+    mpiexec -n N python -m transparent_dist keras_core.py OUT plugin
+    python keras_core.py OUT reference N     # plain Keras, batch N*b
+    mpiexec -n N python keras_core.py OUT control   # plugin off
+
+Each rank writes OUT/<mode>-<N>-rank<r>.json with what every scenario saw.
+The tests compare these numbers; nothing here asserts.
+"""
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+OUT, MODE = sys.argv[1], sys.argv[2]
+if MODE == "reference":
+    RANK, SIZE, EMULATED = 0, 1, int(sys.argv[3])
+else:
+    RANK, SIZE = int(os.environ.get("PMI_RANK", 0)), int(os.environ.get("PMI_SIZE", 1))
+    EMULATED = SIZE
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+B = 16  # per-rank batch size
+GLOBAL_B = B * EMULATED
+LOCAL_B = B if MODE != "reference" else GLOBAL_B
+N_SAMPLES = 500
+rng = np.random.default_rng(0)
+X = rng.normal(size=(N_SAMPLES, 8)).astype("float32")
+Y = (X @ rng.normal(size=(8, 1)) + 0.1).astype("float32")
+
+
+def weights(model):
+    return np.concatenate([v.numpy().ravel() for v in model.trainable_variables]).tolist()
+
+
+def mlp(seed=1):
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(1)]
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.5), loss="mse", metrics=["mae"])
+    return model
+
+
+def scenario_arrays(shuffle):
+    model = mlp(seed=7 if shuffle else 1)
+    history = model.fit(
+        X, Y, batch_size=LOCAL_B, epochs=3, shuffle=shuffle, verbose=0, validation_split=0.2
+    )
+    return {
+        "weights": weights(model),
+        "history": history.history,
+        "evaluate": model.evaluate(X, Y, batch_size=LOCAL_B, verbose=0),
+        "predict": model.predict(X[:101], batch_size=LOCAL_B, verbose=0).ravel().tolist(),
+    }
+
+
+def scenario_unseeded():
+    # As an unseeded start would, every rank draws different initial weights
+    # (seeded by rank so that they surely differ).
+    model = mlp(seed=1000 + RANK)
+    initial = weights(model)
+    # (shuffle=False: the ranks' TF seeds differ too, so they agree on a
+    # common permutation, which the single-process reference cannot know.)
+    model.fit(X, Y, batch_size=LOCAL_B, epochs=1, shuffle=False, verbose=0)
+    return {"initial": initial, "weights": weights(model)}
+
+
+class SeenIds(keras.metrics.Metric):
+    """Counts how often each sample id (column 1 of y) was trained on."""
+
+    def __init__(self, **kwargs):
+        super().__init__(name="seen", **kwargs)
+        self.counts = self.add_variable((N_SAMPLES,), initializer="zeros", name="counts")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        ids = tf.cast(y_true[:, 1], "int32")
+        self.counts.assign_add(tf.math.bincount(ids, minlength=N_SAMPLES, maxlength=N_SAMPLES, dtype="float32"))
+
+    def result(self):
+        return {"seen_min": tf.reduce_min(self.counts), "seen_max": tf.reduce_max(self.counts)}
+
+
+class RecordLocalCounts(keras.callbacks.Callback):
+    def __init__(self, metric):
+        super().__init__()
+        self.metric, self.per_epoch = metric, []
+
+    def on_epoch_end(self, epoch, logs=None):
+        counts = self.metric.counts.numpy()
+        self.per_epoch.append(
+            {"ids": np.flatnonzero(counts).tolist(), "max": float(counts.max()),
+             "global_min": float(logs["seen_min"]), "global_max": float(logs["seen_max"])}
+        )
+
+
+def scenario_sample_usage():
+    keras.utils.set_random_seed(3)
+    metric = SeenIds()
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])
+    model.compile(
+        optimizer="sgd",
+        loss=lambda yt, yp: keras.ops.mean(keras.ops.square(yt[:, :1] - yp)),
+        metrics=[metric],
+    )
+    y2 = np.concatenate([Y, np.arange(N_SAMPLES, dtype="float32")[:, None]], axis=1)
+    record = RecordLocalCounts(metric)
+    model.fit(X, y2, batch_size=LOCAL_B, epochs=2, shuffle=True, verbose=0, callbacks=[record])
+    return {"epochs": record.per_epoch}
+
+
+class RecordingCheckpoint(keras.callbacks.ModelCheckpoint):
+    """A ModelCheckpoint that notes which rank wrote."""
+
+    def _save_model(self, *args, **kwargs):
+        with open(os.path.join(OUT, "checkpoint-writers.txt"), "a") as f:
+            f.write(f"{RANK}\n")
+        return super()._save_model(*args, **kwargs)
+
+
+def scenario_files():
+    model = mlp()
+    model.fit(
+        X, Y, batch_size=LOCAL_B, epochs=2, verbose=0, validation_split=0.2,
+        callbacks=[
+            keras.callbacks.CSVLogger(os.path.join(OUT, "log.csv")),
+            RecordingCheckpoint(os.path.join(OUT, "best.keras"), monitor="val_loss", save_best_only=True),
+        ],
+    )
+    model.save(os.path.join(OUT, "final.keras"))
+    model.save_weights(os.path.join(OUT, "final.weights.h5"))
+    return {"weights": weights(model)}
+
+
+def scenario_early_stopping():
+    model = mlp()
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=0, min_delta=0.5)
+    history = model.fit(
+        X, Y, batch_size=LOCAL_B, epochs=10, verbose=0, validation_split=0.2, callbacks=[stop]
+    )
+    return {"epochs_run": len(history.history["loss"]), "weights": weights(model)}
+
+
+def scenario_dataset():
+    model = mlp()
+    ds = tf.data.Dataset.from_tensor_slices((X, Y)).batch(B if MODE != "reference" else GLOBAL_B)
+    history = model.fit(ds, epochs=2, verbose=0)
+    return {"weights": weights(model), "history": history.history,
+            "evaluate": model.evaluate(ds, verbose=0)}
+
+
+class Batches(keras.utils.PyDataset):
+    def __init__(self, batch):
+        super().__init__()
+        self.batch = batch
+
+    def __len__(self):
+        return math.ceil(N_SAMPLES / self.batch)
+
+    def __getitem__(self, i):
+        s = slice(i * self.batch, (i + 1) * self.batch)
+        return X[s], Y[s]
+
+
+def scenario_pydataset():
+    model = mlp()
+    history = model.fit(Batches(B if MODE != "reference" else GLOBAL_B), epochs=2, verbose=0)
+    return {"weights": weights(model), "history": history.history}
+
+
+def scenario_generator():
+    model = mlp()
+    batch = B if MODE != "reference" else GLOBAL_B
+    gen = ((X[i : i + batch], Y[i : i + batch]) for i in range(0, N_SAMPLES, batch))
+    history = model.fit(gen, epochs=1, verbose=0)
+    return {"weights": weights(model), "history": history.history}
+
+
+def scenario_dict_inputs():
+    keras.utils.set_random_seed(5)
+    a, b = keras.Input((5,), name="a"), keras.Input((3,), name="b")
+    hidden = keras.layers.Dense(8, activation="relu")(keras.layers.Concatenate()([a, b]))
+    model = keras.Model({"a": a, "b": b}, keras.layers.Dense(1)(hidden))
+    model.compile(optimizer="adam", loss="mse")
+    history = model.fit({"a": X[:, :5], "b": X[:, 5:]}, Y, batch_size=LOCAL_B, epochs=2, verbose=0)
+    return {"weights": weights(model), "history": history.history}
+
+
+def scenario_custom_loop():
+    # Each rank feeds its own data from an unseeded start: with the plugin
+    # the ranks must still end identical.
+    model = mlp(seed=2000 + RANK)
+    optimizer = keras.optimizers.Adam(0.01)
+    local = np.random.default_rng(100 + RANK)
+    x = local.normal(size=(64, 8)).astype("float32")
+    y = local.normal(size=(64, 1)).astype("float32")
+
+    @tf.function
+    def step(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = keras.ops.mean(keras.ops.square(model(xb) - yb))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    for i in range(0, 64, 16):
+        step(x[i : i + 16], y[i : i + 16])
+    return {"weights": weights(model)}
+
+
+def scenario_global_batch():
+    if MODE == "reference":
+        batch = 48
+    else:
+        import transparent_dist
+
+        transparent_dist.configure(batch_size="global")
+        batch = 48
+    model = mlp()
+    model.fit(X, Y, batch_size=batch, epochs=2, shuffle=False, verbose=0)
+    if MODE != "reference":
+        transparent_dist.configure(batch_size="per_rank")
+    return {"weights": weights(model)}
+
+
+def scenario_lr_scaling():
+    if MODE != "plugin":
+        return {}
+    import transparent_dist
+
+    transparent_dist.configure(lr_scaling="linear", warmup_epochs=1)
+    model = mlp()
+    model.fit(X, Y, batch_size=B, epochs=2, verbose=0)
+    transparent_dist.configure(lr_scaling="none")
+    return {"lr": float(model.optimizer.learning_rate.numpy())}
+
+
+def scenario_xla():
+    model = mlp()
+    model.compile(optimizer="sgd", loss="mse", jit_compile=True)
+    model.fit(X, Y, batch_size=LOCAL_B, epochs=1, verbose=0)
+    return {"jit_compile": bool(model.jit_compile), "weights": weights(model)}
+
+
+SCENARIOS = {
+    "arrays": lambda: scenario_arrays(False),
+    "arrays_shuffled": lambda: scenario_arrays(True),
+    "unseeded": scenario_unseeded,
+    "sample_usage": scenario_sample_usage,
+    "files": scenario_files,
+    "early_stopping": scenario_early_stopping,
+    "dataset": scenario_dataset,
+    "pydataset": scenario_pydataset,
+    "generator": scenario_generator,
+    "dict_inputs": scenario_dict_inputs,
+    "custom_loop": scenario_custom_loop,
+    "global_batch": scenario_global_batch,
+    "lr_scaling": scenario_lr_scaling,
+    "xla": scenario_xla,
+}
+ONLY = os.environ.get("SCENARIOS")
+results = {}
+for name, run in SCENARIOS.items():
+    if ONLY and name not in ONLY.split(","):
+        continue
+    if MODE == "control" and name in ("files", "lr_scaling"):
+        continue
+    results[name] = run()
+with open(os.path.join(OUT, f"{MODE}-{EMULATED}-rank{RANK}.json"), "w") as f:
+    json.dump(results, f)

@@ -1,0 +1,151 @@
+"""The core path: unmodified Keras 3 `fit` / `evaluate` / `predict` under
+mpiexec, compared number by number with one plain-Keras process taking the
+global batch, and with the same job run without the plugin (the control)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from conftest import JOBS, load_ranks, run
+
+SCRIPT = str(JOBS / "keras_core.py")
+EQUIVALENT = ["arrays", "arrays_shuffled", "unseeded", "files", "early_stopping", "dataset",
+              "pydataset", "generator", "dict_inputs", "global_batch", "xla"]
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    out = {}
+    for ranks in (2, 3):
+        directory = tmp_path_factory.mktemp(f"plugin{ranks}")
+        job = run(["-m", "transparent_dist", SCRIPT, str(directory), "plugin"], ranks=ranks).check()
+        out[ranks] = {"dir": directory, "job": job, "ranks": load_ranks(directory, f"plugin-{ranks}", ranks)}
+        ref_dir = tmp_path_factory.mktemp(f"reference{ranks}")
+        run([SCRIPT, str(ref_dir), "reference", str(ranks)]).check()
+        out[ranks]["reference"] = load_ranks(ref_dir, f"reference-{ranks}", 1)[0]
+    control_dir = tmp_path_factory.mktemp("control")
+    run([SCRIPT, str(control_dir), "control"], ranks=2).check()
+    out["control"] = load_ranks(control_dir, "control-2", 2)
+    return out
+
+
+def _weights(result):
+    return np.asarray(result["weights"])
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("scenario", EQUIVALENT)
+def test_n_ranks_times_b_equals_one_process_times_nb(jobs, ranks, scenario):
+    reference = _weights(jobs[ranks]["reference"][scenario])
+    for rank, result in enumerate(jobs[ranks]["ranks"]):
+        np.testing.assert_allclose(_weights(result[scenario]), reference, atol=1e-5, rtol=0,
+                                   err_msg=f"{scenario}: rank {rank} of {ranks}")
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("scenario", EQUIVALENT + ["custom_loop"])
+def test_all_ranks_end_bit_identical(jobs, ranks, scenario):
+    first = _weights(jobs[ranks]["ranks"][0][scenario])
+    for result in jobs[ranks]["ranks"][1:]:
+        np.testing.assert_array_equal(_weights(result[scenario]), first)
+
+
+def test_control_without_plugin_differs(jobs):
+    """The same job without the plugin: every rank trains alone on all the
+    data, so it neither matches the reference nor keeps the ranks equal."""
+    control, reference = jobs["control"], jobs[2]["reference"]
+    assert np.abs(_weights(control[0]["arrays"]) - _weights(reference["arrays"])).max() > 1e-3
+    for scenario in ("unseeded", "custom_loop"):
+        assert np.abs(_weights(control[0][scenario]) - _weights(control[1][scenario])).max() > 1e-3
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_unseeded_start_is_made_equal(jobs, ranks):
+    initial = [np.asarray(r["unseeded"]["initial"]) for r in jobs[ranks]["ranks"]]
+    assert np.abs(initial[0] - initial[1]).max() > 1e-3  # they did start apart
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("scenario", ["arrays", "arrays_shuffled", "dataset", "pydataset",
+                                      "generator", "dict_inputs"])
+def test_logs_are_the_global_values(jobs, ranks, scenario):
+    reference = jobs[ranks]["reference"][scenario]["history"]
+    for result in jobs[ranks]["ranks"]:
+        history = result[scenario]["history"]
+        assert history.keys() == reference.keys()
+        for key in reference:
+            np.testing.assert_allclose(history[key], reference[key], rtol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_evaluate_and_predict_are_global_on_every_rank(jobs, ranks):
+    reference = jobs[ranks]["reference"]
+    for result in jobs[ranks]["ranks"]:
+        for scenario in ("arrays", "arrays_shuffled"):
+            np.testing.assert_allclose(result[scenario]["evaluate"], reference[scenario]["evaluate"], rtol=1e-5)
+            predicted = np.asarray(result[scenario]["predict"])
+            assert predicted.shape == (101,)  # all rows, on every rank
+            np.testing.assert_allclose(predicted, reference[scenario]["predict"], atol=1e-5)
+        np.testing.assert_allclose(result["dataset"]["evaluate"], reference["dataset"]["evaluate"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_every_sample_used_exactly_once_per_epoch(jobs, ranks):
+    results = jobs[ranks]["ranks"]
+    for epoch in range(2):
+        seen = [set(r["sample_usage"]["epochs"][epoch]["ids"]) for r in results]
+        assert sum(len(s) for s in seen) == 500
+        assert set().union(*seen) == set(range(500))
+        for r in results:
+            entry = r["sample_usage"]["epochs"][epoch]
+            assert entry["max"] == 1.0  # no sample twice on a rank
+            assert entry["global_min"] == entry["global_max"] == 1.0
+            assert abs(len(entry["ids"]) - 500 / ranks) < 1  # balanced
+    control = jobs["control"][0]["sample_usage"]["epochs"][0]
+    assert len(control["ids"]) == 500  # without the plugin each rank takes all
+
+
+def test_side_effects_happen_on_rank_zero_only(jobs):
+    directory = jobs[3]["dir"]
+    rows = list(csv.reader((directory / "log.csv").open()))
+    assert rows[0] == ["epoch", "loss", "mae", "val_loss", "val_mae"]
+    assert [row[0] for row in rows[1:]] == ["0", "1"]  # one header, one row per epoch
+    writers = (directory / "checkpoint-writers.txt").read_text().split()
+    assert writers and set(writers) == {"0"}
+    assert (directory / "final.keras").stat().st_size > 0
+    assert (directory / "final.weights.h5").stat().st_size > 0
+    # Rank 0's CSV values are the global ones.
+    history = jobs[3]["reference"]["files"]
+    assert history  # the reference ran the same scenario
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_early_stopping_decides_alike(jobs, ranks):
+    expected = jobs[ranks]["reference"]["early_stopping"]["epochs_run"]
+    assert expected < 10
+    assert [r["early_stopping"]["epochs_run"] for r in jobs[ranks]["ranks"]] == [expected] * ranks
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_linear_lr_scaling_with_warmup(jobs, ranks):
+    for result in jobs[ranks]["ranks"]:
+        assert result["lr_scaling"]["lr"] == pytest.approx(0.05 * ranks)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_xla_is_turned_off_and_said_once(jobs, ranks):
+    assert all(r["xla"]["jit_compile"] is False for r in jobs[ranks]["ranks"])
+    assert jobs[ranks]["job"].stderr.count("jit_compile (XLA) is turned off") == 1
+
+
+def test_only_rank_zero_prints(tmp_path):
+    code = ("import transparent_dist as td, sys; print('hello from', td.rank()); "
+            "print('err', td.rank(), file=sys.stderr)")
+    job = run(["-m", "transparent_dist", "-c", code], ranks=3).check()
+    assert job.stdout.split("\n").count("hello from 0") == 1
+    assert "hello from 1" not in job.stdout and "hello from 2" not in job.stdout
+    assert all(f"err {r}" in job.stderr for r in range(3))  # errors are never hidden
+    json.dumps(job.stdout)
