@@ -50,12 +50,19 @@ class Finished:
         self.seconds = seconds
 
     def check(self) -> Finished:
-        assert self.returncode == 0, f"job failed ({self.returncode}):\n{self.stdout}\n{self.stderr[-6000:]}"
+        assert self.returncode == 0, (
+            f"job failed ({self.returncode}):\n{self.stdout}\n{self.stderr[-6000:]}"
+        )
         return self
 
 
-def run(args: list[str], ranks: int | None = None, env: dict | None = None, timeout: float = 600,
-        cwd: str | Path | None = None) -> Finished:
+def run(
+    args: list[str],
+    ranks: int | None = None,
+    env: dict | None = None,
+    timeout: float = 600,
+    cwd: str | Path | None = None,
+) -> Finished:
     """Runs `args` (a python command line without the interpreter when it
     starts with a .py file or -m/-c) under `mpiexec -n ranks`, or plainly
     when `ranks` is None."""
@@ -65,8 +72,15 @@ def run(args: list[str], ranks: int | None = None, env: dict | None = None, time
     if ranks is not None:
         command = [_mpiexec(), "-n", str(ranks), *command]
     start = time.monotonic()
-    proc = subprocess.run(command, env=env or job_env(), capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        command,
+        env=env or job_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+    )
     return Finished(proc, time.monotonic() - start)
 
 

@@ -12,8 +12,19 @@ import pytest
 from conftest import JOBS, load_ranks, run
 
 SCRIPT = str(JOBS / "keras_core.py")
-EQUIVALENT = ["arrays", "arrays_shuffled", "unseeded", "files", "early_stopping", "dataset",
-              "pydataset", "generator", "dict_inputs", "global_batch", "xla"]
+EQUIVALENT = [
+    "arrays",
+    "arrays_shuffled",
+    "unseeded",
+    "files",
+    "early_stopping",
+    "dataset",
+    "pydataset",
+    "generator",
+    "dict_inputs",
+    "global_batch",
+    "xla",
+]
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +33,11 @@ def jobs(tmp_path_factory):
     for ranks in (2, 3):
         directory = tmp_path_factory.mktemp(f"plugin{ranks}")
         job = run(["-m", "transparent_dist", SCRIPT, str(directory), "plugin"], ranks=ranks).check()
-        out[ranks] = {"dir": directory, "job": job, "ranks": load_ranks(directory, f"plugin-{ranks}", ranks)}
+        out[ranks] = {
+            "dir": directory,
+            "job": job,
+            "ranks": load_ranks(directory, f"plugin-{ranks}", ranks),
+        }
         ref_dir = tmp_path_factory.mktemp(f"reference{ranks}")
         run([SCRIPT, str(ref_dir), "reference", str(ranks)]).check()
         out[ranks]["reference"] = load_ranks(ref_dir, f"reference-{ranks}", 1)[0]
@@ -41,8 +56,13 @@ def _weights(result):
 def test_n_ranks_times_b_equals_one_process_times_nb(jobs, ranks, scenario):
     reference = _weights(jobs[ranks]["reference"][scenario])
     for rank, result in enumerate(jobs[ranks]["ranks"]):
-        np.testing.assert_allclose(_weights(result[scenario]), reference, atol=1e-5, rtol=0,
-                                   err_msg=f"{scenario}: rank {rank} of {ranks}")
+        np.testing.assert_allclose(
+            _weights(result[scenario]),
+            reference,
+            atol=1e-5,
+            rtol=0,
+            err_msg=f"{scenario}: rank {rank} of {ranks}",
+        )
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
@@ -69,8 +89,9 @@ def test_unseeded_start_is_made_equal(jobs, ranks):
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
-@pytest.mark.parametrize("scenario", ["arrays", "arrays_shuffled", "dataset", "pydataset",
-                                      "generator", "dict_inputs"])
+@pytest.mark.parametrize(
+    "scenario", ["arrays", "arrays_shuffled", "dataset", "pydataset", "generator", "dict_inputs"]
+)
 def test_logs_are_the_global_values(jobs, ranks, scenario):
     reference = jobs[ranks]["reference"][scenario]["history"]
     for result in jobs[ranks]["ranks"]:
@@ -85,11 +106,15 @@ def test_evaluate_and_predict_are_global_on_every_rank(jobs, ranks):
     reference = jobs[ranks]["reference"]
     for result in jobs[ranks]["ranks"]:
         for scenario in ("arrays", "arrays_shuffled"):
-            np.testing.assert_allclose(result[scenario]["evaluate"], reference[scenario]["evaluate"], rtol=1e-5)
+            np.testing.assert_allclose(
+                result[scenario]["evaluate"], reference[scenario]["evaluate"], rtol=1e-5
+            )
             predicted = np.asarray(result[scenario]["predict"])
             assert predicted.shape == (101,)  # all rows, on every rank
             np.testing.assert_allclose(predicted, reference[scenario]["predict"], atol=1e-5)
-        np.testing.assert_allclose(result["dataset"]["evaluate"], reference["dataset"]["evaluate"], rtol=1e-5)
+        np.testing.assert_allclose(
+            result["dataset"]["evaluate"], reference["dataset"]["evaluate"], rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
@@ -142,8 +167,10 @@ def test_xla_is_turned_off_and_said_once(jobs, ranks):
 
 
 def test_only_rank_zero_prints(tmp_path):
-    code = ("import transparent_dist as td, sys; print('hello from', td.rank()); "
-            "print('err', td.rank(), file=sys.stderr)")
+    code = (
+        "import transparent_dist as td, sys; print('hello from', td.rank()); "
+        "print('err', td.rank(), file=sys.stderr)"
+    )
     job = run(["-m", "transparent_dist", "-c", code], ranks=3).check()
     assert job.stdout.split("\n").count("hello from 0") == 1
     assert "hello from 1" not in job.stdout and "hello from 2" not in job.stdout

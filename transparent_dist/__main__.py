@@ -45,7 +45,11 @@ def _run_code(code: str, args: list[str]) -> None:
 def _user_traceback(tb: types.TracebackType | None) -> types.TracebackType | None:
     """Drops the runner's own frames from the top of a traceback."""
     ours = {os.path.abspath(__file__), os.path.abspath(runpy.__file__)}
-    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) in ours:
+
+    def is_ours(name: str) -> bool:
+        return name == "<frozen runpy>" or os.path.abspath(name) in ours
+
+    while tb is not None and is_ours(tb.tb_frame.f_code.co_filename):
         tb = tb.tb_next
     return tb
 

@@ -82,7 +82,9 @@ class SeenIds(keras.metrics.Metric):
 
     def update_state(self, y_true, y_pred, sample_weight=None):
         ids = tf.cast(y_true[:, 1], "int32")
-        self.counts.assign_add(tf.math.bincount(ids, minlength=N_SAMPLES, maxlength=N_SAMPLES, dtype="float32"))
+        self.counts.assign_add(
+            tf.math.bincount(ids, minlength=N_SAMPLES, maxlength=N_SAMPLES, dtype="float32")
+        )
 
     def result(self):
         return {"seen_min": tf.reduce_min(self.counts), "seen_max": tf.reduce_max(self.counts)}
@@ -96,8 +98,12 @@ class RecordLocalCounts(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         counts = self.metric.counts.numpy()
         self.per_epoch.append(
-            {"ids": np.flatnonzero(counts).tolist(), "max": float(counts.max()),
-             "global_min": float(logs["seen_min"]), "global_max": float(logs["seen_max"])}
+            {
+                "ids": np.flatnonzero(counts).tolist(),
+                "max": float(counts.max()),
+                "global_min": float(logs["seen_min"]),
+                "global_max": float(logs["seen_max"]),
+            }
         )
 
 
@@ -128,10 +134,17 @@ class RecordingCheckpoint(keras.callbacks.ModelCheckpoint):
 def scenario_files():
     model = mlp()
     model.fit(
-        X, Y, batch_size=LOCAL_B, epochs=2, verbose=0, validation_split=0.2,
+        X,
+        Y,
+        batch_size=LOCAL_B,
+        epochs=2,
+        verbose=0,
+        validation_split=0.2,
         callbacks=[
             keras.callbacks.CSVLogger(os.path.join(OUT, "log.csv")),
-            RecordingCheckpoint(os.path.join(OUT, "best.keras"), monitor="val_loss", save_best_only=True),
+            RecordingCheckpoint(
+                os.path.join(OUT, "best.keras"), monitor="val_loss", save_best_only=True
+            ),
         ],
     )
     model.save(os.path.join(OUT, "final.keras"))
@@ -152,8 +165,11 @@ def scenario_dataset():
     model = mlp()
     ds = tf.data.Dataset.from_tensor_slices((X, Y)).batch(B if MODE != "reference" else GLOBAL_B)
     history = model.fit(ds, epochs=2, verbose=0)
-    return {"weights": weights(model), "history": history.history,
-            "evaluate": model.evaluate(ds, verbose=0)}
+    return {
+        "weights": weights(model),
+        "history": history.history,
+        "evaluate": model.evaluate(ds, verbose=0),
+    }
 
 
 class Batches(keras.utils.PyDataset):
@@ -207,7 +223,7 @@ def scenario_custom_loop():
         with tf.GradientTape() as tape:
             loss = keras.ops.mean(keras.ops.square(model(xb) - yb))
         grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
         return loss
 
     for i in range(0, 64, 16):
