@@ -155,7 +155,10 @@ def allgather_rows(array: np.ndarray, comm: Any) -> np.ndarray:
 
 def check_agreement(what: str, value: Any, comm: Any) -> None:
     """Raises the same CollectiveError (a ValueError) on every rank unless all ranks pass an
-    equal `value` (a small, picklable description)."""
+    equal `value` (a small, picklable description). Nothing to check
+    without a communicator (a world of size 1)."""
+    if comm is None:
+        return
     values = comm.allgather(value)
     if all(v == values[0] for v in values[1:]):
         return

@@ -14,6 +14,7 @@ every rank with a non-zero status.
 from __future__ import annotations
 
 import sys
+import time
 import traceback
 from types import TracebackType
 
@@ -36,7 +37,12 @@ def _hook(kind: type[BaseException], error: BaseException, tb: TracebackType | N
     if kind is KeyboardInterrupt or w.size == 1:
         (_PREVIOUS or sys.__excepthook__)(kind, error, tb)
         return
-    if w.is_root or not _is_collective(error):
+    if not w.is_root and _is_collective(error):
+        # Rank 0 has the same error and reports it; an abort from here now
+        # could kill it before it has printed. It aborts the job; this is
+        # the fallback should it not.
+        time.sleep(10)
+    else:
         text = "".join(traceback.format_exception(kind, error, tb))
         lines = "".join(f"[rank {w.rank}] {line}\n" for line in text.rstrip("\n").split("\n"))
         sys.stderr.write(lines)

@@ -26,6 +26,7 @@ Imported only once Keras and TensorFlow are.
 
 from __future__ import annotations
 
+import itertools
 import math
 import types
 from typing import Any
@@ -48,8 +49,17 @@ class InputError(CollectiveError):
     """Bad training data, detected identically on every rank."""
 
 
+def is_file_backed(x: Any) -> bool:
+    """Whether `x` holds h5py datasets or netCDF4 variables (rows on disk)."""
+    return any(
+        type(leaf).__module__.split(".")[0] in ("h5py", "netCDF4") for leaf in tree.flatten(x)
+    )
+
+
 def kind_of(x: Any) -> str:
-    """'dataset', 'pydataset', 'generator', 'arrays' or 'other'."""
+    """'file', 'dataset', 'pydataset', 'generator', 'arrays' or 'other'."""
+    if x is not None and not isinstance(x, (tf.data.Dataset, PyDataset)) and is_file_backed(x):
+        return "file"
     if isinstance(x, tf.data.Dataset):
         return "dataset"
     if isinstance(x, PyDataset):
@@ -134,6 +144,79 @@ def array_block(inputs: Any, num_samples: int, rank: int, size: int) -> Any:
     """This rank's contiguous block of every array (for `predict`)."""
     start, stop = sharding.shard_range(num_samples, rank, size)
     return tree.map_structure(lambda a: a[start:stop], inputs)
+
+
+# ---------------------------------------------------------------- files
+
+
+def _read_rows(leaf: Any, start: int, stop: int) -> np.ndarray:
+    # netCDF4 variables hand out masked arrays; the data is what we want.
+    return np.asarray(np.ma.getdata(leaf[start:stop]))
+
+
+def file_batches(
+    inputs: Any,
+    num_samples: int,
+    global_batch: int,
+    shuffle: bool,
+    seed: int,
+    rank: int,
+    size: int,
+    contiguous: bool = False,
+) -> tf.data.Dataset:
+    """This rank's rows of h5py datasets / netCDF4 variables (or arrays),
+    streamed batch by batch, never loaded whole.
+
+    The layout is the one of in-memory arrays: global batch k is rows
+    `[k*B, (k+1)*B)` and this rank reads its contiguous piece of it (one
+    hyperslab per step), so without shuffling the result equals plain Keras
+    on the same arrays with batch size B. A background thread reads ahead
+    (`prefetch`), so reading overlaps the training step. With `shuffle`,
+    each epoch visits the global batches in a new order (drawn from `seed`,
+    which must be equal on all ranks) and permutes the rows within each
+    piece: every row once per epoch, and reads stay contiguous.
+
+    With `contiguous=True` (for `predict`, whose results are gathered in
+    rank order) this rank reads its block `shard_range(num_samples)` in
+    batches of `global_batch // size`, ending with empty batches if its
+    block needs fewer steps than the largest.
+    """
+    steps = sharding.steps_for(num_samples, global_batch)
+    if contiguous:
+        local_batch = max(1, global_batch // size)
+        block_start, block_stop = sharding.shard_range(num_samples, rank, size)
+        steps = sharding.steps_for(math.ceil(num_samples / size), local_batch)
+    leaves = tree.flatten(inputs)
+    spec = tuple(
+        tf.TensorSpec((None, *leaf.shape[1:]), tf.as_dtype(np.dtype(leaf.dtype))) for leaf in leaves
+    )
+    epochs = itertools.count()
+
+    def piece(step: int) -> tuple[int, int]:
+        if contiguous:
+            first = min(block_start + step * local_batch, block_stop)
+            return first, min(first + local_batch, block_stop)
+        first = step * global_batch
+        start, stop = sharding.shard_range(min(global_batch, num_samples - first), rank, size)
+        return first + start, first + stop
+
+    def generate():
+        epoch = next(epochs)
+        order = np.arange(steps)
+        if shuffle:
+            order = np.random.default_rng([seed, epoch]).permutation(steps)
+            local = np.random.default_rng([seed, epoch, rank])
+        for step in order:
+            a, b = piece(int(step))
+            arrays = [_read_rows(leaf, a, b) for leaf in leaves]
+            if shuffle:
+                permutation = local.permutation(b - a)
+                arrays = [x[permutation] for x in arrays]
+            yield tuple(arrays)
+
+    dataset = tf.data.Dataset.from_generator(generate, output_signature=spec)
+    dataset = dataset.map(lambda *t: tree.pack_sequence_as(inputs, list(t))).prefetch(2)
+    return dataset.apply(tf.data.experimental.assert_cardinality(steps))
 
 
 # ---------------------------------------------------------------- datasets

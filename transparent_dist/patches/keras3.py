@@ -211,7 +211,7 @@ def _call(original: Any, arguments: dict) -> Any:
 
 
 def _disable_xla(model: Any) -> None:
-    if model.jit_compile:
+    if _distributed() and model.jit_compile:
         model.jit_compile = False
         model.train_function = model.test_function = model.predict_function = None
         log.info(
@@ -259,10 +259,27 @@ def _array_batches(inputs_xyw: tuple, batch_size: int | None, shuffle: Any, what
     return dataset
 
 
+def _file_batches(
+    inputs_xyw: tuple, batch_size: Any, shuffle: Any, what: str, contiguous: bool = False
+):
+    w = world.get()
+    inputs, n = keras_inputs.pack_arrays(*inputs_xyw)
+    collectives.check_agreement(f"the number of samples in {what}", n, w.comm)
+    keras_inputs.check_enough_samples(n, what)
+    seed = tf_context.global_seed() or 0
+    if w.size > 1:
+        seed = w.comm.bcast(seed, root=0)  # the global batch order must agree
+    return keras_inputs.file_batches(
+        inputs, n, _global_batch(batch_size), bool(shuffle), seed, w.rank, w.size, contiguous
+    )
+
+
 def _shard_batches(x: Any, y: Any, sample_weight: Any, batch_size: Any, shuffle: Any, what: str):
     """`(x, y, sample_weight, batch_size)` for this rank, for fit / evaluate."""
     w = world.get()
     kind = keras_inputs.kind_of(x)
+    if kind == "file":
+        return _file_batches((x, y, sample_weight), batch_size, shuffle, what), None, None, None
     if kind == "arrays":
         return _array_batches((x, y, sample_weight), batch_size, shuffle, what), None, None, None
     if kind == "dataset":
@@ -275,11 +292,19 @@ def _shard_batches(x: Any, y: Any, sample_weight: Any, batch_size: Any, shuffle:
     return x, y, sample_weight, batch_size
 
 
+def _pass_through(arguments: dict) -> bool:
+    """Whether a call goes straight to Keras: one process with data plain
+    Keras takes (file-backed data needs the plugin even then)."""
+    return not _distributed() and keras_inputs.kind_of(arguments["x"]) != "file"
+
+
 def _wrap_fit(original: Any) -> Any:
     def fit(self, *args, **kwargs):
-        if not _distributed() or fitting():
+        if fitting():
             return original(self, *args, **kwargs)
         a = _bind(original, self, args, kwargs)
+        if _pass_through(a):
+            return original(self, *args, **kwargs)
         _disable_xla(self)
         x, y, sample_weight, batch_size = a["x"], a["y"], a["sample_weight"], a["batch_size"]
         if (
@@ -296,8 +321,8 @@ def _wrap_fit(original: Any) -> Any:
         a["x"], a["y"], a["sample_weight"], a["batch_size"] = _shard_batches(
             x, y, sample_weight, batch_size, a["shuffle"], "the training data"
         )
-        if keras_inputs.kind_of(x) == "arrays":
-            a["shuffle"] = False  # drawn already, by the index pipeline
+        if keras_inputs.kind_of(x) in ("arrays", "file"):
+            a["shuffle"] = False  # done already, by our pipeline
         if a["validation_data"] is not None:
             vd = a["validation_data"]
             if isinstance(vd, (tuple, list)):
@@ -319,9 +344,11 @@ def _wrap_fit(original: Any) -> Any:
 
 def _wrap_evaluate(original: Any) -> Any:
     def evaluate(self, *args, **kwargs):
-        if not _distributed() or fitting() or kwargs.get("_use_cached_eval_dataset"):
+        if fitting() or kwargs.get("_use_cached_eval_dataset"):
             return original(self, *args, **kwargs)
         a = _bind(original, self, args, kwargs)
+        if _pass_through(a):
+            return original(self, *args, **kwargs)
         _disable_xla(self)
         a["x"], a["y"], a["sample_weight"], a["batch_size"] = _shard_batches(
             a["x"], a["y"], a["sample_weight"], a["batch_size"], False, "the evaluation data"
@@ -336,20 +363,25 @@ def _wrap_evaluate(original: Any) -> Any:
 
 def _wrap_predict(original: Any) -> Any:
     def predict(self, *args, **kwargs):
-        if not _distributed():
-            return original(self, *args, **kwargs)
         w = world.get()
         a = _bind(original, self, args, kwargs)
+        if _pass_through(a):
+            return original(self, *args, **kwargs)
         _disable_xla(self)
-        x, kind, gather = a["x"], keras_inputs.kind_of(a["x"]), True
-        if kind == "arrays":
+        x, kind, gather = a["x"], keras_inputs.kind_of(a["x"]), _distributed()
+        if kind == "file":
+            a["x"] = _file_batches(
+                (x,), a["batch_size"], False, "the data to predict", contiguous=True
+            )
+            a["batch_size"] = None
+        elif kind == "arrays":
             _, n = keras_inputs.pack_arrays(x)
             collectives.check_agreement("the number of samples to predict", n, w.comm)
             keras_inputs.check_enough_samples(n, "the data to predict")
             a["x"] = keras_inputs.array_block(x, n, w.rank, w.size)
         elif kind == "dataset":
             block = keras_inputs.dataset_block(x, w.rank, w.size)
-            gather = block is not None
+            gather = gather and block is not None
             a["x"] = x if block is None else block
         elif kind == "pydataset":
             a["x"] = keras_inputs.pydataset_part(x, w.rank, w.size, contiguous=True)

@@ -1,0 +1,72 @@
+"""This rank's rows of an HDF5 dataset, read as one hyperslab.
+
+```python
+from transparent_dist.data import read_hdf5
+x = read_hdf5("train.h5", "images")   # rows shard_range(len) of /images
+```
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from transparent_dist import world
+from transparent_dist.data._together import DataError, together
+from transparent_dist.sharding import shard_range
+
+
+def open_file(path: str) -> Any:
+    """Opens `path` read-only; with the MPI-IO driver when h5py was built
+    with it and the job has several ranks (a collective open)."""
+    import h5py
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(2, "No such file", path)
+    w = world.get()
+    if w.size > 1 and h5py.get_config().mpi:
+        return h5py.File(path, "r", driver="mpio", comm=w.comm)
+    return h5py.File(path, "r")
+
+
+def dataset_of(file: Any, name: str, path: str) -> Any:
+    """The dataset `name` of an open file, or a KeyError saying what there is."""
+    import h5py
+
+    item = file.get(name)
+    if not isinstance(item, h5py.Dataset):
+        names: list[str] = []
+        file.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+        raise KeyError(
+            f"{path} has no dataset {name!r}; its datasets: {', '.join(names) or 'none'}"
+        )
+    if item.ndim == 0:
+        raise DataError(f"transparent_dist: {path}:{name} is a scalar; rows are needed")
+    return item
+
+
+def check_rows(n: int, what: str) -> None:
+    size = world.get().size
+    if n == 0:
+        raise DataError(f"transparent_dist: {what} is empty")
+    if n < size:
+        raise DataError(
+            f"transparent_dist: {what} has {n} rows, fewer than the {size} ranks of this job"
+        )
+
+
+def read_hdf5(path: str, dataset: str) -> np.ndarray:
+    """This rank's contiguous block of rows (first axis) of `dataset`.
+
+    Contiguous, chunked and compressed datasets alike: only the chunks that
+    hold this rank's rows are read. Concatenating the ranks' results in rank
+    order gives the whole dataset.
+    """
+    with together(f"reading {dataset!r} from {path}"):
+        with open_file(path) as f:
+            item = dataset_of(f, dataset, path)
+            check_rows(item.shape[0], f"{path}:{dataset}")
+            start, stop = shard_range(item.shape[0])
+            return item[start:stop]

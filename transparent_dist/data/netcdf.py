@@ -1,0 +1,59 @@
+"""This rank's records of a NetCDF variable.
+
+```python
+from transparent_dist.data import read_netcdf
+t = read_netcdf("climate.nc", "temperature")   # records shard_range(len)
+```
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from transparent_dist import world
+from transparent_dist.data._together import together
+from transparent_dist.data.hdf5 import check_rows
+from transparent_dist.sharding import shard_range
+
+
+def open_file(path: str) -> Any:
+    """Opens `path` read-only; in parallel (MPI-IO or PnetCDF) when the
+    netCDF4 library was built with it and the job has several ranks."""
+    import netCDF4
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(2, "No such file", path)
+    w = world.get()
+    parallel = netCDF4.__has_parallel4_support__ or netCDF4.__has_pnetcdf_support__
+    if w.size > 1 and parallel:
+        from mpi4py import MPI
+
+        return netCDF4.Dataset(path, "r", parallel=True, comm=w.comm, info=MPI.INFO_NULL)
+    return netCDF4.Dataset(path, "r")
+
+
+def variable_of(file: Any, name: str, path: str) -> Any:
+    variable = file.variables.get(name)
+    if variable is None:
+        raise KeyError(
+            f"{path} has no variable {name!r}; its variables: {', '.join(file.variables) or 'none'}"
+        )
+    if variable.ndim == 0:
+        raise ValueError(f"{path}:{name} is a scalar; records are needed")
+    # Plain arrays, not masked ones: values equal to _FillValue stay as they are.
+    variable.set_auto_mask(False)
+    return variable
+
+
+def read_netcdf(path: str, variable: str) -> np.ndarray:
+    """This rank's contiguous block of records (first dimension, usually the
+    unlimited one) of `variable`."""
+    with together(f"reading {variable!r} from {path}"):
+        with open_file(path) as f:
+            var = variable_of(f, variable, path)
+            check_rows(var.shape[0], f"{path}:{variable}")
+            start, stop = shard_range(var.shape[0])
+            return np.asarray(var[start:stop])
