@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from transparent_dist import config, failures, import_hook, output, patching, world
+from transparent_dist import config, failures, import_hook, output, patching, stall, world
 from transparent_dist.config import configure
 from transparent_dist.sharding import shard_range
 
@@ -99,6 +99,7 @@ def activate() -> None:
     _ACTIVE = True
     if world.get().size > 1:
         failures.install()
+        stall.start()
     output.quiet_unless_root()
     import_hook.when_imported("tensorflow", _on_tensorflow)
     import_hook.when_imported("keras", _on_keras)

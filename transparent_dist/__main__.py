@@ -66,7 +66,7 @@ def _exit_code(code: object) -> int:
 def run(argv: list[str]) -> int:
     """Runs the target named by `argv` (the interpreter's syntax)."""
     import transparent_dist
-    from transparent_dist import failures, world
+    from transparent_dist import checkpoint, failures, world
 
     transparent_dist.activate()
     try:
@@ -90,7 +90,8 @@ def run(argv: list[str]) -> int:
     except SystemExit as stop:
         code = _exit_code(stop.code)
         w = world.get()
-        if code != 0 and w.size > 1:
+        # A checkpointed preemption ends every rank alike: no abort needed.
+        if code != 0 and w.size > 1 and not isinstance(stop, checkpoint.Preempted):
             # One rank leaving with an error would leave the others waiting.
             sys.stderr.write(
                 f"transparent_dist: rank {w.rank} of {w.size} exited with status "

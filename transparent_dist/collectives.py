@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from transparent_dist import stall
 from transparent_dist.failures import CollectiveError
 
 # Dtypes MPI reduces natively; anything else (float16, bfloat16) is reduced
@@ -66,6 +67,7 @@ def _reduce_fused(
 ) -> list[np.ndarray]:
     from mpi4py import MPI
 
+    stall.arrive("gradient exchange" if weight is not None else "metric reduction")
     out: list[np.ndarray] = [None] * len(arrays)  # type: ignore[list-item]
     for dtype, members in _groups(arrays).items():
         total = sum(arrays[i].size for i in members)
@@ -118,6 +120,7 @@ def allreduce_sum(arrays: Sequence[np.ndarray], comm: Any) -> list[np.ndarray]:
 def broadcast(arrays: Sequence[np.ndarray], comm: Any, root: int = 0) -> list[np.ndarray]:
     """Rank `root`'s arrays on every rank, in one `Bcast` of raw bytes
     (so any dtype, bfloat16 and int64 counters included, travels as is)."""
+    stall.arrive("broadcast")
     arrays = [np.asarray(a, order="C") for a in arrays]
     sizes = [a.nbytes for a in arrays]
     buf = np.empty(sum(sizes), np.uint8)
@@ -138,6 +141,7 @@ def broadcast(arrays: Sequence[np.ndarray], comm: Any, root: int = 0) -> list[np
 def allgather_rows(array: np.ndarray, comm: Any) -> np.ndarray:
     """The concatenation, in rank order, of every rank's `array` along axis
     0 (ranks may hold different numbers of rows, zero included)."""
+    stall.arrive("gather")
     array = np.asarray(array, order="C")
     rows = comm.allgather(int(array.shape[0]))
     row_size = int(np.prod(array.shape[1:], dtype=np.int64))
@@ -153,12 +157,25 @@ def allgather_rows(array: np.ndarray, comm: Any) -> np.ndarray:
     return out
 
 
+def any_flags(flags: int, comm: Any) -> int:
+    """The bitwise OR of every rank's `flags` (a small int), on every rank."""
+    if comm is None:
+        return flags
+    from mpi4py import MPI
+
+    stall.arrive("agreement check")
+    buf = np.array([flags], np.int32)
+    comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.BOR)
+    return int(buf[0])
+
+
 def check_agreement(what: str, value: Any, comm: Any) -> None:
     """Raises the same CollectiveError (a ValueError) on every rank unless all ranks pass an
     equal `value` (a small, picklable description). Nothing to check
     without a communicator (a world of size 1)."""
     if comm is None:
         return
+    stall.arrive("agreement check")
     values = comm.allgather(value)
     if all(v == values[0] for v in values[1:]):
         return

@@ -37,6 +37,15 @@ class Settings:
     stdout: str = "root"
     # Whether to start MPI: "auto" starts it only under a launcher.
     mpi: str = "auto"
+    # Seconds a collective may wait for missing ranks before they are named
+    # (0: never), and before the job is ended (0: never).
+    stall_warn: float = 60.0
+    stall_abort: float = 0.0
+    # Checkpoint-and-exit on SIGTERM / SIGUSR1, automatic resume, periodic
+    # checkpoints ("500": steps, "600s": seconds), and how many to keep.
+    checkpoint_dir: str = ""
+    checkpoint_every: str = ""
+    checkpoint_keep: int = 3
     # More messages from the plugin (on every rank).
     verbose: bool = False
     # The whole plugin off: plain Keras / TensorFlow.
@@ -47,10 +56,21 @@ def _validate(key: str, value: object) -> object:
     choices = _CHOICES.get(key)
     if choices is not None and value not in choices:
         raise ValueError(f"transparent_dist: {key}={value!r} is not one of {', '.join(choices)}")
-    if key == "warmup_epochs":
-        value = float(value)  # type: ignore[arg-type]
+    if key in ("warmup_epochs", "stall_warn", "stall_abort"):
+        try:
+            value = float(value)  # type: ignore[arg-type]
+        except ValueError:
+            raise ValueError(f"transparent_dist: {key} must be a number, not {value!r}") from None
         if value < 0:
-            raise ValueError("transparent_dist: warmup_epochs must be >= 0")
+            raise ValueError(f"transparent_dist: {key} must be >= 0")
+    if key == "checkpoint_keep":
+        value = int(value)  # type: ignore[arg-type]
+        if value < 1:
+            raise ValueError("transparent_dist: checkpoint_keep must be >= 1")
+    if key == "checkpoint_every":
+        from transparent_dist.checkpoint import parse_every
+
+        parse_every(str(value))
     return value
 
 
@@ -63,7 +83,10 @@ def from_environment(environ: os._Environ | dict | None = None) -> Settings:
         if field.type == "bool":
             setattr(settings, field.name, _env_bool(env, name, field.default))
         elif name in env and env[name] != "":
-            setattr(settings, field.name, _validate(field.name, env[name].strip().lower()))
+            value = env[name].strip()
+            if field.name in _CHOICES:
+                value = value.lower()
+            setattr(settings, field.name, _validate(field.name, value))
     return settings
 
 

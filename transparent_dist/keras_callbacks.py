@@ -39,12 +39,13 @@ def _no_op(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-def for_this_rank(callbacks: Any, fitting: bool = False) -> Any:
-    """The plugin's callbacks plus the user's callbacks that run here."""
+def for_this_rank(callbacks: Any, fitting: bool = False, extra: tuple = ()) -> Any:
+    """The plugin's callbacks (`extra` among them) plus the user's callbacks
+    that run here."""
     if isinstance(callbacks, keras.callbacks.CallbackList):
         return callbacks  # assembled by the caller (e.g. fit's own evaluate)
     is_root = world.get().is_root
-    out: list[Any] = [SyncVariables()]
+    out: list[Any] = [SyncVariables(), *extra]
     if fitting and config.SETTINGS.lr_scaling == "linear":
         out.append(LinearScalingWarmup(config.SETTINGS.warmup_epochs))
     for callback in callbacks or []:
@@ -67,14 +68,24 @@ class SyncVariables(keras.callbacks.Callback):
         model = self.model
         targets = list(model.variables)
         optimizer = getattr(model, "optimizer", None)
+        if self._training and optimizer is not None and not optimizer.built:
+            # Built now rather than inside the first traced step, so that its
+            # state can be broadcast (or restored) like the weights.
+            optimizer.build(model.trainable_variables)
         if optimizer is not None and optimizer.built:
             targets += list(optimizer.variables)
         broadcast.variables(targets, what="model and optimizer variables")
         if optimizer is not None and optimizer.built:
             broadcast.mark_synced(optimizer)
 
+    _training = False
+
     def on_train_begin(self, logs: Any = None) -> None:
+        self._training = True
         self._sync_all()
+
+    def on_train_end(self, logs: Any = None) -> None:
+        self._training = False
 
     def on_test_begin(self, logs: Any = None) -> None:
         from transparent_dist.patches import keras3
@@ -132,3 +143,138 @@ class LinearScalingWarmup(keras.callbacks.Callback):
             1.0 if warmup_steps <= 0 else min(1.0, int(optimizer.iterations.numpy()) / warmup_steps)
         )
         optimizer._learning_rate.assign(_BASE_RATES[optimizer] * (1 + (size - 1) * done))
+
+
+# Callback attributes that carry training state worth resuming.
+_CALLBACK_STATE = ("wait", "best", "stopped_epoch", "cooldown_counter", "best_epoch")
+
+
+class CheckpointAndResume(keras.callbacks.Callback):
+    """`TD_CHECKPOINT_DIR`: resumes from the latest checkpoint when training
+    begins; writes one every `TD_CHECKPOINT_EVERY` steps or seconds; and on
+    SIGTERM / SIGUSR1 makes all ranks agree at the next step boundary, has
+    rank 0 write one, and exits every rank with status 75.
+
+    The state saved is every model and optimizer variable (weights, optimizer
+    slots, step counter, random-seed state), the epoch and step within it,
+    and the counters of callbacks such as EarlyStopping."""
+
+    def __init__(self, directory: str, every: str, keep: int, skip: Any, callbacks: list) -> None:
+        super().__init__()
+        from transparent_dist import checkpoint
+
+        self.directory, self.keep, self.skip = directory, keep, skip
+        self.every_steps, self.every_seconds = checkpoint.parse_every(every)
+        self.user_callbacks = callbacks
+        self.global_step, self.epoch, self.step, self._resume_step = 0, 0, 0, 0
+
+    def _state_variables(self) -> list[Any]:
+        return list(self.model.variables) + list(self.model.optimizer.variables)
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        import time
+
+        from transparent_dist import checkpoint
+        from transparent_dist.data._together import together
+
+        self._last_save = time.monotonic()
+        state = None
+        with together(f"resuming from {self.directory}"):
+            state = checkpoint.load_latest(self.directory)
+            if state is not None:
+                variables = self._state_variables()
+                arrays = state[0]
+                if [tuple(a.shape) for a in arrays] != [tuple(v.shape) for v in variables]:
+                    raise ValueError(
+                        f"the checkpoint {state[1]['path']} holds {len(arrays)} arrays that do "
+                        f"not match this model's {len(variables)} variables"
+                    )
+        if state is None:
+            return
+        arrays, meta = state
+        for variable, value in zip(self._state_variables(), arrays, strict=True):
+            variable.assign(value)
+        self.model._initial_epoch = meta["epoch"]
+        self.global_step, self._resume_step = meta["global_step"], meta["step"]
+        for index, saved in meta.get("callbacks", {}).items():
+            callback = (
+                self.user_callbacks[int(index)] if int(index) < len(self.user_callbacks) else None
+            )
+            if callback is not None and type(callback).__name__ == saved.pop("class", None):
+                for name, value in saved.items():
+                    setattr(callback, name, value)
+        log.info(
+            f"resumed from {meta['path']}: epoch {meta['epoch'] + 1}, after step {meta['step']}",
+            once=False,
+        )
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        self.epoch, self.step, self._resume_step = epoch, self._resume_step, 0
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        import time
+
+        from transparent_dist import checkpoint, collectives
+
+        self.step += 1
+        self.global_step += 1
+        w = world.get()
+        flags = 1 if checkpoint.requested() else 0
+        if (
+            self.every_seconds
+            and w.is_root
+            and time.monotonic() - self._last_save >= self.every_seconds
+        ):
+            flags |= 2
+        flags = collectives.any_flags(flags, w.comm)
+        if self.every_steps and self.global_step % self.every_steps == 0:
+            flags |= 2
+        if flags:
+            self._save()
+        if flags & 1:
+            log.info(
+                f"checkpoint written to {checkpoint.latest_path(self.directory)}; exiting with "
+                f"status {checkpoint.PREEMPTED_STATUS} (run the same command again to resume)"
+            )
+            raise checkpoint.Preempted()
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        if self.skip is not None:
+            self.skip.assign(0)
+
+    def _callback_state(self) -> dict:
+        state = {}
+        for index, callback in enumerate(self.user_callbacks):
+            values = {
+                name: getattr(callback, name)
+                for name in _CALLBACK_STATE
+                if isinstance(getattr(callback, name, None), (int, float))
+            }
+            if values:
+                state[str(index)] = {"class": type(callback).__name__, **values}
+        return state
+
+    def _save(self) -> None:
+        import time
+
+        import numpy as np
+
+        from transparent_dist import checkpoint
+
+        epoch, step = self.epoch, self.step
+        steps = self.params.get("steps")
+        if steps and step >= steps:  # the epoch is complete: resume with the next
+            epoch, step = epoch + 1, 0
+        meta = {
+            "epoch": epoch,
+            "step": step,
+            "global_step": self.global_step,
+            "callbacks": self._callback_state(),
+        }
+        w = world.get()
+        if w.is_root:
+            arrays = [np.asarray(v.numpy()) for v in self._state_variables()]
+            checkpoint.save(self.directory, arrays, meta, self.keep)
+        if w.comm is not None:
+            w.comm.Barrier()  # no rank goes on (or exits) before the checkpoint exists
+        self._last_save = time.monotonic()

@@ -120,7 +120,12 @@ def abort(code: int = 1) -> None:
             pass
     w = get()
     if w.comm is not None and w.size > 1:
+        import time
+
         from mpi4py import MPI
 
+        # The launcher forwards our output through a pipe; an abort kills it
+        # all at once, so give the last lines (the reason) a moment to pass.
+        time.sleep(1.0)
         MPI.COMM_WORLD.Abort(code)
     os._exit(code)

@@ -40,7 +40,9 @@ from typing import Any
 import tensorflow as tf
 from keras.src import tree
 from keras.src.backend.common.stateless_scope import in_stateless_scope
+from keras.src.backend.tensorflow import trainer as tf_trainer
 from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+from keras.src.callbacks.callback_list import CallbackList
 from keras.src.models.model import Model
 from keras.src.optimizers.base_optimizer import BaseOptimizer
 from keras.src.saving import saving_api
@@ -50,6 +52,7 @@ from tensorflow.python.eager import context as tf_context
 
 from transparent_dist import (
     broadcast,
+    checkpoint,
     collectives,
     config,
     gradients,
@@ -235,6 +238,9 @@ def _common_shuffle_seed() -> Iterator[None]:
     Keras draws."""
     w = world.get()
     seed = tf_context.global_seed()
+    if w.size == 1:
+        yield
+        return
     seeds = w.comm.allgather(seed)
     if seed is not None and all(s == seed for s in seeds):
         yield
@@ -292,10 +298,73 @@ def _shard_batches(x: Any, y: Any, sample_weight: Any, batch_size: Any, shuffle:
     return x, y, sample_weight, batch_size
 
 
-def _pass_through(arguments: dict) -> bool:
+def _pass_through(arguments: dict, fit: bool = False) -> bool:
     """Whether a call goes straight to Keras: one process with data plain
-    Keras takes (file-backed data needs the plugin even then)."""
+    Keras takes (file-backed data, and checkpointing in fit, need the plugin
+    even then)."""
+    if fit and config.SETTINGS.checkpoint_dir:
+        return False
     return not _distributed() and keras_inputs.kind_of(arguments["x"]) != "file"
+
+
+def _skip_first(dataset: tf.data.Dataset, skip: tf.Variable) -> tf.data.Dataset:
+    """`dataset` less its first `skip` batches, `skip` read afresh at every
+    epoch's iterator (the resumed epoch skips what it had done)."""
+    resumed = tf.data.Dataset.range(1).flat_map(lambda _: dataset.skip(skip))
+    full = int(dataset.cardinality())
+    if full > 0:
+        resumed._td_epoch_lengths = (full - int(skip.numpy()), full)
+    return resumed
+
+
+@contextlib.contextmanager
+def _exact_epochs_after_resume() -> Iterator[None]:
+    """Tells Keras the exact length of each epoch of a dataset made by
+    `_skip_first`: short for the resumed epoch, full after it. Left to find
+    the end by running out of data, Keras would make one more step call,
+    in which the optimizer's step counter and the dropout seed (which need
+    no data) still advance."""
+    original = tf_trainer.TFEpochIterator
+
+    class ResumedEpochIterator(original):
+        def _lengths(self):
+            dataset = getattr(self.data_adapter, "_dataset", None)
+            return getattr(dataset, "_td_epoch_lengths", None)
+
+        def reset(self):
+            super().reset()
+            if self._lengths():
+                self._num_batches = self._lengths()[0]
+
+        def _enumerate_iterator(self):
+            yield from super()._enumerate_iterator()
+            if self._lengths():
+                self._num_batches = self._lengths()[1]
+
+    tf_trainer.TFEpochIterator = ResumedEpochIterator
+    try:
+        yield
+    finally:
+        tf_trainer.TFEpochIterator = original
+
+
+def _checkpointing(arguments: dict) -> tuple:
+    """The CheckpointAndResume callback for this fit (TD_CHECKPOINT_DIR),
+    after making the resumed epoch's data skip the steps already done."""
+    settings = config.SETTINGS
+    checkpoint.install_signal_handlers()
+    meta = checkpoint.peek(settings.checkpoint_dir)
+    skip = None
+    if meta and meta["step"] > 0 and isinstance(arguments["x"], tf.data.Dataset):
+        skip = tf.Variable(meta["step"], dtype=tf.int64, trainable=False)
+        arguments["x"] = _skip_first(arguments["x"], skip)
+    user = arguments["callbacks"]
+    user = [] if user is None or isinstance(user, CallbackList) else list(user)
+    return (
+        keras_callbacks.CheckpointAndResume(
+            settings.checkpoint_dir, settings.checkpoint_every, settings.checkpoint_keep, skip, user
+        ),
+    )
 
 
 def _wrap_fit(original: Any) -> Any:
@@ -303,7 +372,7 @@ def _wrap_fit(original: Any) -> Any:
         if fitting():
             return original(self, *args, **kwargs)
         a = _bind(original, self, args, kwargs)
-        if _pass_through(a):
+        if _pass_through(a, fit=True):
             return original(self, *args, **kwargs)
         _disable_xla(self)
         x, y, sample_weight, batch_size = a["x"], a["y"], a["sample_weight"], a["batch_size"]
@@ -333,10 +402,15 @@ def _wrap_fit(original: Any) -> Any:
             vx, vy, vw, vbatch = _shard_batches(vx, vy, vw, vbatch, False, "the validation data")
             a["validation_data"] = vx if vy is None and vw is None else (vx, vy, vw)
             a["validation_batch_size"] = vbatch
-        a["callbacks"] = keras_callbacks.for_this_rank(a["callbacks"], fitting=True)
+        extra = _checkpointing(a) if config.SETTINGS.checkpoint_dir else ()
+        a["callbacks"] = keras_callbacks.for_this_rank(a["callbacks"], fitting=True, extra=extra)
         if not world.get().is_root:
             a["verbose"] = 0
-        with _flag("fitting"):
+        resuming = any(getattr(cb, "skip", None) is not None for cb in extra)
+        with (
+            _flag("fitting"),
+            _exact_epochs_after_resume() if resuming else contextlib.nullcontext(),
+        ):
             return _call(original, a)
 
     return fit
