@@ -22,12 +22,21 @@ PREEMPTIBLE = str(JOBS / "preemptible.py")
 @pytest.mark.parametrize(
     "mode,limit,expected",
     [
-        ("raise_before_fit", 30, ["[rank 1] RuntimeError: rank 1 could not find its input",
-                                  "rank 1 of 2 failed with RuntimeError"]),
+        (
+            "raise_before_fit",
+            30,
+            [
+                "[rank 1] RuntimeError: rank 1 could not find its input",
+                "rank 1 of 2 failed with RuntimeError",
+            ],
+        ),
         ("raise_in_callback", 30, ["ValueError: bad value in a callback", "rank 1 of 2 failed"]),
         ("sigkill", 60, ["signal 9"]),
-        ("mismatched_model", 30, ["the ranks disagree on the model and optimizer variables",
-                                  "rank 1: [((8, 17)"]),
+        (
+            "mismatched_model",
+            30,
+            ["the ranks disagree on the model and optimizer variables", "rank 1: [((8, 17)"],
+        ),
     ],
 )
 def test_failure_ends_the_job_promptly_with_the_reason(mode, limit, expected):
@@ -45,12 +54,20 @@ def test_mismatch_is_reported_once():
 
 
 def test_stalled_rank_is_named_and_optionally_aborted():
-    job = run(["-m", "transparent_dist", FAULTS, "stall"], ranks=3, timeout=120,
-              env=job_env(TD_STALL_WARN="2")).check()
+    job = run(
+        ["-m", "transparent_dist", FAULTS, "stall"],
+        ranks=3,
+        timeout=120,
+        env=job_env(TD_STALL_WARN="2"),
+    ).check()
     assert "rank(s) 1, which have not arrived" in job.stderr
     assert "finished" in job.stdout  # a warning only: the job goes on
-    job = run(["-m", "transparent_dist", FAULTS, "stall"], ranks=3, timeout=120,
-              env=job_env(TD_STALL_WARN="1", TD_STALL_ABORT="3"))
+    job = run(
+        ["-m", "transparent_dist", FAULTS, "stall"],
+        ranks=3,
+        timeout=120,
+        env=job_env(TD_STALL_WARN="1", TD_STALL_ABORT="3"),
+    )
     assert job.returncode != 0
     assert "rank(s) 1 did not reach collective" in job.stderr
     assert "finished" not in job.stdout
@@ -58,8 +75,9 @@ def test_stalled_rank_is_named_and_optionally_aborted():
 
 def _start(out, tag, **env):
     command = [_mpiexec(), "-n", "2", PYTHON, "-m", "transparent_dist", PREEMPTIBLE, str(out), tag]
-    return subprocess.Popen(command, env=job_env(**env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        command, env=job_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _wait_for(path, lines=0, timeout=120):
@@ -95,8 +113,11 @@ def test_sigterm_checkpoints_then_the_rerun_resumes_to_the_same_weights(tmp_path
     meta = checkpoint.peek(str(ckpt))
     assert meta["epoch"] == 1 and 0 < meta["step"] < 60
     assert not (tmp_path / "run-rank0.json").exists()  # it did stop
-    resumed = run(["-m", "transparent_dist", PREEMPTIBLE, str(tmp_path), "run"], ranks=2,
-                  env=job_env(TD_CHECKPOINT_DIR=str(ckpt))).check()
+    resumed = run(
+        ["-m", "transparent_dist", PREEMPTIBLE, str(tmp_path), "run"],
+        ranks=2,
+        env=job_env(TD_CHECKPOINT_DIR=str(ckpt)),
+    ).check()
     assert f"resumed from {ckpt}" in resumed.stderr
     assert "ran out of data" not in resumed.stderr
     for rank in (0, 1):
@@ -105,8 +126,9 @@ def test_sigterm_checkpoints_then_the_rerun_resumes_to_the_same_weights(tmp_path
 
 def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, uninterrupted):
     ckpt = tmp_path / "ckpt"
-    job = _start(tmp_path, "run", TD_CHECKPOINT_DIR=str(ckpt), TD_CHECKPOINT_EVERY="20",
-                 SLOW_WRITE="1")
+    job = _start(
+        tmp_path, "run", TD_CHECKPOINT_DIR=str(ckpt), TD_CHECKPOINT_EVERY="20", SLOW_WRITE="1"
+    )
     _wait_for(tmp_path / "writing")  # rank 0 is half-way through the second checkpoint
     os.kill(int((tmp_path / "pid-rank0").read_text()), signal.SIGKILL)
     job.communicate(timeout=120)
@@ -114,22 +136,33 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, uninterru
     assert any(name.startswith(".ckpt-") for name in os.listdir(ckpt))  # the torn one
     arrays, meta = checkpoint.load_latest(str(ckpt))
     assert meta["global_step"] == 20 and meta["path"].endswith("ckpt-000000000020")
-    resumed = run(["-m", "transparent_dist", PREEMPTIBLE, str(tmp_path), "run"], ranks=2,
-                  env=job_env(TD_CHECKPOINT_DIR=str(ckpt))).check()
+    resumed = run(
+        ["-m", "transparent_dist", PREEMPTIBLE, str(tmp_path), "run"],
+        ranks=2,
+        env=job_env(TD_CHECKPOINT_DIR=str(ckpt)),
+    ).check()
     assert "after step 20" in resumed.stderr
     np.testing.assert_allclose(_weights(tmp_path, "run"), uninterrupted, atol=1e-5)
 
 
 def test_periodic_checkpoints_keep_the_last_k(tmp_path):
     for step in range(1, 6):
-        checkpoint.save(str(tmp_path), [np.full(3, step)], {"epoch": 0, "step": step,
-                                                            "global_step": step}, keep=3)
+        checkpoint.save(
+            str(tmp_path),
+            [np.full(3, step)],
+            {"epoch": 0, "step": step, "global_step": step},
+            keep=3,
+        )
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt-")) == [
-        f"ckpt-{s:012d}" for s in (3, 4, 5)]
+        f"ckpt-{s:012d}" for s in (3, 4, 5)
+    ]
     arrays, meta = checkpoint.load_latest(str(tmp_path))
     assert meta["global_step"] == 5 and arrays[0].tolist() == [5, 5, 5]
     os.remove(tmp_path / "latest")  # the pointer is written last; without it, the newest
     assert checkpoint.load_latest(str(tmp_path))[1]["global_step"] == 5
-    assert checkpoint.parse_every("500") == (500, 0.0) and checkpoint.parse_every("90s") == (0, 90.0)
+    assert checkpoint.parse_every("500") == (500, 0.0) and checkpoint.parse_every("90s") == (
+        0,
+        90.0,
+    )
     with pytest.raises(ValueError):
         checkpoint.parse_every("often")

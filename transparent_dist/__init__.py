@@ -18,11 +18,13 @@ from types import ModuleType
 
 from transparent_dist import config, failures, import_hook, output, patching, stall, world
 from transparent_dist.config import configure
+from transparent_dist.gradients import average as average_gradients
 from transparent_dist.sharding import shard_range
 
 __version__ = "0.1.0"
 __all__ = [
     "activate",
+    "average_gradients",
     "configure",
     "deactivate",
     "is_root",
@@ -60,6 +62,9 @@ def is_root() -> bool:
 
 
 def _on_tensorflow(tf: ModuleType) -> None:
+    from transparent_dist.patches import tf1
+
+    tf1.install()
     w = world.get()
     if w.size == 1:
         return

@@ -85,7 +85,7 @@ def average(grads: Sequence[Any], weight: Any = None) -> list[Any]:
     def exchange(step_weight, *arrays):
         return collectives.allreduce_average(arrays, float(step_weight), comm)
 
-    averaged = _collective_op(exchange, [weight, *dense], dense, "td_average_gradients")
+    averaged = collective_op(exchange, [weight, *dense], dense, "td_average_gradients")
     for i, tensor in zip(present, averaged, strict=True):
         grads[i] = tensor
     return grads
@@ -103,10 +103,10 @@ def sum_over_ranks(tensors: Sequence[Any]) -> list[Any]:
     def exchange(*arrays):
         return collectives.allreduce_sum(arrays, comm)
 
-    return _collective_op(exchange, tensors, tensors, "td_sum_metric_states")
+    return collective_op(exchange, tensors, tensors, "td_sum_metric_states")
 
 
-def _collective_op(fn, inputs: list, like: list, name: str) -> list[Any]:
+def collective_op(fn: Any, inputs: list, like: list, name: str) -> list[Any]:
     """`fn` (a numpy-level collective) as one stateful TF op whose outputs
     have the dtypes and static shapes of `like`. Stateful ops keep program
     order inside a `tf.function`, which keeps the collectives in the same

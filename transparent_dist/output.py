@@ -1,8 +1,10 @@
-"""Only rank 0 writes to standard output (the user's prints, progress bars).
+"""Only rank 0 writes: standard output (the user's prints, progress bars),
+and the framework calls that save files (wrapped with `root_only`).
 
 ```python
 from transparent_dist import output
 output.quiet_unless_root()   # done by `import transparent_dist`; TD_STDOUT=all keeps all
+save = output.root_only(lambda path: open(path, "w").write("x"))
 ```
 
 The descriptor itself is pointed at /dev/null on ranks other than 0, so
@@ -14,8 +16,22 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from transparent_dist import config, world
+
+
+def root_only(original: Callable[..., Any]) -> Callable[..., Any]:
+    """`original` on rank 0; a no-op returning None on the other ranks."""
+
+    def on_root_only(*args: Any, **kwargs: Any) -> Any:
+        if world.get().is_root:
+            return original(*args, **kwargs)
+        return None
+
+    return on_root_only
+
 
 _SAVED_FD: int | None = None
 

@@ -48,6 +48,18 @@ def wrap(owner: Any, name: str, make_wrapper: Callable[[Any], Any]) -> bool:
     return True
 
 
+def wrap_everywhere(function: Any, make_wrapper: Callable[[Any], Any], prefix: str) -> None:
+    """Wraps a module-level function in every loaded module under `prefix`
+    that holds it (its own module and the public namespaces re-exporting it),
+    since each holds its own reference."""
+    import sys
+
+    name = function.__name__
+    for module_name, module in list(sys.modules.items()):
+        if module_name.startswith(prefix) and getattr(module, name, None) is function:
+            wrap(module, name, make_wrapper)
+
+
 def original(owner: Any, name: str) -> Any:
     """The callable that `owner.name` had before it was patched."""
     value = getattr(owner, name)

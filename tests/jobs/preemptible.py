@@ -51,11 +51,24 @@ rng = np.random.default_rng(0)
 x = rng.normal(size=(960, 8)).astype("float32")
 y = (x @ rng.normal(size=(8, 1))).astype("float32")
 keras.utils.set_random_seed(3)
-model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
-                          keras.layers.Dropout(0.1), keras.layers.Dense(1)])
+model = keras.Sequential(
+    [
+        keras.Input((8,)),
+        keras.layers.Dense(16, activation="relu"),
+        keras.layers.Dropout(0.1),
+        keras.layers.Dense(1),
+    ]
+)
 model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
-history = model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0,
-                    callbacks=[Progress(), keras.callbacks.EarlyStopping(monitor="loss", patience=5)])
+history = model.fit(
+    x,
+    y,
+    batch_size=16,
+    epochs=3,
+    shuffle=False,
+    verbose=0,
+    callbacks=[Progress(), keras.callbacks.EarlyStopping(monitor="loss", patience=5)],
+)
 weights = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
 with open(os.path.join(out, f"{tag}-rank{rank}.json"), "w") as f:
     json.dump({"weights": weights.tolist(), "epochs": len(history.history["loss"])}, f)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import random
-import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -59,6 +58,7 @@ from transparent_dist import (
     keras_callbacks,
     keras_inputs,
     log,
+    output,
     patching,
     world,
 )
@@ -475,23 +475,11 @@ def _wrap_predict(original: Any) -> Any:
 # ------------------------------------------------------------ saving
 
 
-def _root_only(original: Any) -> Any:
-    def on_root_only(*args, **kwargs):
-        if world.get().is_root:
-            return original(*args, **kwargs)
-        return None
-
-    return on_root_only
-
-
 def _patch_saving() -> None:
-    patching.wrap(Model, "save", _root_only)
-    patching.wrap(Model, "save_weights", _root_only)
+    patching.wrap(Model, "save", output.root_only)
+    patching.wrap(Model, "save_weights", output.root_only)
     # Every public alias of save_model (keras.saving, keras.models, tf.keras).
-    target = saving_api.save_model
-    for name, module in list(sys.modules.items()):
-        if name.startswith("keras") and getattr(module, "save_model", None) is target:
-            patching.wrap(module, "save_model", _root_only)
+    patching.wrap_everywhere(saving_api.save_model, output.root_only, "keras")
 
 
 # ------------------------------------------------------------ install

@@ -1,0 +1,62 @@
+"""TF1 Session scripts and TF2 custom loops, unmodified, on 2 and 3 ranks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import JOBS, load_ranks, run
+
+SCRIPT = str(JOBS / "loops.py")
+
+
+def _weights(out, tag, ranks):
+    return [np.asarray(r["weights"]) for r in load_ranks(out, tag, ranks)]
+
+
+@pytest.mark.parametrize("kind", ["tf1", "tf2"])
+def test_ranks_with_their_own_data_end_identical(tmp_path, kind):
+    for ranks in (2, 3):
+        run(
+            ["-m", "transparent_dist", SCRIPT, kind, "own", str(tmp_path), f"p{ranks}"], ranks=ranks
+        ).check()
+        weights = _weights(tmp_path, f"p{ranks}", ranks)
+        for other in weights[1:]:
+            np.testing.assert_array_equal(other, weights[0])
+    # The control: the same job without the plugin drifts apart.
+    run([SCRIPT, kind, "own", str(tmp_path), "control"], ranks=2).check()
+    control = _weights(tmp_path, "control", 2)
+    assert np.abs(control[0] - control[1]).max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["tf1", "tf2"])
+def test_same_data_everywhere_equals_one_process(tmp_path, kind):
+    run([SCRIPT, kind, "same", str(tmp_path), "one"]).check()
+    reference = _weights(tmp_path, "one", 1)[0]
+    run(["-m", "transparent_dist", SCRIPT, kind, "same", str(tmp_path), "p2"], ranks=2).check()
+    for weights in _weights(tmp_path, "p2", 2):
+        np.testing.assert_allclose(weights, reference, atol=1e-5)
+
+
+def test_tf1_saver_and_file_writer_write_on_rank_zero_only(tmp_path):
+    run(["-m", "transparent_dist", SCRIPT, "tf1", "own", str(tmp_path), "p"], ranks=2).check()
+    ranks = load_ranks(tmp_path, "p", 2)
+    assert ranks[0]["saved"].endswith("p-model.ckpt") and ranks[1]["saved"] is None
+    assert _graph_events(tmp_path / "p-logs") == 1
+    assert [r["event_writer"] for r in ranks] == ["EventFileWriter", "_NoEvents"]
+    # Without the plugin both ranks write an event file of the same name (v1
+    # names it by time and host), each over the other.
+    run([SCRIPT, "tf1", "own", str(tmp_path), "c"], ranks=2).check()
+    control = load_ranks(tmp_path, "c", 2)
+    assert [r["event_writer"] for r in control] == ["EventFileWriter", "EventFileWriter"]
+    assert control[1]["saved"] is not None
+
+
+def _graph_events(directory) -> int:
+    import tensorflow as tf
+
+    return sum(
+        1
+        for path in directory.glob("events.*")
+        for event in tf.compat.v1.train.summary_iterator(str(path))
+        if event.HasField("graph_def")
+    )

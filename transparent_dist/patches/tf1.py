@@ -1,0 +1,187 @@
+"""TF1-style graphs (`tf.compat.v1`) made data-parallel, installed by
+`install()` when TensorFlow is imported.
+
+```python
+import tensorflow as tf
+from transparent_dist.patches import tf1
+tf1.install()      # idempotent; transparent_dist's import hook calls it
+```
+
+- `tf.compat.v1.train.Optimizer.apply_gradients` (so `minimize` too, and
+  every optimizer subclass): the gradients are averaged over the ranks
+  inside the graph, in one fused exchange each time the train op runs.
+- `variables_initializer` (so `global_variables_initializer`,
+  `local_variables_initializer` and the Scaffold of
+  `MonitoredTrainingSession`): the returned op initializes, then sets every
+  variable to rank 0's value.
+- `Saver`: `restore` is followed by the same broadcast; `save` writes on
+  rank 0 only. `summary.FileWriter` writes on rank 0 only.
+- `MonitoredTrainingSession`: ranks other than 0 restore from
+  `checkpoint_dir` but write no checkpoints or summaries.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import tensorflow as tf
+from tensorflow.python.ops import variables as variables_module
+from tensorflow.python.summary.writer import writer as writer_module
+from tensorflow.python.training import monitored_session, saver
+from tensorflow.python.training import optimizer as v1_optimizer
+
+from transparent_dist import collectives, gradients, output, patching, world
+
+_LOCAL = threading.local()
+
+
+def _distributed() -> bool:
+    return world.get().size > 1
+
+
+def _wrap_apply_gradients(original: Any) -> Any:
+    def apply_gradients(self, grads_and_vars, global_step=None, name=None):
+        # Wrapping optimizers call their inner one's: average once.
+        if not _distributed() or getattr(_LOCAL, "applying", False):
+            return original(self, grads_and_vars, global_step=global_step, name=name)
+        pairs = list(grads_and_vars)
+        averaged = gradients.average([g for g, _ in pairs])
+        _LOCAL.applying = True
+        try:
+            return original(
+                self,
+                list(zip(averaged, [v for _, v in pairs], strict=True)),
+                global_step=global_step,
+                name=name,
+            )
+        finally:
+            _LOCAL.applying = False
+
+    return apply_gradients
+
+
+def broadcast_op(variables: list[Any], after: Any = None) -> Any:
+    """A graph op that sets `variables` to rank 0's values (after `after`)."""
+    comm = world.get().comm
+
+    def exchange(*arrays):
+        return collectives.broadcast(arrays, comm)
+
+    with tf.control_dependencies([after] if after is not None else []):
+        values = [tf.identity(v) for v in variables]
+    synced = gradients.collective_op(exchange, values, values, "td_broadcast_variables")
+    return tf.group(*[v.assign(s) for v, s in zip(variables, synced, strict=True)])
+
+
+def _wrap_variables_initializer(original: Any) -> Any:
+    def variables_initializer(var_list, name="init"):
+        init = original(var_list, name=name)
+        if not _distributed() or tf.executing_eagerly() or not var_list:
+            return init
+        return broadcast_op(list(var_list), after=init)
+
+    return variables_initializer
+
+
+def _wrap_saver_init(original: Any) -> Any:
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        # Built now: a MonitoredSession finalizes the graph before restoring.
+        self._td_broadcast = None
+        if _distributed() and not tf.executing_eagerly():
+            variables = tf.compat.v1.global_variables()
+            if variables:
+                self._td_broadcast = broadcast_op(variables)
+
+    return __init__
+
+
+def _wrap_restore(original: Any) -> Any:
+    def restore(self, sess, save_path):
+        result = original(self, sess, save_path)
+        if getattr(self, "_td_broadcast", None) is not None:
+            sess.run(self._td_broadcast)
+        return result
+
+    return restore
+
+
+class _NoEvents:
+    """Stands in for the event file writer on ranks other than 0."""
+
+    def __init__(self, logdir: str) -> None:
+        self._logdir = logdir
+
+    def get_logdir(self) -> str:
+        return self._logdir
+
+    def add_event(self, event: Any) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def reopen(self) -> None:
+        pass
+
+
+def _wrap_file_writer_init(original: Any) -> Any:
+    def __init__(self, logdir, graph=None, *args, **kwargs):
+        if world.get().is_root:
+            return original(self, logdir, graph, *args, **kwargs)
+        self._closed = False
+        writer_module.SummaryToEventTransformer.__init__(
+            self, _NoEvents(logdir), graph, kwargs.get("graph_def")
+        )
+
+    return __init__
+
+
+_QUIET = (
+    "save_checkpoint_secs",
+    "save_checkpoint_steps",
+    "save_summaries_steps",
+    "save_summaries_secs",
+    "log_step_count_steps",
+)
+
+
+def _wrap_monitored_training_session(original: Any) -> Any:
+    def MonitoredTrainingSession(*args, **kwargs):  # noqa: N802 - TF's name
+        if _distributed() and not world.get().is_root:
+            for name in _QUIET:
+                kwargs[name] = None
+            kwargs["summary_dir"] = None
+        return original(*args, **kwargs)
+
+    return MonitoredTrainingSession
+
+
+def _optimizer_classes() -> list[type]:
+    found, stack = [], [v1_optimizer.Optimizer]
+    while stack:
+        cls = stack.pop()
+        if "apply_gradients" in vars(cls):
+            found.append(cls)
+        stack.extend(cls.__subclasses__())
+    return found
+
+
+def install() -> None:
+    """Installs the TF1 patches (idempotent)."""
+    for cls in _optimizer_classes():
+        patching.wrap(cls, "apply_gradients", _wrap_apply_gradients)
+    patching.wrap_everywhere(
+        variables_module.variables_initializer, _wrap_variables_initializer, "tensorflow"
+    )
+    patching.wrap(saver.Saver, "__init__", _wrap_saver_init)
+    patching.wrap(saver.Saver, "restore", _wrap_restore)
+    patching.wrap(saver.Saver, "save", output.root_only)
+    patching.wrap(writer_module.FileWriter, "__init__", _wrap_file_writer_init)
+    patching.wrap_everywhere(
+        monitored_session.MonitoredTrainingSession, _wrap_monitored_training_session, "tensorflow"
+    )
