@@ -60,6 +60,7 @@ from transparent_dist import (
     log,
     output,
     patching,
+    tf_inputs,
     world,
 )
 
@@ -257,10 +258,17 @@ def _array_batches(inputs_xyw: tuple, batch_size: int | None, shuffle: Any, what
     w = world.get()
     inputs, n = keras_inputs.pack_arrays(*inputs_xyw)
     collectives.check_agreement(f"the number of samples in {what}", n, w.comm)
-    keras_inputs.check_enough_samples(n, what)
+    tf_inputs.check_enough_samples(n, what)
     with _common_shuffle_seed() if shuffle else contextlib.nullcontext():
-        dataset, _ = keras_inputs.array_batches(
-            inputs, n, _global_batch(batch_size), shuffle, w.rank, w.size
+        global_batch = _global_batch(batch_size)
+        dataset, _ = tf_inputs.array_batches(
+            inputs,
+            n,
+            global_batch,
+            shuffle,
+            w.rank,
+            w.size,
+            keras_inputs.global_batch_indices(n, global_batch, shuffle),
         )
     return dataset
 
@@ -271,11 +279,11 @@ def _file_batches(
     w = world.get()
     inputs, n = keras_inputs.pack_arrays(*inputs_xyw)
     collectives.check_agreement(f"the number of samples in {what}", n, w.comm)
-    keras_inputs.check_enough_samples(n, what)
+    tf_inputs.check_enough_samples(n, what)
     seed = tf_context.global_seed() or 0
     if w.size > 1:
         seed = w.comm.bcast(seed, root=0)  # the global batch order must agree
-    return keras_inputs.file_batches(
+    return tf_inputs.file_batches(
         inputs, n, _global_batch(batch_size), bool(shuffle), seed, w.rank, w.size, contiguous
     )
 
@@ -289,11 +297,11 @@ def _shard_batches(x: Any, y: Any, sample_weight: Any, batch_size: Any, shuffle:
     if kind == "arrays":
         return _array_batches((x, y, sample_weight), batch_size, shuffle, what), None, None, None
     if kind == "dataset":
-        return keras_inputs.dataset_batches(x, w.rank, w.size), y, sample_weight, batch_size
+        return tf_inputs.dataset_batches(x, w.rank, w.size), y, sample_weight, batch_size
     if kind == "pydataset":
         return keras_inputs.pydataset_part(x, w.rank, w.size), y, sample_weight, batch_size
     if kind == "generator":
-        return keras_inputs.generator_batches(x, w.rank, w.size), y, sample_weight, batch_size
+        return tf_inputs.generator_batches(x, w.rank, w.size), y, sample_weight, batch_size
     log.info(f"{what} of type {type(x).__name__} is not sharded: every rank uses all of it")
     return x, y, sample_weight, batch_size
 
@@ -451,10 +459,10 @@ def _wrap_predict(original: Any) -> Any:
         elif kind == "arrays":
             _, n = keras_inputs.pack_arrays(x)
             collectives.check_agreement("the number of samples to predict", n, w.comm)
-            keras_inputs.check_enough_samples(n, "the data to predict")
-            a["x"] = keras_inputs.array_block(x, n, w.rank, w.size)
+            tf_inputs.check_enough_samples(n, "the data to predict")
+            a["x"] = tf_inputs.array_block(x, n, w.rank, w.size)
         elif kind == "dataset":
-            block = keras_inputs.dataset_block(x, w.rank, w.size)
+            block = tf_inputs.dataset_block(x, w.rank, w.size)
             gather = gather and block is not None
             a["x"] = x if block is None else block
         elif kind == "pydataset":
