@@ -92,6 +92,12 @@ def _on_keras(keras: ModuleType) -> None:
     keras3.install()
 
 
+def _on_tf_keras(module: ModuleType) -> None:
+    from transparent_dist.patches import tf_keras
+
+    tf_keras.install()
+
+
 _ACTIVE = False
 
 
@@ -108,6 +114,7 @@ def activate() -> None:
     output.quiet_unless_root()
     import_hook.when_imported("tensorflow", _on_tensorflow)
     import_hook.when_imported("keras", _on_keras)
+    import_hook.when_imported("tf_keras", _on_tf_keras)
 
 
 def deactivate() -> None:

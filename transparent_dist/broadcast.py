@@ -55,6 +55,29 @@ def variables(targets: Iterable[Any], root: int = 0, what: str = "model variable
         v.assign(value)
 
 
+def optimizer_variables(optimizer: Any) -> list[Any]:
+    """An optimizer's variables (a property in Keras 3 and tf_keras's new
+    optimizers, a method in tf_keras's legacy ones)."""
+    found = optimizer.variables
+    return list(found() if callable(found) else found)
+
+
+def model_and_optimizer(model: Any, build_optimizer: Any = None) -> None:
+    """Broadcasts rank 0's model variables and, once built, its optimizer's.
+    `build_optimizer(optimizer, variables)` builds an unbuilt optimizer
+    first, so that its state is broadcast (or restored) like the weights."""
+    targets = list(model.variables)
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and build_optimizer is not None:
+        build_optimizer(optimizer, model.trainable_variables)
+    built = optimizer is not None and getattr(optimizer, "built", True)
+    if built:
+        targets += optimizer_variables(optimizer)
+    variables(targets, what="model and optimizer variables")
+    if built:
+        mark_synced(optimizer)
+
+
 def mark_synced(optimizer: Any) -> None:
     _SYNCED_OPTIMIZERS.add(optimizer)
 

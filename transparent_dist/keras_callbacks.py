@@ -58,6 +58,13 @@ def for_this_rank(callbacks: Any, fitting: bool = False, extra: tuple = ()) -> A
     return out
 
 
+def _build(optimizer: Any, variables: list[Any]) -> None:
+    # Built now rather than inside the first traced step, so that its state
+    # is broadcast (or restored) like the weights.
+    if not optimizer.built:
+        optimizer.build(variables)
+
+
 class SyncVariables(keras.callbacks.Callback):
     """Broadcasts rank 0's model and optimizer variables when training,
     evaluation or prediction begins (models and optimizers are often built
@@ -65,18 +72,7 @@ class SyncVariables(keras.callbacks.Callback):
     (batch-norm statistics) at the end of each epoch."""
 
     def _sync_all(self) -> None:
-        model = self.model
-        targets = list(model.variables)
-        optimizer = getattr(model, "optimizer", None)
-        if self._training and optimizer is not None and not optimizer.built:
-            # Built now rather than inside the first traced step, so that its
-            # state can be broadcast (or restored) like the weights.
-            optimizer.build(model.trainable_variables)
-        if optimizer is not None and optimizer.built:
-            targets += list(optimizer.variables)
-        broadcast.variables(targets, what="model and optimizer variables")
-        if optimizer is not None and optimizer.built:
-            broadcast.mark_synced(optimizer)
+        broadcast.model_and_optimizer(self.model, _build if self._training else None)
 
     _training = False
 

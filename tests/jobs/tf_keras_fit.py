@@ -1,0 +1,69 @@
+"""A Keras 2 script (TF_USE_LEGACY_KERAS=1: `tf.keras` is tf_keras).
+
+    TF_USE_LEGACY_KERAS=1 mpiexec -n N python -m transparent_dist tf_keras_fit.py OUT plugin
+    TF_USE_LEGACY_KERAS=1 python tf_keras_fit.py OUT reference N   # batch N*b
+    TF_USE_LEGACY_KERAS=1 mpiexec -n N python tf_keras_fit.py OUT control
+Writes OUT/<mode>-rank<r>.json.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+out, mode = sys.argv[1], sys.argv[2]
+rank = int(os.environ.get("PMI_RANK", 0))
+ranks = int(sys.argv[3]) if mode == "reference" else int(os.environ.get("PMI_SIZE", 1))
+keras = tf.keras
+assert keras.__name__.startswith("tf_keras"), keras.__name__
+batch = 16 * (ranks if mode == "reference" else 1)
+rng = np.random.default_rng(0)
+x = rng.normal(size=(300, 6)).astype("float32")
+y = (x.sum(axis=1, keepdims=True) > 0).astype("float32")
+result = {}
+
+
+def build(seed, optimizer):
+    tf.keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [
+            keras.layers.Dense(8, activation="relu", input_shape=(6,)),
+            keras.layers.Dense(1, activation="sigmoid"),
+        ]
+    )
+    model.compile(optimizer=optimizer, loss="binary_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def weights(model):
+    return np.concatenate([v.numpy().ravel() for v in model.trainable_variables]).tolist()
+
+
+# Same data everywhere: N ranks x b against one process x N*b.
+model = build(1, keras.optimizers.Adam(0.01))
+history = model.fit(
+    x,
+    y,
+    batch_size=batch,
+    epochs=2,
+    shuffle=False,
+    verbose=0,
+    validation_split=0.2,
+    callbacks=[keras.callbacks.CSVLogger(os.path.join(out, f"{mode}.csv"))],
+)
+result["same"] = {
+    "weights": weights(model),
+    "history": history.history,
+    "evaluate": model.evaluate(x, y, batch_size=batch, verbose=0),
+    "predict": model.predict(x[:37], batch_size=batch, verbose=0).ravel().tolist(),
+}
+model.save_weights(os.path.join(out, f"{mode}-rank{rank}.weights.h5"))
+
+# Each rank its own start (seeded by rank) and legacy optimizer: equal at the end.
+model = build(50 + rank, keras.optimizers.legacy.SGD(0.1, momentum=0.9))
+model.fit(x, y, batch_size=batch, epochs=1, verbose=0)
+result["own_start"] = {"weights": weights(model)}
+with open(os.path.join(out, f"{mode}-rank{rank}.json"), "w") as f:
+    json.dump(result, f)
