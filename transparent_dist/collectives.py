@@ -17,17 +17,45 @@ overwritten while that step can still read them).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from transparent_dist import stall
+from transparent_dist import stall, timeline
 from transparent_dist.failures import CollectiveError
 
-# Dtypes MPI reduces natively; anything else (float16, bfloat16) is reduced
-# in float32 and cast back.
+# Dtypes MPI reduces natively; 16-bit floats (gradient compression) are
+# summed by a user-defined operation; anything else is reduced in float32.
 _REDUCIBLE = (np.dtype(np.float32), np.dtype(np.float64))
+_HALF = {np.dtype(np.float16).str: "float16", "bfloat16": "bfloat16"}
+_HALF_OPS: dict[str, Any] = {}
+
+
+def _half_name(dtype: np.dtype) -> str | None:
+    return "bfloat16" if dtype.name == "bfloat16" else _HALF.get(dtype.str)
+
+
+def _half_sum(name: str) -> Any:
+    """An MPI operation summing 16-bit floats carried as MPI_SHORT."""
+    if name not in _HALF_OPS:
+        from mpi4py import MPI
+
+        dtype = np.dtype(np.float16) if name == "float16" else _bfloat16()
+
+        def add(inbuf: Any, outbuf: Any, datatype: Any) -> None:
+            out = np.frombuffer(outbuf, dtype=dtype)
+            np.add(np.frombuffer(inbuf, dtype=dtype), out, out=out)
+
+        _HALF_OPS[name] = MPI.Op.Create(add, commute=True)
+    return _HALF_OPS[name]
+
+
+def _bfloat16() -> np.dtype:
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 class _FusionBuffers:
@@ -38,7 +66,7 @@ class _FusionBuffers:
         self._turn: dict[tuple, int] = {}
 
     def get(self, dtype: np.dtype, size: int, tag: str) -> np.ndarray:
-        key = (tag, dtype.str, size)
+        key = (tag, dtype.str, dtype.name, size)
         pair = self._pairs.get(key)
         if pair is None:
             pair = [np.empty(size, dtype), np.empty(size, dtype)]
@@ -52,13 +80,18 @@ class _FusionBuffers:
 _BUFFERS = _FusionBuffers()
 
 
+def _exchange_dtype(dtype: np.dtype) -> np.dtype:
+    if dtype in _REDUCIBLE or _half_name(dtype):
+        return dtype
+    return np.dtype(np.float32)
+
+
 def _groups(arrays: Sequence[np.ndarray]) -> dict[np.dtype, list[int]]:
     """Indices of `arrays` by exchange dtype, in first-seen order (the same
     on every rank, since every rank passes the same layout)."""
     groups: dict[np.dtype, list[int]] = {}
     for i, a in enumerate(arrays):
-        dtype = a.dtype if a.dtype in _REDUCIBLE else np.dtype(np.float32)
-        groups.setdefault(dtype, []).append(i)
+        groups.setdefault(_exchange_dtype(a.dtype), []).append(i)
     return groups
 
 
@@ -68,27 +101,47 @@ def _reduce_fused(
     from mpi4py import MPI
 
     stall.arrive("gradient exchange" if weight is not None else "metric reduction")
+    started = time.perf_counter()
+    groups = _groups(arrays)
+    share = None
+    if weight is not None and any(_half_name(d) for d in groups):
+        # 16-bit sums of count-weighted gradients could overflow: scale each
+        # rank's part by its share of the total weight first.
+        total = comm.allreduce(weight, op=MPI.SUM)
+        share = weight / total if total > 0 else 0.0
     out: list[np.ndarray] = [None] * len(arrays)  # type: ignore[list-item]
-    for dtype, members in _groups(arrays).items():
+    moved = 0
+    for dtype, members in groups.items():
+        half = _half_name(dtype)
         total = sum(arrays[i].size for i in members)
         # One extra slot carries the sum of the ranks' weights.
-        extra = 0 if weight is None else 1
+        extra = 0 if weight is None or half else 1
         buf = _BUFFERS.get(dtype, total + extra, tag)
         offset = 0
+        copy_start = time.perf_counter()
         for i in members:
             n = arrays[i].size
             np.copyto(buf[offset : offset + n], arrays[i].reshape(-1), casting="unsafe")
             offset += n
         if weight is not None:
-            if weight == 0:
+            scale = share if half else weight
+            if scale == 0:
                 # A rank with no samples this step: its gradient may be NaN
                 # (a mean over nothing); it must contribute exactly zero.
                 buf[:total] = 0
-            elif weight != 1:
-                buf[:total] *= weight
-            buf[total] = weight
-        comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-        if weight is not None:
+            elif scale != 1:
+                buf[:total] *= scale
+            if not half:
+                buf[total] = weight
+        reduce_start = time.perf_counter()
+        timeline.add("copy", copy_start, reduce_start)
+        if half:
+            comm.Allreduce(MPI.IN_PLACE, [buf.view(np.uint16), MPI.SHORT], op=_half_sum(half))
+        else:
+            comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        back_start = time.perf_counter()
+        timeline.add("allreduce", reduce_start, back_start)
+        if weight is not None and not half:
             weight_sum = buf[total]
             if weight_sum > 0:
                 buf[:total] /= weight_sum
@@ -98,6 +151,15 @@ def _reduce_fused(
             view = buf[offset : offset + a.size].reshape(a.shape)
             out[i] = view if view.dtype == a.dtype else view.astype(a.dtype)
             offset += a.size
+        moved += buf.nbytes
+        timeline.add("copy back", back_start, time.perf_counter())
+    ended = time.perf_counter()
+    if weight is not None:
+        timeline.add("exchange", started, ended)
+        stats = timeline.STATS
+        stats.exchange_seconds += ended - started
+        stats.exchange_bytes += moved
+        stats.exchanges += 1
     return out
 
 

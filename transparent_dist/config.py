@@ -16,6 +16,7 @@ import dataclasses
 import os
 
 _CHOICES = {
+    "compression": ("none", "fp16", "bf16"),
     "batch_size": ("per_rank", "global"),
     "lr_scaling": ("none", "linear"),
     "stdout": ("root", "all"),
@@ -46,6 +47,11 @@ class Settings:
     checkpoint_dir: str = ""
     checkpoint_every: str = ""
     checkpoint_keep: int = 3
+    # Gradient exchange: largest fused buffer (MB) before splitting into
+    # buckets, optional 16-bit compression, and a Chrome-trace timeline.
+    fusion_mb: float = 64.0
+    compression: str = "none"
+    timeline: str = ""
     # More messages from the plugin (on every rank).
     verbose: bool = False
     # The whole plugin off: plain Keras / TensorFlow.
@@ -56,7 +62,7 @@ def _validate(key: str, value: object) -> object:
     choices = _CHOICES.get(key)
     if choices is not None and value not in choices:
         raise ValueError(f"transparent_dist: {key}={value!r} is not one of {', '.join(choices)}")
-    if key in ("warmup_epochs", "stall_warn", "stall_abort"):
+    if key in ("warmup_epochs", "stall_warn", "stall_abort", "fusion_mb"):
         try:
             value = float(value)  # type: ignore[arg-type]
         except ValueError:

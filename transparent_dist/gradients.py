@@ -26,9 +26,11 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from transparent_dist import collectives, world
+from transparent_dist import collectives, config, timeline, world
 
 _STEP = threading.local()
+# TD_COMPRESSION: the dtype float32 gradients travel in.
+_COMPRESSED = {"fp16": "float16", "bf16": "bfloat16"}
 
 
 @contextlib.contextmanager
@@ -76,19 +78,48 @@ def average(grads: Sequence[Any], weight: Any = None) -> list[Any]:
     present = [i for i, g in enumerate(grads) if g is not None]
     if not present:
         return grads
-    dense = [tf.convert_to_tensor(grads[i]) for i in present]
+    dense = {i: tf.convert_to_tensor(grads[i]) for i in present}
     if weight is None:
         weight = current_sample_count()
     weight = tf.cast(1.0 if weight is None else weight, tf.float64)
     comm = w.comm
+    compress = _COMPRESSED.get(config.SETTINGS.compression)
 
     def exchange(step_weight, *arrays):
         return collectives.allreduce_average(arrays, float(step_weight), comm)
 
-    averaged = collective_op(exchange, [weight, *dense], dense, "td_average_gradients")
-    for i, tensor in zip(present, averaged, strict=True):
-        grads[i] = tensor
+    def exchange_and_count(step_weight, *arrays):
+        timeline.STATS.samples += float(step_weight)  # once per step: the first bucket
+        return exchange(step_weight, *arrays)
+
+    # Backprop yields the last layers' gradients first: their bucket goes
+    # first, so its allreduce can run while earlier layers still compute.
+    buckets = _buckets(list(reversed(present)), dense, config.SETTINGS.fusion_mb)
+    for number, bucket in enumerate(buckets):
+        sent = [dense[i] for i in bucket]
+        if compress is not None:
+            sent = [tf.cast(t, compress) if t.dtype == tf.float32 else t for t in sent]
+        fn = exchange_and_count if number == 0 else exchange
+        averaged = collective_op(fn, [weight, *sent], sent, "td_average_gradients")
+        for i, tensor in zip(bucket, averaged, strict=True):
+            grads[i] = tf.cast(tensor, dense[i].dtype) if tensor.dtype != dense[i].dtype else tensor
     return grads
+
+
+def _buckets(order: list[int], tensors: dict[int, Any], limit_mb: float) -> list[list[int]]:
+    """Consecutive runs of `order` of at most `limit_mb` MB each (a tensor
+    larger than that is a bucket of its own); one bucket when the limit is 0."""
+    limit = limit_mb * 1e6
+    buckets: list[list[int]] = [[]]
+    size = 0
+    for i in order:
+        nbytes = tensors[i].shape.num_elements() * tensors[i].dtype.size
+        if limit > 0 and buckets[-1] and size + nbytes > limit:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(i)
+        size += nbytes
+    return buckets
 
 
 def sum_over_ranks(tensors: Sequence[Any]) -> list[Any]:

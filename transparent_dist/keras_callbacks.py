@@ -46,6 +46,8 @@ def for_this_rank(callbacks: Any, fitting: bool = False, extra: tuple = ()) -> A
         return callbacks  # assembled by the caller (e.g. fit's own evaluate)
     is_root = world.get().is_root
     out: list[Any] = [SyncVariables(), *extra]
+    if fitting:
+        out.append(FitSummary())
     if fitting and config.SETTINGS.lr_scaling == "linear":
         out.append(LinearScalingWarmup(config.SETTINGS.warmup_epochs))
     for callback in callbacks or []:
@@ -274,3 +276,54 @@ class CheckpointAndResume(keras.callbacks.Callback):
         if w.comm is not None:
             w.comm.Barrier()  # no rank goes on (or exits) before the checkpoint exists
         self._last_save = time.monotonic()
+
+
+class FitSummary(keras.callbacks.Callback):
+    """One line from rank 0 when fit ends: global samples per second and the
+    share of time spent exchanging gradients; writes the `TD_TIMELINE` file."""
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        import time
+
+        from transparent_dist import timeline
+
+        timeline.reset()
+        self._start = time.perf_counter()
+        self._steps = 0
+
+    def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+        import time
+
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        import time
+
+        from transparent_dist import timeline
+
+        timeline.add("step", self._step_start, time.perf_counter())
+        self._steps += 1
+
+    def on_train_end(self, logs: Any = None) -> None:
+        import time
+
+        from transparent_dist import timeline
+
+        elapsed = time.perf_counter() - self._start
+        stats = timeline.STATS
+        w = world.get()
+        local = [stats.samples, stats.exchange_seconds, stats.exchange_bytes]
+        totals = (
+            local if w.size == 1 else [sum(v) for v in zip(*w.comm.allgather(local), strict=True)]
+        )
+        path = timeline.write()
+        if self._steps == 0 or elapsed <= 0:
+            return
+        exchange = totals[1] / w.size
+        log.info(
+            f"fit: {totals[0] / elapsed:,.0f} samples/s on {w.size} ranks; gradient "
+            f"exchange {exchange / elapsed:.1%} of the time ({1e3 * exchange / self._steps:.2f} "
+            f"ms/step, {totals[2] / w.size / self._steps / 1e6:.1f} MB/step)"
+            + (f"; timeline in {path}" if path else ""),
+            once=False,
+        )

@@ -1,0 +1,91 @@
+"""Where a rank's time goes: counters for the end-of-fit summary, and an
+optional per-rank timeline (`TD_TIMELINE=path`) in Chrome trace format.
+
+```python
+from transparent_dist import timeline
+with timeline.span("exchange"):
+    ...
+timeline.STATS.exchange_seconds
+```
+
+Open the files (one per rank: `path.rank<r>.json`) in chrome://tracing or
+https://ui.perfetto.dev. Spans: `step` (a whole training step, as Keras's
+callbacks see it), `exchange` (gradient averaging: `copy`, `allreduce`,
+`copy back`), `metrics` (metric sums), `read` (file-backed batches).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+from transparent_dist import config, world
+
+
+@dataclasses.dataclass
+class Stats:
+    """Counters since the last `reset` (this rank)."""
+
+    exchange_seconds: float = 0.0
+    exchange_bytes: int = 0
+    exchanges: int = 0
+    samples: float = 0.0
+
+
+STATS = Stats()
+_EVENTS: list[dict] = []
+_LOCK = threading.Lock()
+_ORIGIN = time.perf_counter()
+
+
+def reset() -> None:
+    global STATS
+    STATS = Stats()
+
+
+def recording() -> bool:
+    return bool(config.SETTINGS.timeline)
+
+
+def add(name: str, start: float, end: float) -> None:
+    """Records a span (perf_counter seconds) when a timeline is asked for."""
+    if not recording():
+        return
+    event = {
+        "name": name,
+        "ph": "X",
+        "ts": (start - _ORIGIN) * 1e6,
+        "dur": (end - start) * 1e6,
+        "pid": world.get().rank,
+        "tid": threading.current_thread().name,
+    }
+    with _LOCK:
+        _EVENTS.append(event)
+
+
+@contextlib.contextmanager
+def span(name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        add(name, start, time.perf_counter())
+
+
+def write() -> str | None:
+    """Writes this rank's timeline file; returns its path."""
+    if not recording():
+        return None
+    path = f"{config.SETTINGS.timeline}.rank{world.get().rank}.json"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with _LOCK:
+        events = list(_EVENTS)
+    with open(path + ".partial", "w") as f:
+        json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, f)
+    os.replace(path + ".partial", path)
+    return path
