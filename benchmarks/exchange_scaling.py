@@ -11,8 +11,11 @@ compute thread per rank (TF_NUM_INTRAOP_THREADS=1), it times:
      process / step time of N, per-rank batch fixed), and the exchange time
      per step divided by a raw mpi4py Allreduce of the same bytes measured
      in the same job;
-  4. MultiWorkerMirroredStrategy with 2 workers on loopback: step-time ratio
-     transparent_dist / MWMS at 2 ranks.
+  4. MultiWorkerMirroredStrategy with 2 workers on loopback (in tf_keras:
+     Keras 3 fails under it): step-time ratio transparent_dist / MWMS at 2.
+And, as a control for the machine, two independent plain processes pinned
+to the two cores: no communication, so their slower step time is the best
+any 2-rank run can reach here.
 Prints a table, writes OUT.json and OUT.png.
 """
 
@@ -56,6 +59,25 @@ def _run(command: list[str], env: dict | None = None) -> dict:
     return _result([proc.stdout])
 
 
+def _pinned_pair(model: str, steps: int) -> dict:
+    """The machine's own ceiling: two independent plain processes, one per
+    core, no communication. The slower one bounds any 2-rank step time."""
+    command = [PYTHON, WORKER, "--model", model, "--mode", "plain", "--steps", str(steps)]
+    procs = [
+        subprocess.Popen(
+            ["taskset", "-c", str(core), *command],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for core in (0, 1)
+    ]
+    results = [_result([p.communicate(timeout=900)[0]]) for p in procs]
+    slowest = max(results, key=lambda r: r["step_ms"])
+    return {**slowest, "label": "2 plain processes, no exchange", "mode": "ceiling", "ranks": 2}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -73,7 +95,19 @@ def _mwms(model: str, steps: int) -> dict:
         )
         procs.append(
             subprocess.Popen(
-                [PYTHON, WORKER, "--model", model, "--mode", "mwms", "--steps", str(steps)],
+                [
+                    "taskset",
+                    "-c",
+                    str(index),
+                    PYTHON,
+                    WORKER,
+                    "--model",
+                    model,
+                    "--mode",
+                    "mwms",
+                    "--steps",
+                    str(steps),
+                ],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -99,8 +133,11 @@ def main() -> None:
     rows = []
     for model in args.models:
         common = ["--model", model, "--steps", str(args.steps)]
-        plain = _run([PYTHON, WORKER, *common, "--mode", "plain"])
-        td1 = _run([PYTHON, "-m", "transparent_dist", WORKER, *common, "--mode", "td"])
+        # One core per rank: 1-process runs are pinned to one core, and up to
+        # the number of cores, ranks are bound one per core.
+        pin = ["taskset", "-c", "0"]
+        plain = _run([*pin, PYTHON, WORKER, *common, "--mode", "plain"])
+        td1 = _run([*pin, PYTHON, "-m", "transparent_dist", WORKER, *common, "--mode", "td"])
         rows.append({**plain, "label": "plain Keras, 1 process"})
         rows.append(
             {
@@ -109,10 +146,15 @@ def main() -> None:
                 "overhead": td1["step_ms"] / plain["step_ms"] - 1,
             }
         )
+        ceiling = _pinned_pair(model, args.steps)
+        ceiling["efficiency"] = td1["step_ms"] / ceiling["step_ms"]
+        rows.append(ceiling)
         for ranks in args.ranks:
+            bind = ["-bind-to", "core"] if ranks <= (os.cpu_count() or 1) else []
             td = _run(
                 [
                     MPIEXEC,
+                    *bind,
                     "-n",
                     str(ranks),
                     PYTHON,
@@ -203,7 +245,9 @@ def _plot(rows: list[dict], path: str, meta: dict) -> None:
         )
         for r in rows:
             if r["model"] == model and r["mode"] == "mwms" and "efficiency" in r:
-                ax.plot([2], [r["efficiency"]], "s", label="MWMS")
+                ax.plot([2], [r["efficiency"]], "s", label="MWMS (tf_keras)")
+            if r["model"] == model and r["mode"] == "ceiling":
+                ax.plot([2], [r["efficiency"]], "x", color="black", label="no-exchange ceiling")
         ax.axhline(1.0, color="grey", lw=0.5)
         ax.set_title(f"{model}: weak-scaling efficiency")
         ax.set_xlabel("ranks (2 cores: 3-4 are oversubscribed)")
