@@ -62,8 +62,10 @@ def is_root() -> bool:
 
 
 def _on_tensorflow(tf: ModuleType) -> None:
+    from transparent_dist import placement
     from transparent_dist.patches import tf1
 
+    placement.apply(tf)
     tf1.install()
     w = world.get()
     if w.size == 1:

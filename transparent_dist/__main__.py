@@ -23,6 +23,7 @@ USAGE = """\
 usage: python -m transparent_dist SCRIPT [ARGS...]
        python -m transparent_dist -m MODULE [ARGS...]
        python -m transparent_dist -c CODE [ARGS...]
+       python -m transparent_dist doctor
 
 Runs a Keras / TensorFlow program data-parallel over the ranks of the MPI
 job it was started in (mpiexec, srun), with no change to its code.
@@ -110,6 +111,10 @@ def main() -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         sys.exit(0 if argv else 2)
+    if argv[0] == "doctor":
+        from transparent_dist import doctor
+
+        sys.exit(doctor.main())
     if argv[0] == "--version":
         from transparent_dist import __version__
 
