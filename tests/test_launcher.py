@@ -36,7 +36,7 @@ def test_inside_slurm_it_uses_srun(tmp_path):
     fake.chmod(0o755)
     env = job_env(SLURM_JOB_ID="42", PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     job = run([TDRUN, "-n", "2", "--dry-run", "-m", "pkg.train"], env=env)
-    assert job.stdout.split()[:3] == [str(fake), "-n", "2"]
+    assert job.stdout.split()[:4] == [str(fake), "-n", "2", "--mpi=pmi2"]
     assert job.stdout.split()[-4:] == ["-m", "transparent_dist", "-m", "pkg.train"]
     assert launcher.find_launcher("auto", {"PATH": str(tmp_path)})[0] == "mpiexec"  # no job
 

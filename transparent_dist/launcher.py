@@ -51,6 +51,8 @@ def build_command(
     command = [launcher]
     if kind == "srun":
         command += ["-n", str(ranks)]
+        if not any(e.startswith("--mpi") for e in extra):
+            command.append("--mpi=pmi2")  # the mpich wheel's ranks need srun's PMI-2
         if hosts:
             command += ["--nodelist", hosts]
     else:

@@ -96,7 +96,26 @@ def _start_mpi() -> World:
         data_comm=comm_world.Dup(),
     )
     node.Free()
+    expected = expected_size()
+    if expected > 1 and world.size == 1:
+        raise RuntimeError(
+            f"transparent_dist: this job was started as {expected} tasks, but MPI sees a world "
+            "of 1: every task would train alone. Under srun, pass --mpi=pmi2 (the mpich "
+            "wheel's ranks need it); otherwise mpi4py was built against another MPI than the "
+            "launcher's (see the README: Using a system MPI)"
+        )
     return world
+
+
+def expected_size(environ: dict | os._Environ | None = None) -> int:
+    """The number of tasks the launcher says it started (1 if it says none)."""
+    env = os.environ if environ is None else environ
+    for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS"):
+        try:
+            return int(env[name])
+        except (KeyError, ValueError):
+            continue
+    return 1
 
 
 def get() -> World:
