@@ -167,9 +167,11 @@ def test_xla_is_turned_off_and_said_once(jobs, ranks):
 
 
 def test_only_rank_zero_prints(tmp_path):
+    # One write per line (an f-string): print's separate pieces from three
+    # processes may interleave on the shared stderr pipe.
     code = (
-        "import transparent_dist as td, sys; print('hello from', td.rank()); "
-        "print('err', td.rank(), file=sys.stderr)"
+        "import transparent_dist as td, sys; print(f'hello from {td.rank()}'); "
+        "print(f'err {td.rank()}', file=sys.stderr)"
     )
     job = run(["-m", "transparent_dist", "-c", code], ranks=3).check()
     assert job.stdout.split("\n").count("hello from 0") == 1

@@ -166,3 +166,19 @@ def test_periodic_checkpoints_keep_the_last_k(tmp_path):
     )
     with pytest.raises(ValueError):
         checkpoint.parse_every("often")
+
+
+def test_keras_backup_and_restore_and_initial_epoch_keep_working(tmp_path):
+    script = str(JOBS / "backup_restore.py")
+    for phase in ("1", "2", "3"):
+        run(["-m", "transparent_dist", script, str(tmp_path), phase], ranks=2).check()
+    first = [json.loads((tmp_path / f"phase1-rank{r}.json").read_text()) for r in (0, 1)]
+    second = [json.loads((tmp_path / f"phase2-rank{r}.json").read_text()) for r in (0, 1)]
+    third = [json.loads((tmp_path / f"phase3-rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["interrupted_after"] == [0, 1, 2] and r["backup_exists"] for r in first)
+    # Restored on every rank from rank 0's backup: only epochs 2 and 3 run,
+    # and rank 0 deleted the backup at the end.
+    assert all(r["epochs_run"] == [2, 3] for r in second)
+    assert not second[0]["backup_exists"]
+    assert second[0]["weights"] == second[1]["weights"]
+    assert all(r["epochs_run"] == [2, 3] and r["history"] == 2 for r in third)

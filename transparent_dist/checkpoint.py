@@ -80,6 +80,9 @@ def save(directory: str, arrays: list[np.ndarray], meta: dict, keep: int = 3) ->
         os.fsync(f.fileno())
     os.replace(pointer, os.path.join(directory, LATEST))
     _fsync_directory(directory)
+    from transparent_dist import log
+
+    log.debug(f"checkpoint written: {final}")
     for old in sorted(_complete(directory))[:-keep]:
         shutil.rmtree(os.path.join(directory, old), ignore_errors=True)
     return final

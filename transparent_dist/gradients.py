@@ -95,6 +95,12 @@ def average(grads: Sequence[Any], weight: Any = None) -> list[Any]:
     # Backprop yields the last layers' gradients first: their bucket goes
     # first, so its allreduce can run while earlier layers still compute.
     buckets = _buckets(list(reversed(present)), dense, config.SETTINGS.fusion_mb)
+    from transparent_dist import log
+
+    log.debug(
+        f"gradient exchange: {len(present)} tensors in {len(buckets)} bucket(s), "
+        f"compression {config.SETTINGS.compression}"
+    )
     for number, bucket in enumerate(buckets):
         sent = [dense[i] for i in bucket]
         if compress is not None:

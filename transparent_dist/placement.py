@@ -71,4 +71,6 @@ def apply(tf: Any) -> dict:
                 chosen["intra_op_threads"] = threads
         except RuntimeError:
             pass  # TensorFlow already started its thread pools: leave them
+    if chosen:
+        log.debug(f"placement: {chosen}")
     return chosen

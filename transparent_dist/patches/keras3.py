@@ -30,9 +30,7 @@ In a world of size 1 every patch calls straight through to Keras.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import random
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -63,28 +61,17 @@ from transparent_dist import (
     tf_inputs,
     world,
 )
+from transparent_dist.patches import common
 
-_LOCAL = threading.local()
 _DEFAULT_BATCH_SIZE = 32
 
 
 def fitting() -> bool:
     """Whether this thread is inside a patched `fit`."""
-    return getattr(_LOCAL, "fitting", False)
+    return common.is_set("fitting")
 
 
-@contextlib.contextmanager
-def _flag(name: str) -> Iterator[None]:
-    previous = getattr(_LOCAL, name, False)
-    setattr(_LOCAL, name, True)
-    try:
-        yield
-    finally:
-        setattr(_LOCAL, name, previous)
-
-
-def _distributed() -> bool:
-    return world.get().size > 1
+_distributed = common.distributed
 
 
 # ------------------------------------------------------------ optimizers
@@ -108,7 +95,7 @@ def _wrap_apply(original: Any) -> Any:
     def apply(self, grads, trainable_variables=None):
         # A wrapping optimizer (LossScaleOptimizer) calls its inner one's
         # apply: the gradients are averaged once, by the outermost.
-        if not _distributed() or getattr(_LOCAL, "applying", False):
+        if not _distributed() or common.is_set("applying"):
             return original(self, grads, trainable_variables)
         grads = list(grads)
         if not grads:
@@ -120,21 +107,10 @@ def _wrap_apply(original: Any) -> Any:
         )
         _sync_before_first_update(self, variables)
         grads = gradients.average(grads)
-        with _flag("applying"):
+        with common.flag("applying"):
             return original(self, grads, trainable_variables)
 
     return apply
-
-
-def _optimizer_classes() -> list[type]:
-    """BaseOptimizer and every subclass that defines its own `apply`."""
-    found, stack = [], [BaseOptimizer]
-    while stack:
-        cls = stack.pop()
-        if "apply" in vars(cls):
-            found.append(cls)
-        stack.extend(cls.__subclasses__())
-    return found
 
 
 # ------------------------------------------------------------ steps, loss, metrics
@@ -159,29 +135,12 @@ def _wrap_make_function(original: Any) -> Any:
     return _make_function
 
 
-def _wrap_compute_loss(original: Any) -> Any:
-    def _compute_loss(self, *args, **kwargs):
-        loss = original(self, *args, **kwargs)
-        count = gradients.current_sample_count() if _distributed() else None
-        if count is None:
-            return loss
-        # A mean over an empty local batch is NaN; it must count as nothing.
-        return tf.where(count > 0, loss, tf.zeros_like(loss))
-
-    return _compute_loss
-
-
 def _wrap_get_metrics_result(original: Any) -> Any:
     def get_metrics_result(self):
         if not _distributed() or in_stateless_scope():
             return original(self)
         metrics = self.metrics
-        variables, seen = [], set()
-        for metric in metrics:
-            for v in metric.variables:
-                if id(v) not in seen:
-                    seen.add(id(v))
-                    variables.append(v)
+        variables = common.metric_variables(metrics)
         summed = gradients.sum_over_ranks([tf.convert_to_tensor(v) for v in variables])
         by_id = {id(v): s for v, s in zip(variables, summed, strict=True)}
         results = {}
@@ -197,21 +156,6 @@ def _wrap_get_metrics_result(original: Any) -> Any:
 
 
 # ------------------------------------------------------------ fit / evaluate / predict
-
-
-def _bind(original: Any, self: Any, args: tuple, kwargs: dict) -> dict:
-    signature = inspect.signature(inspect.unwrap(original))
-    bound = signature.bind(self, *args, **kwargs)
-    bound.apply_defaults()
-    arguments = dict(bound.arguments)
-    extra = arguments.pop("kwargs", None) or {}
-    arguments.update(extra)
-    return arguments
-
-
-def _call(original: Any, arguments: dict) -> Any:
-    self = arguments.pop("self")
-    return original(self, **arguments)
 
 
 def _disable_xla(model: Any) -> None:
@@ -292,6 +236,7 @@ def _shard_batches(x: Any, y: Any, sample_weight: Any, batch_size: Any, shuffle:
     """`(x, y, sample_weight, batch_size)` for this rank, for fit / evaluate."""
     w = world.get()
     kind = keras_inputs.kind_of(x)
+    log.debug(f"{what}: {kind} ({type(x).__name__}), sharded over {w.size} ranks")
     if kind == "file":
         return _file_batches((x, y, sample_weight), batch_size, shuffle, what), None, None, None
     if kind == "arrays":
@@ -379,7 +324,7 @@ def _wrap_fit(original: Any) -> Any:
     def fit(self, *args, **kwargs):
         if fitting():
             return original(self, *args, **kwargs)
-        a = _bind(original, self, args, kwargs)
+        a = common.bind(original, self, args, kwargs)
         if _pass_through(a, fit=True):
             return original(self, *args, **kwargs)
         _disable_xla(self)
@@ -416,10 +361,10 @@ def _wrap_fit(original: Any) -> Any:
             a["verbose"] = 0
         resuming = any(getattr(cb, "skip", None) is not None for cb in extra)
         with (
-            _flag("fitting"),
+            common.flag("fitting"),
             _exact_epochs_after_resume() if resuming else contextlib.nullcontext(),
         ):
-            return _call(original, a)
+            return common.call(original, a)
 
     return fit
 
@@ -428,7 +373,7 @@ def _wrap_evaluate(original: Any) -> Any:
     def evaluate(self, *args, **kwargs):
         if fitting() or kwargs.get("_use_cached_eval_dataset"):
             return original(self, *args, **kwargs)
-        a = _bind(original, self, args, kwargs)
+        a = common.bind(original, self, args, kwargs)
         if _pass_through(a):
             return original(self, *args, **kwargs)
         _disable_xla(self)
@@ -438,7 +383,7 @@ def _wrap_evaluate(original: Any) -> Any:
         a["callbacks"] = keras_callbacks.for_this_rank(a["callbacks"])
         if not world.get().is_root:
             a["verbose"] = 0
-        return _call(original, a)
+        return common.call(original, a)
 
     return evaluate
 
@@ -446,7 +391,7 @@ def _wrap_evaluate(original: Any) -> Any:
 def _wrap_predict(original: Any) -> Any:
     def predict(self, *args, **kwargs):
         w = world.get()
-        a = _bind(original, self, args, kwargs)
+        a = common.bind(original, self, args, kwargs)
         if _pass_through(a):
             return original(self, *args, **kwargs)
         _disable_xla(self)
@@ -472,7 +417,7 @@ def _wrap_predict(original: Any) -> Any:
         a["callbacks"] = keras_callbacks.for_this_rank(a["callbacks"])
         if not w.is_root:
             a["verbose"] = 0
-        outputs = _call(original, a)
+        outputs = common.call(original, a)
         if not gather:
             return outputs
         return tree.map_structure(lambda o: collectives.allgather_rows(o, w.comm), outputs)
@@ -495,10 +440,10 @@ def _patch_saving() -> None:
 
 def install() -> None:
     """Installs the Keras 3 patches (idempotent)."""
-    for cls in _optimizer_classes():
+    for cls in common.classes_defining([BaseOptimizer], "apply"):
         patching.wrap(cls, "apply", _wrap_apply)
     patching.wrap(TensorFlowTrainer, "_make_function", _wrap_make_function)
-    patching.wrap(Trainer, "_compute_loss", _wrap_compute_loss)
+    patching.wrap(Trainer, "_compute_loss", common.wrap_compute_loss)
     patching.wrap(Trainer, "get_metrics_result", _wrap_get_metrics_result)
     patching.wrap(TensorFlowTrainer, "fit", _wrap_fit)
     patching.wrap(TensorFlowTrainer, "evaluate", _wrap_evaluate)

@@ -22,7 +22,6 @@ tf1.install()      # idempotent; transparent_dist's import hook calls it
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import tensorflow as tf
@@ -32,31 +31,25 @@ from tensorflow.python.training import monitored_session, saver
 from tensorflow.python.training import optimizer as v1_optimizer
 
 from transparent_dist import collectives, gradients, output, patching, world
+from transparent_dist.patches import common
 
-_LOCAL = threading.local()
-
-
-def _distributed() -> bool:
-    return world.get().size > 1
+_distributed = common.distributed
 
 
 def _wrap_apply_gradients(original: Any) -> Any:
     def apply_gradients(self, grads_and_vars, global_step=None, name=None):
         # Wrapping optimizers call their inner one's: average once.
-        if not _distributed() or getattr(_LOCAL, "applying", False):
+        if not _distributed() or common.is_set("applying"):
             return original(self, grads_and_vars, global_step=global_step, name=name)
         pairs = list(grads_and_vars)
         averaged = gradients.average([g for g, _ in pairs])
-        _LOCAL.applying = True
-        try:
+        with common.flag("applying"):
             return original(
                 self,
                 list(zip(averaged, [v for _, v in pairs], strict=True)),
                 global_step=global_step,
                 name=name,
             )
-        finally:
-            _LOCAL.applying = False
 
     return apply_gradients
 
@@ -161,19 +154,9 @@ def _wrap_monitored_training_session(original: Any) -> Any:
     return MonitoredTrainingSession
 
 
-def _optimizer_classes() -> list[type]:
-    found, stack = [], [v1_optimizer.Optimizer]
-    while stack:
-        cls = stack.pop()
-        if "apply_gradients" in vars(cls):
-            found.append(cls)
-        stack.extend(cls.__subclasses__())
-    return found
-
-
 def install() -> None:
     """Installs the TF1 patches (idempotent)."""
-    for cls in _optimizer_classes():
+    for cls in common.classes_defining([v1_optimizer.Optimizer], "apply_gradients"):
         patching.wrap(cls, "apply_gradients", _wrap_apply_gradients)
     patching.wrap_everywhere(
         variables_module.variables_initializer, _wrap_variables_initializer, "tensorflow"

@@ -21,10 +21,7 @@ all of it).
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import tensorflow as tf
@@ -45,23 +42,12 @@ from transparent_dist import (
     tf_inputs,
     world,
 )
+from transparent_dist.patches import common
 
-_LOCAL = threading.local()
 Model = training_module.Model
 
 
-def _distributed() -> bool:
-    return world.get().size > 1
-
-
-@contextlib.contextmanager
-def _flag(name: str) -> Iterator[None]:
-    previous = getattr(_LOCAL, name, False)
-    setattr(_LOCAL, name, True)
-    try:
-        yield
-    finally:
-        setattr(_LOCAL, name, previous)
+_distributed = common.distributed
 
 
 # ------------------------------------------------------------ optimizers
@@ -69,7 +55,7 @@ def _flag(name: str) -> Iterator[None]:
 
 def _wrap_apply_gradients(original: Any) -> Any:
     def apply_gradients(self, grads_and_vars, *args, **kwargs):
-        if not _distributed() or getattr(_LOCAL, "applying", False):
+        if not _distributed() or common.is_set("applying"):
             return original(self, grads_and_vars, *args, **kwargs)
         pairs = list(grads_and_vars)
         variables = [v for _, v in pairs]
@@ -78,20 +64,10 @@ def _wrap_apply_gradients(original: Any) -> Any:
                 broadcast.variables(variables, what="trainable variables")
             broadcast.mark_synced(self)
         averaged = gradients.average([g for g, _ in pairs])
-        with _flag("applying"):
+        with common.flag("applying"):
             return original(self, list(zip(averaged, variables, strict=True)), *args, **kwargs)
 
     return apply_gradients
-
-
-def _optimizer_classes() -> list[type]:
-    found, stack = [], [new_optimizer._BaseOptimizer, optimizer_v2.OptimizerV2]
-    while stack:
-        cls = stack.pop()
-        if "apply_gradients" in vars(cls):
-            found.append(cls)
-        stack.extend(cls.__subclasses__())
-    return found
 
 
 # ------------------------------------------------------------ steps, loss, metrics
@@ -120,27 +96,11 @@ def _wrap_make_function(original: Any, step_name: str) -> Any:
     return make_function
 
 
-def _wrap_compute_loss(original: Any) -> Any:
-    def compute_loss(self, *args, **kwargs):
-        loss = original(self, *args, **kwargs)
-        count = gradients.current_sample_count() if _distributed() else None
-        if count is None:
-            return loss
-        return tf.where(count > 0, loss, tf.zeros_like(loss))
-
-    return compute_loss
-
-
 def _wrap_get_metrics_result(original: Any) -> Any:
     def get_metrics_result(self):
         if not _distributed():
             return original(self)
-        variables, seen = [], set()
-        for metric in self.metrics:
-            for v in metric.variables:
-                if id(v) not in seen:
-                    seen.add(id(v))
-                    variables.append(v)
+        variables = common.metric_variables(self.metrics)
         if not variables:
             return original(self)
         # tf_keras metrics have no stateless result: read the local state,
@@ -176,7 +136,7 @@ class _Sync(tf_keras.callbacks.Callback):
         broadcast.model_and_optimizer(self.model, self._build)
 
     def on_test_begin(self, logs=None):
-        if not getattr(_LOCAL, "fitting", False):
+        if not common.is_set("fitting"):
             broadcast.model_and_optimizer(self.model)
 
     def on_predict_begin(self, logs=None):
@@ -199,19 +159,6 @@ def _callbacks(callbacks: Any) -> list[Any]:
     is_root = world.get().is_root
     kept = [cb for cb in callbacks or [] if is_root or not isinstance(cb, _ROOT_ONLY)]
     return [_Sync(), *kept]
-
-
-def _bind(original: Any, self: Any, args: tuple, kwargs: dict) -> dict:
-    bound = inspect.signature(inspect.unwrap(original)).bind(self, *args, **kwargs)
-    bound.apply_defaults()
-    arguments = dict(bound.arguments)
-    arguments.update(arguments.pop("kwargs", None) or {})
-    return arguments
-
-
-def _call(original: Any, arguments: dict) -> Any:
-    self = arguments.pop("self")
-    return original(self, **arguments)
 
 
 def _is_arrays(x: Any) -> bool:
@@ -254,9 +201,9 @@ def _disable_xla(model: Any) -> None:
 
 def _wrap_fit(original: Any) -> Any:
     def fit(self, *args, **kwargs):
-        if not _distributed() or getattr(_LOCAL, "fitting", False):
+        if not _distributed() or common.is_set("fitting"):
             return original(self, *args, **kwargs)
-        a = _bind(original, self, args, kwargs)
+        a = common.bind(original, self, args, kwargs)
         _disable_xla(self)
         x, y, sw, batch_size = a["x"], a["y"], a["sample_weight"], a["batch_size"]
         if a["validation_split"] and a["validation_data"] is None and _is_arrays(x):
@@ -281,17 +228,17 @@ def _wrap_fit(original: Any) -> Any:
         a["callbacks"] = _callbacks(a["callbacks"])
         if not world.get().is_root:
             a["verbose"] = 0
-        with _flag("fitting"):
-            return _call(original, a)
+        with common.flag("fitting"):
+            return common.call(original, a)
 
     return fit
 
 
 def _wrap_evaluate(original: Any) -> Any:
     def evaluate(self, *args, **kwargs):
-        if not _distributed() or getattr(_LOCAL, "fitting", False):
+        if not _distributed() or common.is_set("fitting"):
             return original(self, *args, **kwargs)
-        a = _bind(original, self, args, kwargs)
+        a = common.bind(original, self, args, kwargs)
         _disable_xla(self)
         a["x"], a["y"], a["sample_weight"], a["batch_size"] = _shard(
             a["x"], a["y"], a["sample_weight"], a["batch_size"], False, "the evaluation data"
@@ -299,7 +246,7 @@ def _wrap_evaluate(original: Any) -> Any:
         a["callbacks"] = _callbacks(a["callbacks"])
         if not world.get().is_root:
             a["verbose"] = 0
-        return _call(original, a)
+        return common.call(original, a)
 
     return evaluate
 
@@ -309,7 +256,7 @@ def _wrap_predict(original: Any) -> Any:
         if not _distributed():
             return original(self, *args, **kwargs)
         w = world.get()
-        a = _bind(original, self, args, kwargs)
+        a = common.bind(original, self, args, kwargs)
         _disable_xla(self)
         gather = _is_arrays(a["x"])
         if gather:
@@ -320,7 +267,7 @@ def _wrap_predict(original: Any) -> Any:
         a["callbacks"] = _callbacks(a["callbacks"])
         if not w.is_root:
             a["verbose"] = 0
-        outputs = _call(original, a)
+        outputs = common.call(original, a)
         if not gather:
             return outputs
         return tf.nest.map_structure(lambda o: collectives.allgather_rows(o, w.comm), outputs)
@@ -330,11 +277,13 @@ def _wrap_predict(original: Any) -> Any:
 
 def install() -> None:
     """Installs the tf_keras patches (idempotent)."""
-    for cls in _optimizer_classes():
+    for cls in common.classes_defining(
+        [new_optimizer._BaseOptimizer, optimizer_v2.OptimizerV2], "apply_gradients"
+    ):
         patching.wrap(cls, "apply_gradients", _wrap_apply_gradients)
     patching.wrap(Model, "make_train_function", lambda o: _wrap_make_function(o, "train_step"))
     patching.wrap(Model, "make_test_function", lambda o: _wrap_make_function(o, "test_step"))
-    patching.wrap(Model, "compute_loss", _wrap_compute_loss)
+    patching.wrap(Model, "compute_loss", common.wrap_compute_loss)
     patching.wrap(Model, "get_metrics_result", _wrap_get_metrics_result)
     patching.wrap(Model, "fit", _wrap_fit)
     patching.wrap(Model, "evaluate", _wrap_evaluate)
