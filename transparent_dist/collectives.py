@@ -119,20 +119,22 @@ def _reduce_fused(
         buf = _BUFFERS.get(dtype, total + extra, tag)
         offset = 0
         copy_start = time.perf_counter()
+        scale = None if weight is None else (share if half else weight)
         for i in members:
             n = arrays[i].size
-            np.copyto(buf[offset : offset + n], arrays[i].reshape(-1), casting="unsafe")
-            offset += n
-        if weight is not None:
-            scale = share if half else weight
-            if scale == 0:
+            source, target = arrays[i].reshape(-1), buf[offset : offset + n]
+            if scale is None or scale == 1:
+                np.copyto(target, source, casting="unsafe")
+            elif scale == 0:
                 # A rank with no samples this step: its gradient may be NaN
                 # (a mean over nothing); it must contribute exactly zero.
-                buf[:total] = 0
-            elif scale != 1:
-                buf[:total] *= scale
-            if not half:
-                buf[total] = weight
+                target[:] = 0
+            else:
+                # Weighted while copied: one pass over the gradients, not two.
+                np.multiply(source, scale, out=target, casting="unsafe")
+            offset += n
+        if weight is not None and not half:
+            buf[total] = weight
         reduce_start = time.perf_counter()
         timeline.add("copy", copy_start, reduce_start)
         if half:
