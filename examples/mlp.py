@@ -10,8 +10,6 @@ import argparse
 import keras
 import numpy as np
 
-import transparent_dist  # noqa: F401 - the one added line (or run with python -m transparent_dist)
-
 parser = argparse.ArgumentParser()
 parser.add_argument("--epochs", type=int, default=5)
 parser.add_argument("--batch-size", type=int, default=64)

@@ -16,6 +16,8 @@ def _final(stdout: str) -> dict[str, float]:
 def test_mlp_example_trains_on_two_ranks(tmp_path):
     job = run(
         [
+            "-m",
+            "transparent_dist",
             str(ROOT / "examples" / "mlp.py"),
             "--epochs",
             "4",

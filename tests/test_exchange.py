@@ -46,7 +46,15 @@ def test_summary_line_once_per_fit(paths):
 def test_timeline_is_chrome_trace_json(tmp_path):
     trace = tmp_path / "trace"
     run(
-        [str(ROOT / "examples" / "mlp.py"), "--epochs", "1", "--samples", "2000"],
+        [
+            "-m",
+            "transparent_dist",
+            str(ROOT / "examples" / "mlp.py"),
+            "--epochs",
+            "1",
+            "--samples",
+            "2000",
+        ],
         ranks=2,
         env=job_env(TD_TIMELINE=str(trace)),
     ).check()
