@@ -54,3 +54,12 @@ def test_files_on_rank_zero_only(results):
     assert (directory / "control-rank1.weights.h5").exists()  # without the plugin
     rows = list(csv.reader((directory / "plugin.csv").open()))
     assert rows[0][0] == "epoch" and [r[0] for r in rows[1:]] == ["0", "1"]
+
+
+def test_rank_seeded_shuffle_uses_every_sample_once(results):
+    seen = [r["shuffled_ids"] for r in results["plugin"]]
+    assert set(seen[0]["ids"]).isdisjoint(seen[1]["ids"])
+    assert set(seen[0]["ids"]) | set(seen[1]["ids"]) == set(range(300))
+    assert all(s["max"] == 1.0 and s["global_max"] == 1.0 for s in seen)
+    control = results["control"][0]["shuffled_ids"]
+    assert len(control["ids"]) == 300  # without the plugin each rank takes all

@@ -27,14 +27,17 @@ variables are streamed (`file_batches`).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import random
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
-from transparent_dist import collectives, sharding, world
+from transparent_dist import collectives, config, sharding, world
 from transparent_dist.failures import CollectiveError
 
 
@@ -71,6 +74,77 @@ def _local_block(indices: tf.Tensor, rank: int, size: int) -> tf.Tensor:
     start = rank * base + tf.minimum(tf.constant(rank, tf.int64), extra)
     stop = start + base + tf.cast(rank < extra, tf.int64)
     return indices[start:stop]
+
+
+DEFAULT_BATCH_SIZE = 32  # Keras's own default
+
+
+def global_batch(batch_size: int | None) -> int:
+    """The global batch for a `batch_size` argument: N times it, or itself
+    with TD_BATCH_SIZE=global."""
+    b = batch_size or DEFAULT_BATCH_SIZE
+    if config.SETTINGS.batch_size == "global":
+        return b
+    return b * world.get().size
+
+
+@contextlib.contextmanager
+def common_shuffle_seed() -> Iterator[None]:
+    """Makes the TF global seed equal on all ranks while an index pipeline
+    is built, so every rank draws the same permutation. A seed the script
+    set alike everywhere is used as is: then the permutation is the one the
+    framework alone draws."""
+    from tensorflow.python.eager import context
+
+    w = world.get()
+    seed = context.global_seed()
+    if w.size == 1:
+        yield
+        return
+    seeds = w.comm.allgather(seed)
+    if seed is not None and all(s == seed for s in seeds):
+        yield
+        return
+    common = w.comm.bcast(random.randrange(2**31) if w.is_root else None, root=0)
+    tf.random.set_seed(common)
+    try:
+        yield
+    finally:
+        tf.random.set_seed(seed)
+
+
+def agree_on_samples(num_samples: int, what: str) -> None:
+    """Every rank holds the same number of samples of `what`, and enough for
+    the ranks; else the same clear error on every rank."""
+    collectives.check_agreement(f"the number of samples in {what}", num_samples, world.get().comm)
+    check_enough_samples(num_samples, what)
+
+
+def shard_arrays(
+    inputs: Any,
+    num_samples: int,
+    batch_size: int | None,
+    shuffle: Any,
+    what: str,
+    index_batches: Callable[[int, int, Any], tf.data.Dataset],
+) -> tf.data.Dataset:
+    """This rank's batches of in-memory arrays, for any framework:
+    `index_batches(n, global_batch, shuffle)` is the framework's own global
+    batch order. The ranks first agree on the number of samples."""
+    w = world.get()
+    agree_on_samples(num_samples, what)
+    batch = global_batch(batch_size)
+    with common_shuffle_seed() if shuffle else contextlib.nullcontext():
+        dataset, _ = array_batches(
+            inputs,
+            num_samples,
+            batch,
+            shuffle,
+            w.rank,
+            w.size,
+            index_batches(num_samples, batch, shuffle),
+        )
+    return dataset
 
 
 def array_batches(

@@ -65,5 +65,36 @@ model.save_weights(os.path.join(out, f"{mode}-rank{rank}.weights.h5"))
 model = build(50 + rank, keras.optimizers.legacy.SGD(0.1, momentum=0.9))
 model.fit(x, y, batch_size=batch, epochs=1, verbose=0)
 result["own_start"] = {"weights": weights(model)}
+
+
+# Rank-dependent seeds and shuffle=True: the ranks must still agree on one
+# permutation, or samples would be dropped and repeated.
+class SeenIds(keras.metrics.Metric):
+    def __init__(self):
+        super().__init__(name="seen")
+        self.counts = self.add_weight(name="counts", shape=(300,), initializer="zeros")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        ids = tf.cast(y_true[:, 1], "int32")
+        self.counts.assign_add(tf.math.bincount(ids, minlength=300, maxlength=300, dtype="float32"))
+
+    def result(self):
+        return tf.reduce_max(self.counts)
+
+
+tf.keras.utils.set_random_seed(70 + rank)
+seen = SeenIds()
+model = keras.Sequential([keras.layers.Dense(1, input_shape=(6,))])
+model.compile(
+    optimizer="sgd", loss=lambda t, p: tf.reduce_mean(tf.square(t[:, :1] - p)), metrics=[seen]
+)
+labelled = np.concatenate([y, np.arange(300, dtype="float32")[:, None]], axis=1)
+history = model.fit(x, labelled, batch_size=batch, epochs=1, shuffle=True, verbose=0)
+counts = seen.counts.numpy()
+result["shuffled_ids"] = {
+    "ids": np.flatnonzero(counts).tolist(),
+    "max": float(counts.max()),
+    "global_max": float(history.history["seen"][-1]),
+}
 with open(os.path.join(out, f"{mode}-rank{rank}.json"), "w") as f:
     json.dump(result, f)

@@ -30,7 +30,6 @@ In a world of size 1 every patch calls straight through to Keras.
 from __future__ import annotations
 
 import contextlib
-import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -62,8 +61,6 @@ from transparent_dist import (
     world,
 )
 from transparent_dist.patches import common
-
-_DEFAULT_BATCH_SIZE = 32
 
 
 def fitting() -> bool:
@@ -168,53 +165,11 @@ def _disable_xla(model: Any) -> None:
         )
 
 
-def _global_batch(batch_size: int | None) -> int:
-    b = batch_size or _DEFAULT_BATCH_SIZE
-    if config.SETTINGS.batch_size == "global":
-        return b
-    return b * world.get().size
-
-
-@contextlib.contextmanager
-def _common_shuffle_seed() -> Iterator[None]:
-    """Makes the TF global seed equal on all ranks while the index pipeline
-    is built, so every rank draws the same permutation. A seed the script
-    set alike everywhere is used as is: then the permutation is the one plain
-    Keras draws."""
-    w = world.get()
-    seed = tf_context.global_seed()
-    if w.size == 1:
-        yield
-        return
-    seeds = w.comm.allgather(seed)
-    if seed is not None and all(s == seed for s in seeds):
-        yield
-        return
-    common = w.comm.bcast(random.randrange(2**31) if w.is_root else None, root=0)
-    tf.random.set_seed(common)
-    try:
-        yield
-    finally:
-        tf.random.set_seed(seed)
-
-
 def _array_batches(inputs_xyw: tuple, batch_size: int | None, shuffle: Any, what: str):
-    w = world.get()
     inputs, n = keras_inputs.pack_arrays(*inputs_xyw)
-    collectives.check_agreement(f"the number of samples in {what}", n, w.comm)
-    tf_inputs.check_enough_samples(n, what)
-    with _common_shuffle_seed() if shuffle else contextlib.nullcontext():
-        global_batch = _global_batch(batch_size)
-        dataset, _ = tf_inputs.array_batches(
-            inputs,
-            n,
-            global_batch,
-            shuffle,
-            w.rank,
-            w.size,
-            keras_inputs.global_batch_indices(n, global_batch, shuffle),
-        )
-    return dataset
+    return tf_inputs.shard_arrays(
+        inputs, n, batch_size, shuffle, what, keras_inputs.global_batch_indices
+    )
 
 
 def _file_batches(
@@ -222,13 +177,19 @@ def _file_batches(
 ):
     w = world.get()
     inputs, n = keras_inputs.pack_arrays(*inputs_xyw)
-    collectives.check_agreement(f"the number of samples in {what}", n, w.comm)
-    tf_inputs.check_enough_samples(n, what)
+    tf_inputs.agree_on_samples(n, what)
     seed = tf_context.global_seed() or 0
     if w.size > 1:
         seed = w.comm.bcast(seed, root=0)  # the global batch order must agree
     return tf_inputs.file_batches(
-        inputs, n, _global_batch(batch_size), bool(shuffle), seed, w.rank, w.size, contiguous
+        inputs,
+        n,
+        tf_inputs.global_batch(batch_size),
+        bool(shuffle),
+        seed,
+        w.rank,
+        w.size,
+        contiguous,
     )
 
 
@@ -403,8 +364,7 @@ def _wrap_predict(original: Any) -> Any:
             a["batch_size"] = None
         elif kind == "arrays":
             _, n = keras_inputs.pack_arrays(x)
-            collectives.check_agreement("the number of samples to predict", n, w.comm)
-            tf_inputs.check_enough_samples(n, "the data to predict")
+            tf_inputs.agree_on_samples(n, "the data to predict")
             a["x"] = tf_inputs.array_block(x, n, w.rank, w.size)
         elif kind == "dataset":
             block = tf_inputs.dataset_block(x, w.rank, w.size)

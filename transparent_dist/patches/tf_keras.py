@@ -34,7 +34,6 @@ from tf_keras.src.optimizers.legacy import optimizer_v2
 from transparent_dist import (
     broadcast,
     collectives,
-    config,
     gradients,
     log,
     output,
@@ -181,15 +180,19 @@ def _shard(x: Any, y: Any, sample_weight: Any, batch_size: Any, shuffle: Any, wh
         return x, y, sample_weight, batch_size
     inputs = data_adapter.pack_x_y_sample_weight(x, y, sample_weight)
     n = int(tf.nest.flatten(inputs)[0].shape[0])
-    collectives.check_agreement(f"the number of samples in {what}", n, w.comm)
-    tf_inputs.check_enough_samples(n, what)
-    b = batch_size or 32
-    global_batch = b if config.SETTINGS.batch_size == "global" else b * w.size
-    indices = data_adapter.TensorLikeDataAdapter(
+    return (
+        tf_inputs.shard_arrays(inputs, n, batch_size, shuffle, what, _index_batches),
+        None,
+        None,
+        None,
+    )
+
+
+def _index_batches(n: int, global_batch: int, shuffle: Any) -> tf.data.Dataset:
+    """Global batches of indices in tf_keras's own order (its adapter)."""
+    return data_adapter.TensorLikeDataAdapter(
         tf.range(n, dtype=tf.int64), batch_size=global_batch, shuffle=bool(shuffle)
     ).get_dataset()
-    dataset, _ = tf_inputs.array_batches(inputs, n, global_batch, shuffle, w.rank, w.size, indices)
-    return dataset, None, None, None
 
 
 def _disable_xla(model: Any) -> None:
@@ -261,8 +264,7 @@ def _wrap_predict(original: Any) -> Any:
         gather = _is_arrays(a["x"])
         if gather:
             n = int(tf.nest.flatten(a["x"])[0].shape[0])
-            collectives.check_agreement("the number of samples to predict", n, w.comm)
-            tf_inputs.check_enough_samples(n, "the data to predict")
+            tf_inputs.agree_on_samples(n, "the data to predict")
             a["x"] = tf_inputs.array_block(a["x"], n, w.rank, w.size)
         a["callbacks"] = _callbacks(a["callbacks"])
         if not w.is_root:
