@@ -56,6 +56,14 @@ def call(original: Any, arguments: dict) -> Any:
     return original(self, **arguments)
 
 
+def output_on_root_only(arguments: dict, callbacks: Any) -> None:
+    """Sets the callbacks this rank runs (`callbacks`, from the framework's
+    own rule) and turns the progress bar off on every rank but 0."""
+    arguments["callbacks"] = callbacks
+    if not world.get().is_root:
+        arguments["verbose"] = 0
+
+
 def classes_defining(bases: Iterable[type], name: str) -> list[type]:
     """`bases` and all their subclasses that define `name` themselves: the
     classes whose `name` a patch must wrap to cover every subclass."""

@@ -317,9 +317,9 @@ def _wrap_fit(original: Any) -> Any:
             a["validation_data"] = vx if vy is None and vw is None else (vx, vy, vw)
             a["validation_batch_size"] = vbatch
         extra = _checkpointing(a) if config.SETTINGS.checkpoint_dir else ()
-        a["callbacks"] = keras_callbacks.for_this_rank(a["callbacks"], fitting=True, extra=extra)
-        if not world.get().is_root:
-            a["verbose"] = 0
+        common.output_on_root_only(
+            a, keras_callbacks.for_this_rank(a["callbacks"], fitting=True, extra=extra)
+        )
         resuming = any(getattr(cb, "skip", None) is not None for cb in extra)
         with (
             common.flag("fitting"),
@@ -341,9 +341,7 @@ def _wrap_evaluate(original: Any) -> Any:
         a["x"], a["y"], a["sample_weight"], a["batch_size"] = _shard_batches(
             a["x"], a["y"], a["sample_weight"], a["batch_size"], False, "the evaluation data"
         )
-        a["callbacks"] = keras_callbacks.for_this_rank(a["callbacks"])
-        if not world.get().is_root:
-            a["verbose"] = 0
+        common.output_on_root_only(a, keras_callbacks.for_this_rank(a["callbacks"]))
         return common.call(original, a)
 
     return evaluate
@@ -374,9 +372,7 @@ def _wrap_predict(original: Any) -> Any:
             a["x"] = keras_inputs.pydataset_part(x, w.rank, w.size, contiguous=True)
         else:
             gather = False
-        a["callbacks"] = keras_callbacks.for_this_rank(a["callbacks"])
-        if not w.is_root:
-            a["verbose"] = 0
+        common.output_on_root_only(a, keras_callbacks.for_this_rank(a["callbacks"]))
         outputs = common.call(original, a)
         if not gather:
             return outputs

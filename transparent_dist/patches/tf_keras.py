@@ -228,9 +228,7 @@ def _wrap_fit(original: Any) -> Any:
             vx, vy, vw, vbatch = _shard(vx, vy, vw, vbatch, False, "the validation data")
             a["validation_data"] = vx if vy is None and vw is None else (vx, vy, vw)
             a["validation_batch_size"] = vbatch
-        a["callbacks"] = _callbacks(a["callbacks"])
-        if not world.get().is_root:
-            a["verbose"] = 0
+        common.output_on_root_only(a, _callbacks(a["callbacks"]))
         with common.flag("fitting"):
             return common.call(original, a)
 
@@ -246,9 +244,7 @@ def _wrap_evaluate(original: Any) -> Any:
         a["x"], a["y"], a["sample_weight"], a["batch_size"] = _shard(
             a["x"], a["y"], a["sample_weight"], a["batch_size"], False, "the evaluation data"
         )
-        a["callbacks"] = _callbacks(a["callbacks"])
-        if not world.get().is_root:
-            a["verbose"] = 0
+        common.output_on_root_only(a, _callbacks(a["callbacks"]))
         return common.call(original, a)
 
     return evaluate
@@ -266,9 +262,7 @@ def _wrap_predict(original: Any) -> Any:
             n = int(tf.nest.flatten(a["x"])[0].shape[0])
             tf_inputs.agree_on_samples(n, "the data to predict")
             a["x"] = tf_inputs.array_block(a["x"], n, w.rank, w.size)
-        a["callbacks"] = _callbacks(a["callbacks"])
-        if not w.is_root:
-            a["verbose"] = 0
+        common.output_on_root_only(a, _callbacks(a["callbacks"]))
         outputs = common.call(original, a)
         if not gather:
             return outputs
