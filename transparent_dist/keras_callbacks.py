@@ -19,12 +19,15 @@ Imported only once Keras is.
 
 from __future__ import annotations
 
+import time
 import weakref
 from typing import Any
 
 import keras
+import numpy as np
 
-from transparent_dist import broadcast, config, log, world
+from transparent_dist import broadcast, checkpoint, collectives, config, log, timeline, world
+from transparent_dist.data._together import together
 
 _ROOT_ONLY = (
     keras.callbacks.ModelCheckpoint,
@@ -159,8 +162,6 @@ class CheckpointAndResume(keras.callbacks.Callback):
 
     def __init__(self, directory: str, every: str, keep: int, skip: Any, callbacks: list) -> None:
         super().__init__()
-        from transparent_dist import checkpoint
-
         self.directory, self.keep, self.skip = directory, keep, skip
         self.every_steps, self.every_seconds = checkpoint.parse_every(every)
         self.user_callbacks = callbacks
@@ -170,11 +171,6 @@ class CheckpointAndResume(keras.callbacks.Callback):
         return list(self.model.variables) + list(self.model.optimizer.variables)
 
     def on_train_begin(self, logs: Any = None) -> None:
-        import time
-
-        from transparent_dist import checkpoint
-        from transparent_dist.data._together import together
-
         self._last_save = time.monotonic()
         state = None
         with together(f"resuming from {self.directory}"):
@@ -210,10 +206,6 @@ class CheckpointAndResume(keras.callbacks.Callback):
         self.epoch, self.step, self._resume_step = epoch, self._resume_step, 0
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-        import time
-
-        from transparent_dist import checkpoint, collectives
-
         self.step += 1
         self.global_step += 1
         w = world.get()
@@ -253,12 +245,6 @@ class CheckpointAndResume(keras.callbacks.Callback):
         return state
 
     def _save(self) -> None:
-        import time
-
-        import numpy as np
-
-        from transparent_dist import checkpoint
-
         epoch, step = self.epoch, self.step
         steps = self.params.get("steps")
         if steps and step >= steps:  # the epoch is complete: resume with the next
@@ -283,32 +269,18 @@ class FitSummary(keras.callbacks.Callback):
     share of time spent exchanging gradients; writes the `TD_TIMELINE` file."""
 
     def on_train_begin(self, logs: Any = None) -> None:
-        import time
-
-        from transparent_dist import timeline
-
         timeline.reset()
         self._start = time.perf_counter()
         self._steps = 0
 
     def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
-        import time
-
         self._step_start = time.perf_counter()
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-        import time
-
-        from transparent_dist import timeline
-
         timeline.add("step", self._step_start, time.perf_counter())
         self._steps += 1
 
     def on_train_end(self, logs: Any = None) -> None:
-        import time
-
-        from transparent_dist import timeline
-
         elapsed = time.perf_counter() - self._start
         stats = timeline.STATS
         w = world.get()
