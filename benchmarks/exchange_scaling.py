@@ -9,8 +9,12 @@ compute thread per rank (TF_NUM_INTRAOP_THREADS=1), it times:
   2. transparent_dist, 1 process (its overhead);
   3. transparent_dist on N ranks: weak-scaling efficiency (step time of 1
      process / step time of N, per-rank batch fixed), and the exchange time
-     per step divided by a raw mpi4py Allreduce of the same bytes measured
-     in the same job;
+     per step (median; from the moment all ranks have arrived: the time
+     before, waiting for a late rank, is shown apart) divided by a raw
+     mpi4py Allreduce of the same bytes measured in the same job, both
+     ranks starting together (after a Barrier): in a tight loop ("raw",
+     cache-hot) and between training steps ("loop", the cache state the
+     exchange meets);
   4. MultiWorkerMirroredStrategy with 2 workers on loopback (in tf_keras:
      Keras 3 fails under it): step-time ratio transparent_dist / MWMS at 2.
 And, as a control for the machine, two independent plain processes pinned
@@ -26,12 +30,15 @@ import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# Per-step figures of an N-rank job (ms), medians over the repeated runs.
+_TIMES = ("step_ms", "exchange_ms", "wait_ms", "raw_allreduce_ms", "raw_in_loop_ms")
 WORKER = str(HERE / "exchange_worker.py")
 PYTHON = sys.executable
 MPIEXEC = str(Path(PYTHON).parent / "mpiexec")
@@ -57,6 +64,17 @@ def _run(command: list[str], env: dict | None = None) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
     return _result([proc.stdout])
+
+
+def _median_of(runs: list[dict]) -> dict:
+    """One row from repeated runs of a configuration. This VM's timings
+    wander by tens of percent between runs: each figure is the median over
+    the runs (all runs are kept in the JSON)."""
+    row = {**runs[0], "runs": runs}
+    for key in _TIMES:
+        if key in runs[0]:
+            row[key] = statistics.median(r[key] for r in runs)
+    return row
 
 
 def _pinned_pair(model: str, steps: int) -> dict:
@@ -129,6 +147,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--out", default="results/exchange_scaling")
     parser.add_argument("--models", nargs="+", default=["conv", "mlp"])
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs of each transparent_dist and plain job"
+    )
     args = parser.parse_args()
     rows = []
     for model in args.models:
@@ -136,8 +157,14 @@ def main() -> None:
         # One core per rank: 1-process runs are pinned to one core, and up to
         # the number of cores, ranks are bound one per core.
         pin = ["taskset", "-c", "0"]
-        plain = _run([*pin, PYTHON, WORKER, *common, "--mode", "plain"])
-        td1 = _run([*pin, PYTHON, "-m", "transparent_dist", WORKER, *common, "--mode", "td"])
+        # Alternated, so a slow spell of the machine hits both alike.
+        plain_runs, td1_runs = [], []
+        for _ in range(args.repeat):
+            plain_runs.append(_run([*pin, PYTHON, WORKER, *common, "--mode", "plain"]))
+            td1_runs.append(
+                _run([*pin, PYTHON, "-m", "transparent_dist", WORKER, *common, "--mode", "td"])
+            )
+        plain, td1 = _median_of(plain_runs), _median_of(td1_runs)
         rows.append({**plain, "label": "plain Keras, 1 process"})
         rows.append(
             {
@@ -146,29 +173,19 @@ def main() -> None:
                 "overhead": td1["step_ms"] / plain["step_ms"] - 1,
             }
         )
-        ceiling = _pinned_pair(model, args.steps)
+        ceiling = _median_of([_pinned_pair(model, args.steps) for _ in range(args.repeat)])
         ceiling["efficiency"] = td1["step_ms"] / ceiling["step_ms"]
         rows.append(ceiling)
         for ranks in args.ranks:
             bind = ["-bind-to", "core"] if ranks <= (os.cpu_count() or 1) else []
-            td = _run(
-                [
-                    MPIEXEC,
-                    *bind,
-                    "-n",
-                    str(ranks),
-                    PYTHON,
-                    "-m",
-                    "transparent_dist",
-                    WORKER,
-                    *common,
-                    "--mode",
-                    "td",
-                ]
+            command = [MPIEXEC, *bind, "-n", str(ranks), PYTHON, "-m", "transparent_dist"]
+            td = _median_of(
+                [_run([*command, WORKER, *common, "--mode", "td"]) for _ in range(args.repeat)]
             )
             td["label"] = f"transparent_dist, {ranks} ranks"
             td["efficiency"] = td1["step_ms"] / td["step_ms"]
             td["exchange_vs_raw"] = td["exchange_ms"] / td["raw_allreduce_ms"]
+            td["exchange_vs_loop"] = td["exchange_ms"] / td["raw_in_loop_ms"]
             rows.append(td)
         try:
             mwms = _mwms(model, args.steps)
@@ -190,9 +207,23 @@ def main() -> None:
                 }
             )
 
+    columns = [
+        ("step_ms", "step ms", "8.2f"),
+        ("efficiency", "eff.", "6.3f"),
+        ("exchange_ms", "exch ms", "8.3f"),
+        ("wait_ms", "wait ms", "8.3f"),
+        ("raw_allreduce_ms", "raw ms", "7.3f"),
+        ("raw_in_loop_ms", "loop ms", "8.3f"),
+        ("exchange_vs_raw", "x/raw", "6.2f"),
+        ("exchange_vs_loop", "x/loop", "6.2f"),
+        ("vs_mwms", "vs MWMS", "7.2f"),
+    ]
+
+    def width(spec: str) -> int:
+        return int(spec.split(".")[0])
+
     print(
-        f"{'model':5} {'configuration':40} {'step ms':>8} {'eff.':>6} {'exch ms':>8} "
-        f"{'raw ms':>7} {'exch/raw':>8} {'vs MWMS':>7}"
+        f"{'model':5} {'configuration':40} " + " ".join(f"{h:>{width(f)}}" for _, h, f in columns)
     )
 
     def fmt(value, spec):
@@ -200,10 +231,8 @@ def main() -> None:
 
     for r in rows:
         print(
-            f"{r['model']:5} {r['label']:40} {fmt(r.get('step_ms'), '8.2f'):>8} "
-            f"{fmt(r.get('efficiency'), '6.3f'):>6} {fmt(r.get('exchange_ms'), '8.2f'):>8} "
-            f"{fmt(r.get('raw_allreduce_ms'), '7.2f'):>7} {fmt(r.get('exchange_vs_raw'), '8.2f'):>8} "
-            f"{fmt(r.get('vs_mwms'), '7.2f'):>7}"
+            f"{r['model']:5} {r['label']:40} "
+            + " ".join(f"{fmt(r.get(k), f):>{width(f)}}" for k, _, f in columns)
             + (f"  overhead {r['overhead']:+.1%}" if "overhead" in r else "")
         )
     meta = {

@@ -38,9 +38,14 @@ if args.mode == "mwms":
     rank = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
     size = strategy.num_replicas_in_sync
 elif args.mode == "td":
+    import tempfile
+
     import transparent_dist
 
     rank, size = transparent_dist.rank(), transparent_dist.size()
+    # The timeline gives per-step exchange and wait times (medians below).
+    trace = os.path.join(tempfile.mkdtemp(), "trace")
+    transparent_dist.configure(timeline=trace)
 
 
 def build():
@@ -80,6 +85,8 @@ class StepTimes(keras.callbacks.Callback):
     def __init__(self):
         super().__init__()
         self.times = []
+        self.raw: list[float] = []
+        self.raw_buffer = None
 
     def on_epoch_begin(self, epoch, logs=None):
         if epoch == 1 and args.mode == "td":
@@ -92,6 +99,27 @@ class StepTimes(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self.times.append(time.perf_counter() - self._start)
+        if self.raw_buffer is not None:
+            # A raw mpi4py Allreduce of the exchange's bytes, between two
+            # training steps: the cache state the exchange itself meets.
+            from mpi4py import MPI
+
+            from transparent_dist import world
+
+            comm = world.get().comm
+            comm.Barrier()
+            start = time.perf_counter()
+            comm.Allreduce(MPI.IN_PLACE, self.raw_buffer, op=MPI.SUM)
+            self.raw.append(time.perf_counter() - start)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1 and args.mode == "td" and size > 1:
+            from transparent_dist import timeline
+
+            # The timed epoch ends; the third only measures raw Allreduces.
+            self.stats = timeline.stats()
+            nbytes = self.stats.exchange_bytes / args.steps
+            self.raw_buffer = np.zeros(int(nbytes) // 4, np.float32)
 
 
 timer = StepTimes()
@@ -107,9 +135,13 @@ else:
     # Per-rank batch `batch`: the ranks together take `size` times the data.
     x = rng.normal(size=(samples * size,) + shape).astype("float32")
     y = rng.integers(0, 10, size=samples * size)
-    model.fit(x, y, batch_size=args.batch, epochs=2, shuffle=False, verbose=0, callbacks=[timer])
+    # A third epoch for td on N ranks: raw Allreduces between its steps.
+    epochs = 3 if args.mode == "td" and size > 1 else 2
+    model.fit(
+        x, y, batch_size=args.batch, epochs=epochs, shuffle=False, verbose=0, callbacks=[timer]
+    )
 
-step = float(np.median(timer.times[args.steps :]))  # the second epoch: warm
+step = float(np.median(timer.times[args.steps : 2 * args.steps]))  # the second epoch: warm
 result = {
     "model": args.model,
     "mode": args.mode,
@@ -118,23 +150,54 @@ result = {
     "batch_per_rank": args.batch,
     "params": int(model.count_params()),
 }
+
+
+def per_step(name: str) -> float:
+    """Median over the warm epoch's steps of the time per step in spans
+    called `name` (all buckets of a step together), in ms."""
+    with open(f"{trace}.rank{rank}.json") as f:
+        events = json.load(f)["traceEvents"]
+    steps = [e for e in events if e["name"] == "step"][args.steps : 2 * args.steps]
+    spans = [e for e in events if e["name"] == name]
+    totals = [
+        sum(e["dur"] for e in spans if s["ts"] <= e["ts"] < s["ts"] + s["dur"]) for s in steps
+    ]
+    return 1e-3 * float(np.median(totals))
+
+
 if args.mode == "td" and size > 1:
     from mpi4py import MPI
 
-    from transparent_dist import timeline, world
+    from transparent_dist import native, world
 
-    stats = timeline.STATS  # the warm (second) epoch
-    result["exchange_ms"] = 1e3 * stats.exchange_seconds / args.steps
-    nbytes = int(stats.exchange_bytes / max(1, stats.exchanges))
+    stats = timer.stats  # the warm (second) epoch
+    result["exchange_ms"] = per_step("exchange")
+    result["wait_ms"] = per_step("wait")
+    result["exchange_mean_ms"] = 1e3 * stats.exchange_seconds / args.steps
+    result["mpi_mean_ms"] = 1e3 * stats.reduce_seconds / args.steps
+    result["exchange_path"] = native.status().split(" (")[0]
+    nbytes = int(stats.exchange_bytes / args.steps)
     buffer = np.zeros(nbytes // 4, np.float32)
+    fresh = np.ones_like(buffer)
     comm = world.get().comm
-    raw = []
-    for _ in range(30):
-        comm.Barrier()
-        start = time.perf_counter()
-        comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
-        raw.append(time.perf_counter() - start)
-    result["raw_allreduce_ms"] = 1e3 * float(np.median(raw[5:]))
+
+    def raw_allreduce(rewrite: bool) -> float:
+        times = []
+        for _ in range(30):
+            if rewrite:  # as a gradient is: just written, not reduced before
+                np.multiply(fresh, 0.5, out=buffer)
+            comm.Barrier()
+            start = time.perf_counter()
+            comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
+            times.append(time.perf_counter() - start)
+        return 1e3 * float(np.median(times[5:]))
+
+    # The same bytes, one in-place Allreduce, both ranks starting together:
+    # on a buffer reduced over and over (cache-hot, the reference the ratio
+    # uses) and on one rewritten before each call.
+    result["raw_allreduce_ms"] = raw_allreduce(False)
+    result["raw_fresh_ms"] = raw_allreduce(True)
+    result["raw_in_loop_ms"] = 1e3 * float(np.median(timer.raw))
     result["exchange_bytes"] = nbytes
 if rank == 0:
     print("RESULT " + json.dumps(result), flush=True)

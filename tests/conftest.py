@@ -86,3 +86,18 @@ def run(
 
 def load_ranks(directory: Path, prefix: str, ranks: int) -> list[dict]:
     return [json.loads((directory / f"{prefix}-rank{r}.json").read_text()) for r in range(ranks)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def native_exchange_built():
+    """Builds the native gradient exchange once, before any job: otherwise
+    the first job's ranks would wait for the compiler (~7 s) inside a test
+    that may time its run."""
+    proc = subprocess.run(
+        [PYTHON, "-m", "transparent_dist", "build"],
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"python -m transparent_dist build failed:\n{proc.stderr[-3000:]}"

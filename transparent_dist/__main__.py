@@ -24,6 +24,7 @@ usage: python -m transparent_dist SCRIPT [ARGS...]
        python -m transparent_dist -m MODULE [ARGS...]
        python -m transparent_dist -c CODE [ARGS...]
        python -m transparent_dist doctor
+       python -m transparent_dist build     (the native gradient exchange, ahead of a job)
 
 Runs a Keras / TensorFlow program data-parallel over the ranks of the MPI
 job it was started in (mpiexec, srun), with no change to its code.
@@ -115,6 +116,11 @@ def main() -> None:
         from transparent_dist import doctor
 
         sys.exit(doctor.main())
+    if argv[0] == "build":
+        from transparent_dist import native
+
+        print(native.build())
+        sys.exit(0)
     if argv[0] == "--version":
         from transparent_dist import __version__
 

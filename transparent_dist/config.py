@@ -21,6 +21,7 @@ _CHOICES = {
     "lr_scaling": ("none", "linear"),
     "stdout": ("root", "all"),
     "mpi": ("auto", "on", "off"),
+    "native": ("auto", "on", "off"),
 }
 
 
@@ -52,6 +53,9 @@ class Settings:
     fusion_mb: float = 64.0
     compression: str = "none"
     timeline: str = ""
+    # The compiled exchange op ("auto": used when it builds, else the numpy
+    # exchange with a warning; "on": required; "off": never).
+    native: str = "auto"
     # More messages from the plugin (on every rank).
     verbose: bool = False
     # The whole plugin off: plain Keras / TensorFlow.

@@ -90,8 +90,10 @@ def main() -> int:
             w.comm.Allreduce(MPI.IN_PLACE, buf)
         seconds = (time.perf_counter() - start) / 10
         bandwidth = (buf.nbytes / seconds / 1e9, seconds * 1e3)
+    exchange = _exchange_path(w.size)
     if not w.is_root:
         return 0
+    lines.append(f"gradient exchange: {exchange}")
     nodes: dict[str, list[int]] = {}
     for entry in everyone:
         nodes.setdefault(entry["host"], []).append(entry["rank"])
@@ -109,3 +111,17 @@ def main() -> int:
         lines.append(f"allreduce of 8 MB float32: {bandwidth[1]:.2f} ms ({bandwidth[0]:.2f} GB/s)")
     print("\n".join(lines), file=sys.stdout, flush=True)
     return 0
+
+
+def _exchange_path(size: int) -> str:
+    """Which gradient exchange a job of `size` ranks uses (collective when
+    size > 1); on one process, whether the native op builds."""
+    from transparent_dist import native
+
+    if size > 1:
+        native.load()
+        return native.status()
+    try:
+        return f"native op builds ({native.build()}); one process exchanges nothing"
+    except Exception as error:  # noqa: BLE001 - reported, not raised
+        return f"numpy fallback: the native op does not build ({error})"

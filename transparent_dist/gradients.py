@@ -9,9 +9,11 @@ averaged = gradients.average(grads)   # same structure, None stays None
 
 `average` is called by the optimizer patches (Keras 3, tf_keras) just before
 an update, inside the traced train step: the gradients of one step go to MPI
-in one `tf.numpy_function` (one fused `Allreduce` per dtype, see
-`collectives`). Every rank issues it at the same point of the same step, so
-the order of collectives is the same everywhere.
+in one op per bucket (`TD_FUSION_MB`) and dtype: the compiled op of
+`native` (MPI called from C++, no Python on the hot path), or where that
+cannot be built, a `tf.numpy_function` over `collectives`. Every rank issues
+them at the same point of the same step, so the order of collectives is the
+same everywhere.
 
 The mean is weighted by each rank's number of samples in the step when the
 train step told us (`samples_in_step`), so a short last batch split unevenly
@@ -26,7 +28,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from transparent_dist import collectives, config, timeline, world
+from transparent_dist import collectives, config, native, timeline, world
 
 _STEP = threading.local()
 # TD_COMPRESSION: the dtype float32 gradients travel in.
@@ -37,12 +39,24 @@ _COMPRESSED = {"fp16": "float16", "bf16": "bfloat16"}
 def samples_in_step(count: Any) -> Iterator[None]:
     """Declares this rank's sample count for the step being traced or run;
     `average` weights this rank's gradient by it."""
-    previous = getattr(_STEP, "count", None)
-    _STEP.count = count
+    previous = getattr(_STEP, "count", None), getattr(_STEP, "divided", False)
+    _STEP.count, _STEP.divided = count, False
     try:
         yield
     finally:
-        _STEP.count = previous
+        _STEP.count, _STEP.divided = previous
+
+
+def divide_loss(loss: Any) -> Any:
+    """`loss` / N for the step being traced (inside `samples_in_step`), when
+    the native exchange is in use; else `loss`. The step's gradients then
+    arrive divided by N already, and on every step where the ranks have the
+    same sample count the exchange sums them untouched: no pass over the
+    gradients (it costs a third of a large model's exchange time here)."""
+    if getattr(_STEP, "count", None) is None or world.get().size == 1 or not native.load():
+        return loss
+    _STEP.divided = True
+    return loss / world.get().size
 
 
 def current_sample_count() -> Any:
@@ -101,6 +115,11 @@ def average(grads: Sequence[Any], weight: Any = None) -> list[Any]:
         f"gradient exchange: {len(present)} tensors in {len(buckets)} bucket(s), "
         f"compression {config.SETTINGS.compression}"
     )
+    if native.load():
+        divided = getattr(_STEP, "divided", False)
+        for number, bucket in enumerate(buckets):
+            _native_average(bucket, dense, grads, weight, number == 0, divided)
+        return grads
     for number, bucket in enumerate(buckets):
         sent = [dense[i] for i in bucket]
         if compress is not None:
@@ -110,6 +129,37 @@ def average(grads: Sequence[Any], weight: Any = None) -> list[Any]:
         for i, tensor in zip(bucket, averaged, strict=True):
             grads[i] = tf.cast(tensor, dense[i].dtype) if tensor.dtype != dense[i].dtype else tensor
     return grads
+
+
+def _native_average(
+    bucket: list[int],
+    dense: dict[int, Any],
+    grads: list[Any],
+    weight: Any,
+    count_samples: bool,
+    divided: bool,
+) -> None:
+    """One bucket through the native op: one call per dtype, float dtypes
+    as they are, anything else as float32."""
+    import tensorflow as tf
+
+    groups: dict[str, list[int]] = {}
+    for i in bucket:
+        name = dense[i].dtype.name
+        groups.setdefault(name if name in native.DTYPES else "float32", []).append(i)
+    for number, (name, members) in enumerate(groups.items()):
+        sent = [
+            tf.cast(dense[i], name) if dense[i].dtype.name != name else dense[i] for i in members
+        ]
+        averaged = native.allreduce(
+            sent,
+            weight,
+            compression=config.SETTINGS.compression if name == "float32" else "none",
+            count_samples=count_samples and number == 0,
+            divided=divided,
+        )
+        for i, tensor in zip(members, averaged, strict=True):
+            grads[i] = tf.cast(tensor, dense[i].dtype) if tensor.dtype != dense[i].dtype else tensor
 
 
 def _buckets(order: list[int], tensors: dict[int, Any], limit_mb: float) -> list[list[int]]:
@@ -135,6 +185,15 @@ def sum_over_ranks(tensors: Sequence[Any]) -> list[Any]:
     tensors = list(tensors)
     if w.size == 1 or not tensors:
         return tensors
+    if native.load() and all(t.dtype.name in native.DTYPES for t in tensors):
+        # One op per dtype, in first-seen order (the same on every rank).
+        out: list[Any] = [None] * len(tensors)
+        for dtype in dict.fromkeys(t.dtype for t in tensors):
+            members = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+            summed = native.allreduce([tensors[i] for i in members], average=False)
+            for i, tensor in zip(members, summed, strict=True):
+                out[i] = tensor
+        return out
     comm = w.comm
 
     def exchange(*arrays):

@@ -282,9 +282,9 @@ class FitSummary(keras.callbacks.Callback):
 
     def on_train_end(self, logs: Any = None) -> None:
         elapsed = time.perf_counter() - self._start
-        stats = timeline.STATS
+        stats = timeline.stats()
         w = world.get()
-        local = [stats.samples, stats.exchange_seconds, stats.exchange_bytes]
+        local = [stats.samples, stats.exchange_seconds, stats.exchange_bytes, stats.wait_seconds]
         totals = (
             local if w.size == 1 else [sum(v) for v in zip(*w.comm.allgather(local), strict=True)]
         )
@@ -295,7 +295,8 @@ class FitSummary(keras.callbacks.Callback):
         log.info(
             f"fit: {totals[0] / elapsed:,.0f} samples/s on {w.size} ranks; gradient "
             f"exchange {exchange / elapsed:.1%} of the time ({1e3 * exchange / self._steps:.2f} "
-            f"ms/step, {totals[2] / w.size / self._steps / 1e6:.1f} MB/step)"
+            f"ms/step, {totals[2] / w.size / self._steps / 1e6:.1f} MB/step), waiting for "
+            f"other ranks {totals[3] / w.size / elapsed:.1%}"
             + (f"; timeline in {path}" if path else ""),
             once=False,
         )

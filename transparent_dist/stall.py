@@ -12,7 +12,8 @@ communicator of its own. A watchdog thread on rank 0 notes when the first
 rank reached collective k; if some ranks are still short of k after
 `TD_STALL_WARN` seconds it prints which, and after `TD_STALL_ABORT` seconds
 (off by default) it ends the job. This costs one tiny message per
-collective and nothing else on the hot path.
+collective and nothing else on the hot path. Collectives entered by the
+native op (which cannot call Python) are counted there and polled.
 """
 
 from __future__ import annotations
@@ -37,20 +38,39 @@ class _Reporter:
     def __init__(self, comm: Any) -> None:
         self.comm = comm
         self.count = 0
+        self.sent = 0
         self.pending: collections.deque = collections.deque()
         self.lock = threading.Lock()
 
-    def arrive(self, label_code: int) -> None:
+    def _total(self) -> int:
+        return self.count + sum(counter() for counter, _ in _COUNTERS)
+
+    def _send(self, total: int, label_code: int) -> None:
         from mpi4py import MPI
 
+        self.sent = total
+        message = np.array([total, label_code], np.int64)
+        self.pending.append((self.comm.Isend([message, MPI.INT64_T], dest=0, tag=_TAG), message))
+        while self.pending and self.pending[0][0].Test():
+            self.pending.popleft()
+
+    def arrive(self, label_code: int) -> None:
         with self.lock:
             self.count += 1
-            message = np.array([self.count, label_code], np.int64)
-            self.pending.append(
-                (self.comm.Isend([message, MPI.INT64_T], dest=0, tag=_TAG), message)
-            )
-            while self.pending and self.pending[0][0].Test():
-                self.pending.popleft()
+            self._send(self._total(), label_code)
+
+    def poll(self) -> None:
+        """Reports collectives entered outside Python (the native op)."""
+        with self.lock:
+            total = self._total()
+            if total != self.sent:
+                self._send(total, _COUNTERS[-1][1])
+
+
+def _poll_forever(reporter: _Reporter) -> None:
+    while True:
+        time.sleep(_POLL_SECONDS)
+        reporter.poll()
 
 
 class _Watchdog(threading.Thread):
@@ -127,6 +147,9 @@ _LABELS = [
 ]
 _CODES = {label: code for code, label in enumerate(_LABELS)}
 _REPORTER: _Reporter | None = None
+# Counts of collectives entered where `arrive` cannot be called (inside the
+# native op), with their label code; polled every _POLL_SECONDS.
+_COUNTERS: list[tuple[Any, int]] = []
 
 
 def start() -> None:
@@ -141,6 +164,22 @@ def start() -> None:
     if w.is_root:
         _Watchdog(comm, w.size, config.SETTINGS.stall_warn, config.SETTINGS.stall_abort).start()
     _REPORTER = _Reporter(comm)
+    if _COUNTERS:
+        _start_polling()
+
+
+def _start_polling() -> None:
+    threading.Thread(
+        target=_poll_forever, args=(_REPORTER,), name="transparent_dist-stall-poll", daemon=True
+    ).start()
+
+
+def add_counter(counter: Any, label: str) -> None:
+    """Counts `counter()` (a monotonic count of collectives, labelled
+    `label`) among this rank's arrivals."""
+    _COUNTERS.append((counter, _CODES.get(label, 0)))
+    if _REPORTER is not None and len(_COUNTERS) == 1:
+        _start_polling()
 
 
 def arrive(label: str) -> None:

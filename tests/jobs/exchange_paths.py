@@ -1,5 +1,6 @@
 """The same training with each gradient-exchange path: one fused buffer,
-many small buckets, float16 and bfloat16 compression.
+many small buckets, float16 and bfloat16 compression; the native op and the
+numpy fallback.
 
     mpiexec -n N python -m transparent_dist exchange_paths.py OUT
 """
@@ -12,17 +13,23 @@ import keras
 import numpy as np
 
 import transparent_dist
+from transparent_dist import native
 
 out = sys.argv[1]
 rng = np.random.default_rng(0)
 x = rng.normal(size=(512, 10)).astype("float32")
 y = np.tanh(x @ rng.normal(size=(10, 1))).astype("float32")
 result = {}
+base = {"fusion_mb": 64.0, "compression": "none", "native": "auto"}
 for name, settings in {
-    "fused": {"fusion_mb": 64.0, "compression": "none"},
-    "buckets": {"fusion_mb": 0.0005, "compression": "none"},  # one bucket per variable
-    "fp16": {"fusion_mb": 64.0, "compression": "fp16"},
-    "bf16": {"fusion_mb": 64.0, "compression": "bf16"},
+    "fused": base,
+    "buckets": {**base, "fusion_mb": 0.0005},  # one bucket per variable
+    "fp16": {**base, "compression": "fp16"},
+    "bf16": {**base, "compression": "bf16"},
+    # The numpy exchange (where the native op cannot be built).
+    "numpy": {**base, "native": "off"},
+    "numpy_buckets": {**base, "native": "off", "fusion_mb": 0.0005},
+    "numpy_fp16": {**base, "native": "off", "compression": "fp16"},
 }.items():
     transparent_dist.configure(**settings)
     keras.utils.set_random_seed(2)
@@ -39,6 +46,56 @@ for name, settings in {
     result[name] = {
         "weights": np.concatenate([v.numpy().ravel() for v in model.trainable_variables]).tolist(),
         "loss": history.history["loss"],
+        "path": native.status().split(" (")[0],
     }
+
+
+def bucket_ancestry() -> dict:
+    """With one bucket per variable, which gradients each exchange op of a
+    traced train step waits for (its ancestors in the graph)."""
+    import tensorflow as tf
+
+    transparent_dist.configure(fusion_mb=0.0001, compression="none", native="auto")
+    model = keras.Sequential(
+        [keras.Input((10,)), keras.layers.Dense(64), keras.layers.Dense(64), keras.layers.Dense(1)]
+    )
+    optimizer = keras.optimizers.SGD(0.01)
+
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean((model(x) - y) ** 2)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply(grads, model.trainable_variables)
+
+    graph = step.get_concrete_function(tf.zeros((4, 10)), tf.zeros((4, 1))).graph
+    exchanges = [op for op in graph.get_operations() if op.type == "TdAllreduce"]
+
+    def ancestors(op):
+        seen, stack = set(), [op]
+        while stack:
+            current = stack.pop()
+            for parent in [t.op for t in current.inputs] + list(current.control_inputs):
+                if parent.name not in seen:
+                    seen.add(parent.name)
+                    stack.append(parent)
+        return seen
+
+    # The MatMul computing the first layer's kernel gradient: the last op of
+    # backprop.
+    first_kernel_grad = next(
+        op.name
+        for op in graph.get_operations()
+        if op.type == "MatMul" and "gradient" in op.name.lower() and op.inputs[0].shape[-1] == 10
+    )
+    return {
+        "exchanges": len(exchanges),
+        "variables": len(model.trainable_variables),
+        "waits_for_first_layer": [first_kernel_grad in ancestors(op) for op in exchanges],
+        "control_inputs": [[c.type for c in op.control_inputs] for op in exchanges],
+    }
+
+
+result["ancestry"] = bucket_ancestry()
 with open(os.path.join(out, f"paths-rank{transparent_dist.rank()}.json"), "w") as f:
     json.dump(result, f)

@@ -110,6 +110,19 @@ def _wrap_apply(original: Any) -> Any:
     return apply
 
 
+def _wrap_scale_loss(original: Any) -> Any:
+    def scale_loss(self, loss):
+        loss = original(self, loss)
+        # Only in Keras's own train step, which takes the gradients of this
+        # loss straight to `apply`; once, however subclasses chain it.
+        if not (fitting() and common.is_set("own_train_step")) or common.is_set("scaling"):
+            return loss
+        with common.flag("scaling"):
+            return gradients.divide_loss(loss)
+
+    return scale_loss
+
+
 # ------------------------------------------------------------ steps, loss, metrics
 
 
@@ -321,8 +334,10 @@ def _wrap_fit(original: Any) -> Any:
             a, keras_callbacks.for_this_rank(a["callbacks"], fitting=True, extra=extra)
         )
         resuming = any(getattr(cb, "skip", None) is not None for cb in extra)
+        own_step = type(self).train_step is TensorFlowTrainer.train_step
         with (
             common.flag("fitting"),
+            common.flag("own_train_step") if own_step else contextlib.nullcontext(),
             _exact_epochs_after_resume() if resuming else contextlib.nullcontext(),
         ):
             return common.call(original, a)
@@ -398,6 +413,8 @@ def install() -> None:
     """Installs the Keras 3 patches (idempotent)."""
     for cls in common.classes_defining([BaseOptimizer], "apply"):
         patching.wrap(cls, "apply", _wrap_apply)
+    for cls in common.classes_defining([BaseOptimizer], "scale_loss"):
+        patching.wrap(cls, "scale_loss", _wrap_scale_loss)
     patching.wrap(TensorFlowTrainer, "_make_function", _wrap_make_function)
     patching.wrap(Trainer, "_compute_loss", common.wrap_compute_loss)
     patching.wrap(Trainer, "get_metrics_result", _wrap_get_metrics_result)
