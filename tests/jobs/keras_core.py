@@ -265,6 +265,22 @@ def scenario_xla():
     return {"jit_compile": bool(model.jit_compile), "weights": weights(model)}
 
 
+def scenario_mixed_precision():
+    # Keras wraps the optimizer in a LossScaleOptimizer, whose scale_loss
+    # the plugin divides by N exactly once.
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = mlp()
+        history = model.fit(X, Y, batch_size=LOCAL_B, epochs=2, shuffle=False, verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    return {
+        "optimizer": type(model.optimizer).__name__,
+        "weights": weights(model),
+        "history": history.history,
+    }
+
+
 SCENARIOS = {
     "arrays": lambda: scenario_arrays(False),
     "arrays_shuffled": lambda: scenario_arrays(True),
@@ -280,6 +296,7 @@ SCENARIOS = {
     "global_batch": scenario_global_batch,
     "lr_scaling": scenario_lr_scaling,
     "xla": scenario_xla,
+    "mixed_precision": scenario_mixed_precision,
 }
 ONLY = os.environ.get("SCENARIOS")
 results = {}

@@ -41,6 +41,7 @@ from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
 from keras.src.callbacks.callback_list import CallbackList
 from keras.src.models.model import Model
 from keras.src.optimizers.base_optimizer import BaseOptimizer
+from keras.src.optimizers.loss_scale_optimizer import LossScaleOptimizer
 from keras.src.saving import saving_api
 from keras.src.trainers.data_adapters import array_slicing, data_adapter_utils
 from keras.src.trainers.trainer import Trainer
@@ -114,8 +115,15 @@ def _wrap_scale_loss(original: Any) -> Any:
     def scale_loss(self, loss):
         loss = original(self, loss)
         # Only in Keras's own train step, which takes the gradients of this
-        # loss straight to `apply`; once, however subclasses chain it.
-        if not (fitting() and common.is_set("own_train_step")) or common.is_set("scaling"):
+        # loss straight to `apply`; once, however subclasses chain it. Not
+        # under dynamic loss scaling (mixed float16): dividing by N there
+        # would push small float16 gradients N times closer to underflow,
+        # which is what the loss scale exists to prevent.
+        if (
+            not (fitting() and common.is_set("own_train_step"))
+            or common.is_set("scaling")
+            or isinstance(self, LossScaleOptimizer)
+        ):
             return loss
         with common.flag("scaling"):
             return gradients.divide_loss(loss)
