@@ -174,11 +174,9 @@ result = {
 }
 
 
-def per_step(name: str) -> float:
+def per_step(events: list[dict], name: str) -> float:
     """Median over the warm epoch's steps of the time per step in spans
     called `name` (all buckets of a step together), in ms."""
-    with open(f"{trace}.rank{rank}.json") as f:
-        events = json.load(f)["traceEvents"]
     steps = [e for e in events if e["name"] == "step"][args.steps : 2 * args.steps]
     spans = [e for e in events if e["name"] == name]
     totals = [
@@ -193,8 +191,10 @@ if args.mode == "td" and size > 1:
     from transparent_dist import native, world
 
     stats = timer.stats  # the warm (second) epoch
-    result["exchange_ms"] = per_step("exchange")
-    result["wait_ms"] = per_step("wait")
+    with open(f"{trace}.rank{rank}.json") as f:
+        events = json.load(f)["traceEvents"]
+    result["exchange_ms"] = per_step(events, "exchange")
+    result["wait_ms"] = per_step(events, "wait")
     result["exchange_mean_ms"] = 1e3 * stats.exchange_seconds / args.steps
     result["mpi_mean_ms"] = 1e3 * stats.reduce_seconds / args.steps
     result["exchange_path"] = native.status().split(" (")[0]

@@ -96,16 +96,6 @@ def average(grads: Sequence[Any], weight: Any = None) -> list[Any]:
     if weight is None:
         weight = current_sample_count()
     weight = tf.cast(1.0 if weight is None else weight, tf.float64)
-    comm = w.comm
-    compress = _COMPRESSED.get(config.SETTINGS.compression)
-
-    def exchange(step_weight, *arrays):
-        return collectives.allreduce_average(arrays, float(step_weight), comm)
-
-    def exchange_and_count(step_weight, *arrays):
-        timeline.STATS.samples += float(step_weight)  # once per step: the first bucket
-        return exchange(step_weight, *arrays)
-
     # Backprop yields the last layers' gradients first: their bucket goes
     # first, so its allreduce can run while earlier layers still compute.
     buckets = _buckets(list(reversed(present)), dense, config.SETTINGS.fusion_mb)
@@ -119,15 +109,8 @@ def average(grads: Sequence[Any], weight: Any = None) -> list[Any]:
         divided = getattr(_STEP, "divided", False)
         for number, bucket in enumerate(buckets):
             _native_average(bucket, dense, grads, weight, number == 0, divided)
-        return grads
-    for number, bucket in enumerate(buckets):
-        sent = [dense[i] for i in bucket]
-        if compress is not None:
-            sent = [tf.cast(t, compress) if t.dtype == tf.float32 else t for t in sent]
-        fn = exchange_and_count if number == 0 else exchange
-        averaged = collective_op(fn, [weight, *sent], sent, "td_average_gradients")
-        for i, tensor in zip(bucket, averaged, strict=True):
-            grads[i] = tf.cast(tensor, dense[i].dtype) if tensor.dtype != dense[i].dtype else tensor
+    else:
+        _numpy_average(buckets, dense, grads, weight, w.comm)
     return grads
 
 
@@ -143,10 +126,7 @@ def _native_average(
     as they are, anything else as float32."""
     import tensorflow as tf
 
-    groups: dict[str, list[int]] = {}
-    for i in bucket:
-        name = dense[i].dtype.name
-        groups.setdefault(name if name in native.DTYPES else "float32", []).append(i)
+    groups = _by_dtype(bucket, lambda i: _native_dtype(dense[i].dtype.name))
     for number, (name, members) in enumerate(groups.items()):
         sent = [
             tf.cast(dense[i], name) if dense[i].dtype.name != name else dense[i] for i in members
@@ -158,8 +138,56 @@ def _native_average(
             count_samples=count_samples and number == 0,
             divided=divided,
         )
-        for i, tensor in zip(members, averaged, strict=True):
-            grads[i] = tf.cast(tensor, dense[i].dtype) if tensor.dtype != dense[i].dtype else tensor
+        _put_back(members, averaged, dense, grads)
+
+
+def _numpy_average(
+    buckets: list[list[int]], dense: dict[int, Any], grads: list[Any], weight: Any, comm: Any
+) -> None:
+    """The buckets through `tf.numpy_function` over `collectives` (where the
+    native op cannot be built)."""
+    import tensorflow as tf
+
+    compress = _COMPRESSED.get(config.SETTINGS.compression)
+
+    def exchange(step_weight, *arrays):
+        return collectives.allreduce_average(arrays, float(step_weight), comm)
+
+    def exchange_and_count(step_weight, *arrays):
+        timeline.STATS.samples += float(step_weight)  # once per step: the first bucket
+        return exchange(step_weight, *arrays)
+
+    for number, bucket in enumerate(buckets):
+        sent = [dense[i] for i in bucket]
+        if compress is not None:
+            sent = [tf.cast(t, compress) if t.dtype == tf.float32 else t for t in sent]
+        fn = exchange_and_count if number == 0 else exchange
+        averaged = collective_op(fn, [weight, *sent], sent, "td_average_gradients")
+        _put_back(bucket, averaged, dense, grads)
+
+
+def _native_dtype(name: str) -> str:
+    """The dtype a tensor of dtype `name` travels in through the native op."""
+    return name if name in native.DTYPES else "float32"
+
+
+def _by_dtype(indices: list[int], dtype_of: Any) -> dict[str, list[int]]:
+    """`indices` grouped by `dtype_of(i)`, groups in first-seen order (the
+    same on every rank, since every rank passes the same layout)."""
+    groups: dict[str, list[int]] = {}
+    for i in indices:
+        groups.setdefault(dtype_of(i), []).append(i)
+    return groups
+
+
+def _put_back(
+    indices: list[int], results: list[Any], dense: dict[int, Any], grads: list[Any]
+) -> None:
+    """Stores exchanged `results` in `grads`, in the gradients' own dtypes."""
+    import tensorflow as tf
+
+    for i, tensor in zip(indices, results, strict=True):
+        grads[i] = tf.cast(tensor, dense[i].dtype) if tensor.dtype != dense[i].dtype else tensor
 
 
 def _buckets(order: list[int], tensors: dict[int, Any], limit_mb: float) -> list[list[int]]:
@@ -186,10 +214,9 @@ def sum_over_ranks(tensors: Sequence[Any]) -> list[Any]:
     if w.size == 1 or not tensors:
         return tensors
     if native.load() and all(t.dtype.name in native.DTYPES for t in tensors):
-        # One op per dtype, in first-seen order (the same on every rank).
         out: list[Any] = [None] * len(tensors)
-        for dtype in dict.fromkeys(t.dtype for t in tensors):
-            members = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+        groups = _by_dtype(list(range(len(tensors))), lambda i: tensors[i].dtype.name)
+        for members in groups.values():
             summed = native.allreduce([tensors[i] for i in members], average=False)
             for i, tensor in zip(members, summed, strict=True):
                 out[i] = tensor

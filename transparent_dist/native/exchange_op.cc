@@ -25,16 +25,14 @@
 #include <sys/mman.h>
 
 #include <algorithm>
-#include <cstdio>
-#include <cstdlib>
-#include <set>
-#include <utility>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <mutex>
-#include <string>
+#include <set>
+#include <utility>
 #include <vector>
 
 #include "tensorflow/core/framework/op.h"
