@@ -11,7 +11,7 @@ import pytest
 from conftest import JOBS, load_ranks, run
 
 from transparent_dist import config, import_hook, patching
-from transparent_dist.sharding import round_robin_count, shard_range, steps_for
+from transparent_dist.sharding import shard_range, steps_for
 
 
 def test_shard_range_example_from_the_issue():
@@ -37,7 +37,6 @@ def test_shard_range_rejects_nonsense():
 
 
 def test_round_robin_and_steps():
-    assert [round_robin_count(32, r, 3) for r in range(3)] == [11, 11, 10]
     assert steps_for(500, 48) == 11 and steps_for(480, 48) == 10
 
 

@@ -63,10 +63,11 @@ def is_root() -> bool:
 
 def _on_tensorflow(tf: ModuleType) -> None:
     from transparent_dist import placement
-    from transparent_dist.patches import tf1
+    from transparent_dist.patches import tf1, tf2
 
     placement.apply(tf)
     tf1.install()
+    tf2.install()
     w = world.get()
     if w.size == 1:
         return

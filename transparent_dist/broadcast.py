@@ -68,7 +68,10 @@ def model_and_optimizer(model: Any, build_optimizer: Any = None) -> None:
     first, so that its state is broadcast (or restored) like the weights."""
     targets = list(model.variables)
     optimizer = getattr(model, "optimizer", None)
-    if optimizer is not None and build_optimizer is not None:
+    # A model built lazily (no Input, subclassed) has no variables yet: its
+    # optimizer is built, and synced, at its first update instead
+    # (`before_first_update`).
+    if optimizer is not None and build_optimizer is not None and getattr(model, "built", True):
         build_optimizer(optimizer, model.trainable_variables)
     built = optimizer is not None and getattr(optimizer, "built", True)
     if built:
@@ -76,6 +79,64 @@ def model_and_optimizer(model: Any, build_optimizer: Any = None) -> None:
     variables(targets, what="model and optimizer variables")
     if built:
         mark_synced(optimizer)
+
+
+def before_first_update(optimizer: Any, trainable: list[Any]) -> None:
+    """Rank 0's `trainable` variables and optimizer state on every rank before the
+    optimizer's first update: at once when they all hold values (eager
+    code), else inside the traced step, run once, the first time the step
+    runs. Models built lazily (no `Input`, subclassed) create their
+    variables inside the first trace of the step, where no value can be
+    read yet."""
+    if world.get().size == 1 or is_synced(optimizer):
+        return
+    import tensorflow as tf
+
+    targets = _unique(list(trainable) + optimizer_variables(optimizer))
+    # Variables that already hold values (a model built before the step was
+    # traced) are set now, before the first step runs at all: its forward
+    # pass then already sees rank 0's weights.
+    with tf.init_scope():
+        try:
+            values = [np.asarray(v.numpy()) for v in targets]
+        except Exception:  # noqa: BLE001 - created inside this trace: no value yet
+            values = None
+        # Created inside this trace, a variable may also read as empty.
+        if values is not None and all(
+            a.shape == tuple(v.shape) for a, v in zip(values, targets, strict=True)
+        ):
+            variables(targets, what="trainable variables and optimizer state")
+            mark_synced(optimizer)
+            return
+    done = getattr(optimizer, "_td_first_update_synced", None)
+    if done is None:
+        with tf.init_scope():
+            done = tf.Variable(False, trainable=False, name="td_first_update_synced")
+        # Past Keras's attribute tracking: this flag is not optimizer state.
+        object.__setattr__(optimizer, "_td_first_update_synced", done)
+
+    def sync():
+        values = [tf.convert_to_tensor(v) for v in targets]
+        w = world.get()
+
+        def exchange(*arrays):
+            collectives.check_agreement(
+                f"the trainable variables and optimizer state ({len(arrays)} variables: "
+                "shapes and dtypes)",
+                [(tuple(a.shape), a.dtype.str) for a in arrays],
+                w.comm,
+            )
+            return collectives.broadcast(arrays, w.comm, 0)
+
+        from transparent_dist import gradients
+
+        received = gradients.collective_op(exchange, values, values, "td_first_update_sync")
+        assigns = [v.assign(r) for v, r in zip(targets, received, strict=True)]
+        with tf.control_dependencies([a for a in assigns if a is not None]):
+            return tf.constant(True)
+
+    tf.cond(done, lambda: tf.constant(True), sync)
+    done.assign(True)
 
 
 def mark_synced(optimizer: Any) -> None:

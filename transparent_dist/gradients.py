@@ -28,6 +28,8 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
+
 from transparent_dist import collectives, config, native, timeline, world
 
 _STEP = threading.local()
@@ -40,11 +42,19 @@ def samples_in_step(count: Any) -> Iterator[None]:
     """Declares this rank's sample count for the step being traced or run;
     `average` weights this rank's gradient by it."""
     previous = getattr(_STEP, "count", None), getattr(_STEP, "divided", False)
-    _STEP.count, _STEP.divided = count, False
+    _STEP.count, _STEP.divided, _STEP.summed = count, False, False
     try:
         yield
     finally:
         _STEP.count, _STEP.divided = previous
+
+
+def target_was_summed() -> None:
+    """Declares that the next gradients to be averaged come from a target
+    TensorFlow summed (a vector of per-sample losses given to
+    `GradientTape.gradient`): one process's gradient is then the sum over
+    the global batch, so `average` sums the ranks' gradients instead."""
+    _STEP.summed = True
 
 
 def divide_loss(loss: Any) -> Any:
@@ -79,8 +89,8 @@ def current_sample_count() -> Any:
 def average(grads: Sequence[Any], weight: Any = None) -> list[Any]:
     """Sample-weighted mean of `grads` over all ranks (graph or eager).
 
-    `grads` may hold None (left as is) and `tf.IndexedSlices` (densified:
-    the fused buffer is dense anyway). `weight` defaults to the sample count
+    `grads` may hold None (left as is) and `tf.IndexedSlices` (sparse
+    gradients: gathered, `_gathered_slices`). `weight` defaults to the sample count
     declared with `samples_in_step`, else 1.
     """
     w = world.get()
@@ -92,10 +102,20 @@ def average(grads: Sequence[Any], weight: Any = None) -> list[Any]:
     present = [i for i, g in enumerate(grads) if g is not None]
     if not present:
         return grads
-    dense = {i: tf.convert_to_tensor(grads[i]) for i in present}
+    summed = getattr(_STEP, "summed", False)
+    _STEP.summed = False
     if weight is None:
         weight = current_sample_count()
+    if summed:
+        weight = None  # a plain mean, times N below: the sum over ranks
     weight = tf.cast(1.0 if weight is None else weight, tf.float64)
+    divided = getattr(_STEP, "divided", False)
+    for i in [i for i in present if isinstance(grads[i], tf.IndexedSlices)]:
+        grads[i] = _gathered_slices(grads[i], weight, divided and not summed, summed, w)
+    present = [i for i in present if not isinstance(grads[i], tf.IndexedSlices)]
+    if not present:
+        return grads
+    dense = {i: tf.convert_to_tensor(grads[i]) for i in present}
     # Backprop yields the last layers' gradients first: their bucket goes
     # first, so its allreduce can run while earlier layers still compute.
     buckets = _buckets(list(reversed(present)), dense, config.SETTINGS.fusion_mb)
@@ -106,12 +126,51 @@ def average(grads: Sequence[Any], weight: Any = None) -> list[Any]:
         f"compression {config.SETTINGS.compression}"
     )
     if native.load():
-        divided = getattr(_STEP, "divided", False)
         for number, bucket in enumerate(buckets):
             _native_average(bucket, dense, grads, weight, number == 0, divided)
     else:
         _numpy_average(buckets, dense, grads, weight, w.comm)
+    if summed:
+        for i in present:
+            grads[i] = grads[i] * tf.cast(w.size, grads[i].dtype)
     return grads
+
+
+def _gathered_slices(slices: Any, weight: Any, divided: bool, summed: bool, w: Any) -> Any:
+    """A sparse gradient (`tf.IndexedSlices`, from an Embedding) over all
+    ranks: every rank's rows, each scaled by its rank's share, concatenated
+    in rank order. That is the gradient one process computes on the global
+    batch, occurrence by occurrence: optimizers that treat slices row by
+    row (Adam squares each occurrence) then update as one process does,
+    and the exchange moves the rows used, not the whole table."""
+    import tensorflow as tf
+
+    comm = w.comm
+
+    def gather(step_weight, indices, values):
+        weights = comm.allgather(float(step_weight))
+        if summed:
+            share = 1.0
+        else:
+            share = float(step_weight) / sum(weights)
+            if divided:  # the loss was divided by N already
+                share *= w.size
+        scaled = (values * np.asarray(share, values.dtype)).astype(values.dtype)
+        return (
+            collectives.allgather_rows(indices, comm),
+            collectives.allgather_rows(scaled, comm),
+        )
+
+    indices, values = tf.numpy_function(
+        gather,
+        [weight, slices.indices, slices.values],
+        [slices.indices.dtype, slices.values.dtype],
+        stateful=True,
+        name="td_gather_sparse_gradient",
+    )
+    indices.set_shape([None])
+    values.set_shape([None, *slices.values.shape[1:]])
+    return tf.IndexedSlices(values, indices, slices.dense_shape)
 
 
 def _native_average(
@@ -197,7 +256,9 @@ def _buckets(order: list[int], tensors: dict[int, Any], limit_mb: float) -> list
     buckets: list[list[int]] = [[]]
     size = 0
     for i in order:
-        nbytes = tensors[i].shape.num_elements() * tensors[i].dtype.size
+        # A shape unknown at trace time counts as small: the bucket limit
+        # is a tuning knob, and every rank traces the same shapes.
+        nbytes = (tensors[i].shape.num_elements() or 1) * tensors[i].dtype.size
         if limit > 0 and buckets[-1] and size + nbytes > limit:
             buckets.append([])
             size = 0

@@ -30,8 +30,8 @@ from keras.src.trainers.data_adapters.array_data_adapter import (
 )
 from keras.src.trainers.data_adapters.py_dataset_adapter import PyDataset
 
-from transparent_dist import collectives, sharding, world
-from transparent_dist.tf_inputs import InputError, _empty_like, is_file_backed
+from transparent_dist import collectives, sharding, tf_inputs, world
+from transparent_dist.tf_inputs import InputError, is_file_backed
 
 
 def global_batch_indices(num_samples: int, global_batch: int, shuffle: Any) -> tf.data.Dataset:
@@ -110,13 +110,40 @@ class _PyDatasetPart(PyDataset):
         return self._len
 
     def __getitem__(self, index: int) -> Any:
-        if self._len is not None and self._start is not None:
+        if self._start is not None:
             return self.inner[self._start + index]
-        position = index * self.size + self.rank
-        if self._total is None or position < self._total:
-            return self.inner[position]
-        # Past the end on this rank only: an empty batch keeps the steps equal.
-        return _empty_like(self.inner[index * self.size])
+        if self._total is None:
+            return self.inner[index * self.size + self.rank]
+        full, extra = divmod(self._total, self.size)
+        if index < full - (1 if extra else 0):
+            return self.inner[index * self.size + self.rank]
+        return self._last_step(index - (full - 1))
+
+    def _last_step(self, which: int) -> Any:
+        """Step `which` (0: the last full round, 1: the tail) of the epoch's
+        end, split by `sharding.last_steps` so no rank's batch is empty."""
+        full, extra = divmod(self._total, self.size)
+        tail = [self.inner[j] for j in range(full * self.size, self._total)]
+        previous = base = None
+        if full:
+            base = (full - 1) * self.size
+            own = self.inner[base + self.rank]
+            last = own if self.rank == self.size - 1 else self.inner[base + self.size - 1]
+            previous = [0] * self.size
+            previous[self.rank] = tf_inputs.num_rows(own)
+            previous[-1] = tf_inputs.num_rows(last)
+        try:
+            pieces = sharding.last_steps(
+                previous, [tf_inputs.num_rows(b) for b in tail], self.rank, self.size
+            )
+        except sharding.TooFewSamples as error:
+            raise InputError(f"transparent_dist: the PyDataset: {error}") from None
+        index, start, stop = pieces[which if full else 0]
+        if previous is not None and index < self.size:
+            batch = own if index == self.rank else last
+        else:
+            batch = tail[index - (self.size if full else 0)]
+        return tf_inputs.rows_of(batch, start, stop)
 
     def on_epoch_begin(self) -> None:
         self.inner.on_epoch_begin()

@@ -52,11 +52,6 @@ def is_file_backed(x: Any) -> bool:
     )
 
 
-def _empty_like(batch: Any) -> Any:
-    """A batch of the same structure with zero rows."""
-    return tf.nest.map_structure(lambda a: a[:0], batch)
-
-
 def check_enough_samples(n: int, what: str) -> None:
     size = world.get().size
     if n < size:
@@ -64,16 +59,6 @@ def check_enough_samples(n: int, what: str) -> None:
             f"transparent_dist: {what} has {n} samples, fewer than the {size} "
             f"ranks of this job; every rank needs at least one sample"
         )
-
-
-def _local_block(indices: tf.Tensor, rank: int, size: int) -> tf.Tensor:
-    """This rank's contiguous block of a global batch of indices (the rule
-    of `sharding.shard_range`, in graph ops)."""
-    count = tf.shape(indices, out_type=tf.int64)[0]
-    base, extra = count // size, count % size
-    start = rank * base + tf.minimum(tf.constant(rank, tf.int64), extra)
-    stop = start + base + tf.cast(rank < extra, tf.int64)
-    return indices[start:stop]
 
 
 DEFAULT_BATCH_SIZE = 32  # Keras's own default
@@ -160,9 +145,27 @@ def array_batches(
 
     `indices` yields the global batches of sample indices, in the order the
     framework itself would take them (see `keras_inputs.global_batch_indices`).
+    Global batch k is the k-th run of that order (`sharding.global_batch_sizes`:
+    the framework's own batches, except that a last batch with fewer
+    samples than ranks takes the missing ones from the batch before it),
+    and this rank takes its `shard_range` of it.
     """
-    steps = sharding.steps_for(num_samples, global_batch)
-    local_indices = indices.map(lambda i: _local_block(i, rank, size))
+    sizes = sharding.global_batch_sizes(num_samples, global_batch, size)
+    steps = len(sizes)
+    firsts = np.cumsum([0, *sizes[:-1]])
+    blocks = [sharding.shard_range(n, rank, size) for n in sizes]
+    starts = np.array([f + a for f, (a, _) in zip(firsts, blocks, strict=True)], np.int64)
+    stops = np.array([f + b for f, (_, b) in zip(firsts, blocks, strict=True)], np.int64)
+    # One tensor per epoch holding the whole order, cut into this rank's blocks.
+    order = indices.unbatch().batch(num_samples)
+    local_indices = order.flat_map(
+        lambda o: tf.data.Dataset.from_tensor_slices((starts, stops)).map(lambda a, b: o[a:b])
+    )
+    return _gathered(inputs, local_indices, steps, shuffle), steps
+
+
+def _gathered(inputs: Any, local_indices: tf.data.Dataset, steps: int, shuffle: Any) -> Any:
+    """Batches of `inputs` (in-memory arrays) at each element of `local_indices`."""
     tensors = tf.nest.map_structure(
         lambda a: a if tf.is_tensor(a) else tf.convert_to_tensor(np.asarray(a)), inputs
     )
@@ -176,7 +179,52 @@ def array_batches(
     if shuffle:
         options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
     batches = batches.with_options(options).prefetch(tf.data.AUTOTUNE)
-    return batches.apply(tf.data.experimental.assert_cardinality(steps)), steps
+    return batches.apply(tf.data.experimental.assert_cardinality(steps))
+
+
+def agreed_seed() -> int:
+    """The script's TF global seed as rank 0 has it (0 if unset): a seed
+    every rank can draw the same orders from."""
+    from tensorflow.python.eager import context
+
+    w = world.get()
+    seed = context.global_seed() or 0
+    return seed if w.size == 1 else w.comm.bcast(seed, root=0)
+
+
+def rank_rows_batches(
+    inputs: Any, num_rows: int, batch_size: int | None, shuffle: Any, what: str
+) -> tf.data.Dataset:
+    """Batches of data that is already this rank's part (`sharding.RankRows`,
+    from the readers of `transparent_dist.data`), used as it is: the ranks
+    agree on a number of steps (enough for the largest part at the per-rank
+    batch size), and each rank cuts its own rows into that many batches of
+    near-equal size, so parts a few rows apart (a byte-split CSV) give equal
+    steps and no empty batch. With `shuffle`, each rank permutes its rows
+    anew every epoch."""
+    w = world.get()
+    counts = w.comm.allgather(num_rows)
+    per_rank = max(1, global_batch(batch_size) // w.size)
+    steps = math.ceil(max(counts) / per_rank)
+    short = [r for r, n in enumerate(counts) if n < steps]
+    if short:
+        raise InputError(
+            f"transparent_dist: {what} is already split by rank (rows per rank: {counts}); "
+            f"rank {short[0]} holds {counts[short[0]]}, fewer than the {steps} steps "
+            f"the largest part needs at {per_rank} per batch"
+        )
+    seed, epochs, rank = agreed_seed(), itertools.count(), w.rank
+
+    def generate():
+        epoch = next(epochs)
+        rng = np.random.default_rng([seed, epoch, rank])
+        order = rng.permutation(num_rows) if shuffle else np.arange(num_rows)
+        yield from np.array_split(order.astype(np.int64), steps)
+
+    indices = tf.data.Dataset.from_generator(
+        generate, output_signature=tf.TensorSpec([None], tf.int64)
+    )
+    return _gathered(inputs, indices, steps, False)
 
 
 def array_block(inputs: Any, num_samples: int, rank: int, size: int) -> Any:
@@ -255,33 +303,148 @@ def file_batches(
     return dataset.apply(tf.data.experimental.assert_cardinality(steps))
 
 
-def _empty_from_spec(spec: Any) -> Any:
-    return tf.nest.map_structure(
-        lambda s: tf.zeros([0] + [d or 0 for d in s.shape.as_list()[1:]], s.dtype), spec
-    )
+def num_rows(batch: Any) -> int:
+    """The number of samples in a batch (its first leaf's length)."""
+    leaf = tf.nest.flatten(batch)[0]
+    if isinstance(leaf, tf.RaggedTensor):
+        return int(leaf.nrows())
+    if isinstance(leaf, tf.SparseTensor):
+        return int(leaf.dense_shape[0])
+    return int(leaf.shape[0])
 
 
-def _unpacked(fn):
-    """Adapts `fn(element)` to tf.data's habit of unpacking tuples."""
-    return lambda *args: fn(args[0] if len(args) == 1 else args)
+def rows_of(batch: Any, start: int, stop: int) -> Any:
+    """Rows `start:stop` of every leaf of a batch."""
+
+    def cut(leaf: Any) -> Any:
+        if isinstance(leaf, tf.SparseTensor):
+            shape = tf.cast(leaf.dense_shape, tf.int64)
+            begin = tf.concat([[start], tf.zeros_like(shape[1:])], 0)
+            return tf.sparse.slice(leaf, begin, tf.concat([[stop - start], shape[1:]], 0))
+        return leaf[start:stop]
+
+    if start == 0 and stop == num_rows(batch):
+        return batch
+    return tf.nest.map_structure(cut, batch)
+
+
+def balanced_rounds(
+    batches: Iterator[Any],
+    rank: int,
+    size: int,
+    agree: Callable[[bool], None] | None = None,
+    what: str = "the dataset",
+) -> Iterator[Any]:
+    """This rank's batches of one pass over `batches`: batch `rank` of
+    every full round of `size` batches, then its rows of the last, partial
+    round (`sharding.last_steps`), so no rank ever gets an empty batch and
+    every sample is used once. The source is read once per epoch on every
+    rank, so a shuffling dataset shuffles alike everywhere. Holds at most
+    one round of batches. `agree(has_round)` is called once per round and
+    at the end, for sources whose length the ranks do not know up front."""
+    pending = None  # (own batch, last batch, row counts) of the last full round
+    current: list[Any] = []
+    for batch in batches:
+        current.append(batch)
+        if len(current) < size:
+            continue
+        if agree is not None:
+            agree(True)
+        if pending is not None:
+            yield pending[0]
+        pending = (current[rank], current[-1], [num_rows(b) for b in current])
+        current = []
+    if agree is not None:
+        agree(False)
+        collectives.check_agreement(
+            f"the number of batches of {what} after its last full round of {size}",
+            len(current),
+            world.get().data_comm,
+        )
+    try:
+        pieces = sharding.last_steps(
+            pending[2] if pending else None, [num_rows(b) for b in current], rank, size
+        )
+    except sharding.TooFewSamples as error:
+        raise InputError(
+            f"transparent_dist: {what}: {error}; every rank needs at least one sample "
+            "in every step (use fewer ranks, or drop_remainder=True)"
+        ) from None
+    first = size if pending is not None else 0
+    for index, start, stop in pieces:
+        if index < first:
+            batch = pending[0] if index == rank else pending[1]
+        else:
+            batch = current[index - first]
+        yield rows_of(batch, start, stop)
+
+
+def _round_agreement(comm: Any, what: str) -> Callable[[bool], None]:
+    """A check, once per round, that every rank's source still has data:
+    ranks whose datasets differ in length stop with an error instead of
+    waiting for each other. One tiny allreduce per round, on the data
+    communicator (this runs on a tf.data thread)."""
+    from mpi4py import MPI
+
+    def agree(has_round: bool) -> None:
+        flags = np.array([int(has_round), -int(has_round)], np.int32)
+        comm.Allreduce(MPI.IN_PLACE, flags, op=MPI.MAX)
+        if flags[0] != -flags[1]:
+            raise InputError(
+                f"transparent_dist: {what} has a different number of batches on "
+                "different ranks; every rank must see the same data"
+            )
+
+    return agree
+
+
+def _any_batch_size(spec: Any) -> Any:
+    def relax(s: Any) -> Any:
+        if isinstance(s, tf.TensorSpec) and s.shape.rank:
+            return tf.TensorSpec([None, *s.shape[1:]], s.dtype, s.name)
+        return s
+
+    return tf.nest.map_structure(relax, spec)
 
 
 def dataset_batches(dataset: tf.data.Dataset, rank: int, size: int) -> tf.data.Dataset:
-    """Round-robin batches of a batched dataset, padded to equal steps."""
+    """Round-robin batches of a batched dataset, the last partial round
+    split by rows (`balanced_rounds`): equal steps on every rank, no
+    empty batch, every sample once per epoch."""
     w = world.get()
     cardinality = int(dataset.cardinality())
     if cardinality == tf.data.INFINITE_CARDINALITY:
         return dataset.shard(size, rank)
-    if cardinality == tf.data.UNKNOWN_CARDINALITY:
-        return _agreeing(dataset.shard(size, rank), w.data_comm)
-    collectives.check_agreement("the number of batches in the dataset", cardinality, w.comm)
-    if cardinality == 0:
-        raise InputError("transparent_dist: the dataset is empty")
-    steps = math.ceil(cardinality / size)
-    local = dataset.shard(size, rank)
-    if sharding.round_robin_count(cardinality, rank, size) < steps:
-        local = local.concatenate(dataset.take(1).map(_unpacked(_empty_like)))
-    return local.apply(tf.data.experimental.assert_cardinality(steps))
+    known = cardinality != tf.data.UNKNOWN_CARDINALITY
+    if known:
+        collectives.check_agreement("the number of batches in the dataset", cardinality, w.comm)
+        if cardinality == 0:
+            raise InputError("transparent_dist: the dataset is empty")
+        if cardinality % size == 0:
+            return dataset.shard(size, rank)
+    agree = None if known else _round_agreement(w.data_comm, "the dataset")
+    iterators = {"created": 0, "consumed": 0}
+
+    def generate():
+        # Every iterator made of a reshuffling dataset draws the next order.
+        # Keras makes iterators it never reads (one at each epoch's end, for
+        # the next epoch); ours only run this generator when read, so the
+        # user's dataset makes up for the unread ones here, and the orders
+        # drawn are the ones plain Keras draws.
+        for _ in range(iterators["created"] - 1 - iterators["consumed"]):
+            iter(dataset)
+        iterators["consumed"] = max(iterators["created"], iterators["consumed"] + 1)
+        yield from balanced_rounds(iter(dataset), rank, size, agree)
+
+    balanced = tf.data.Dataset.from_generator(
+        generate, output_signature=_any_batch_size(dataset.element_spec)
+    )
+    if known:
+        balanced = balanced.apply(
+            tf.data.experimental.assert_cardinality(math.ceil(cardinality / size))
+        )
+    balanced._td_on_iter = lambda: iterators.update(created=iterators["created"] + 1)
+    return balanced
 
 
 def dataset_block(dataset: tf.data.Dataset, rank: int, size: int) -> tf.data.Dataset | None:
@@ -294,50 +457,8 @@ def dataset_block(dataset: tf.data.Dataset, rank: int, size: int) -> tf.data.Dat
     return dataset.skip(start).take(stop - start)
 
 
-def _agreeing(local: tf.data.Dataset, comm: Any) -> tf.data.Dataset:
-    """Batches of `local` until every rank has run out; a rank that ran out
-    earlier yields empty batches meanwhile. One tiny allreduce per batch, on
-    the data communicator (this runs on a tf.data thread)."""
-    from mpi4py import MPI
-
-    spec = local.element_spec
-
-    def generate():
-        template = None
-        iterator = iter(local)
-        while True:
-            try:
-                element = next(iterator)
-            except StopIteration:
-                element = None
-            flag = np.array([element is not None], np.int32)
-            comm.Allreduce(MPI.IN_PLACE, flag, op=MPI.MAX)
-            if not flag[0]:
-                return
-            if element is not None:
-                template = element
-                yield element
-            elif template is not None:
-                yield _empty_like(template)
-            else:
-                yield _empty_from_spec(spec)
-
-    return tf.data.Dataset.from_generator(generate, output_signature=spec)
-
-
 def generator_batches(generator: Any, rank: int, size: int) -> Any:
     """Round-robin items of a generator that every rank runs in full (a
-    generator cannot skip items). The last, incomplete round gives empty
-    batches to the ranks it does not reach."""
-
-    def local():
-        group = []
-        for item in generator:
-            group.append(item)
-            if len(group) == size:
-                yield group[rank]
-                group = []
-        if group:
-            yield group[rank] if rank < len(group) else _empty_like(group[0])
-
-    return local()
+    generator cannot skip items), the last partial round split by rows
+    (`balanced_rounds`)."""
+    return balanced_rounds(iter(generator), rank, size, what="the generator")

@@ -24,6 +24,7 @@ import numpy as np
 
 from transparent_dist import world
 from transparent_dist.data._together import DataError, together
+from transparent_dist.sharding import rank_rows
 
 _CHUNK = 4096  # boundary probes: small, so a rank reads little beyond its range
 
@@ -199,7 +200,7 @@ def read_csv(
             anywhere = local if w.size == 1 else any(w.comm.allgather(local))
             target = np.float64 if anywhere else np.int64
         arrays = [table.column(n).to_numpy() for n in selected]
-        return np.column_stack(arrays).astype(target, copy=False)
+        return rank_rows(np.column_stack(arrays).astype(target, copy=False))
 
     x = as_array(features)
     if label_name is None:

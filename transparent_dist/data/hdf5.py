@@ -15,7 +15,7 @@ import numpy as np
 
 from transparent_dist import world
 from transparent_dist.data._together import DataError, together
-from transparent_dist.sharding import shard_range
+from transparent_dist.sharding import rank_rows, shard_range
 
 
 def open_file(path: str) -> Any:
@@ -69,4 +69,4 @@ def read_hdf5(path: str, dataset: str) -> np.ndarray:
             item = dataset_of(f, dataset, path)
             check_rows(item.shape[0], f"{path}:{dataset}")
             start, stop = shard_range(item.shape[0])
-            return item[start:stop]
+            return rank_rows(item[start:stop])

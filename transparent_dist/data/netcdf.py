@@ -16,7 +16,7 @@ import numpy as np
 from transparent_dist import world
 from transparent_dist.data._together import together
 from transparent_dist.data.hdf5 import check_rows
-from transparent_dist.sharding import shard_range
+from transparent_dist.sharding import rank_rows, shard_range
 
 
 def open_file(path: str) -> Any:
@@ -56,4 +56,4 @@ def read_netcdf(path: str, variable: str) -> np.ndarray:
             var = variable_of(f, variable, path)
             check_rows(var.shape[0], f"{path}:{variable}")
             start, stop = shard_range(var.shape[0])
-            return np.asarray(var[start:stop])
+            return rank_rows(var[start:stop])

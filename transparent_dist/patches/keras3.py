@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import tensorflow as tf
+from keras.src import backend as keras_backend
 from keras.src import tree
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 from keras.src.backend.tensorflow import trainer as tf_trainer
@@ -45,7 +46,6 @@ from keras.src.optimizers.loss_scale_optimizer import LossScaleOptimizer
 from keras.src.saving import saving_api
 from keras.src.trainers.data_adapters import array_slicing, data_adapter_utils
 from keras.src.trainers.trainer import Trainer
-from tensorflow.python.eager import context as tf_context
 
 from transparent_dist import (
     broadcast,
@@ -55,13 +55,15 @@ from transparent_dist import (
     gradients,
     keras_callbacks,
     keras_inputs,
+    keras_steps,
     log,
     output,
     patching,
+    sharding,
     tf_inputs,
     world,
 )
-from transparent_dist.patches import common
+from transparent_dist.patches import common, tf2
 
 
 def fitting() -> bool:
@@ -73,20 +75,6 @@ _distributed = common.distributed
 
 
 # ------------------------------------------------------------ optimizers
-
-
-def _sync_before_first_update(optimizer: Any, variables: list[Any]) -> None:
-    if broadcast.is_synced(optimizer):
-        return
-    with tf.init_scope():
-        if not optimizer.built:
-            optimizer.build(variables)
-            optimizer.built = True
-        broadcast.variables(
-            list(variables) + list(optimizer.variables),
-            what="trainable variables and optimizer state",
-        )
-    broadcast.mark_synced(optimizer)
 
 
 def _wrap_apply(original: Any) -> Any:
@@ -103,12 +91,32 @@ def _wrap_apply(original: Any) -> Any:
             if trainable_variables is not None
             else list(self._trainable_variables)
         )
-        _sync_before_first_update(self, variables)
-        grads = gradients.average(grads)
+        if not self.built:
+            # As Keras's own apply would, but outside the trace, so its
+            # state holds values that can be broadcast before the first step.
+            with tf.init_scope(), keras_backend.name_scope(self.name, caller=self):
+                self.build(variables)
+            self.built = True
+        broadcast.before_first_update(self, variables)
+        if not fitting():
+            tf2.warn_if_loop_data_is_whole()
+        grads = gradients.average(_with_static_shapes(grads, variables))
         with common.flag("applying"):
             return original(self, grads, trainable_variables)
 
     return apply
+
+
+def _with_static_shapes(grads: list[Any], variables: list[Any]) -> list[Any]:
+    """Gradients given the static shapes of their variables: a gradient
+    traced from input of unknown shape (Dense on 3-D input from tf.data)
+    can have an unknown dimension, which the exchange must size."""
+    out = []
+    for g, v in zip(grads, variables, strict=False):
+        if g is not None and not isinstance(g, tf.IndexedSlices) and not g.shape.is_fully_defined():
+            g = tf.reshape(g, v.shape)
+        out.append(g)
+    return out + list(grads[len(out) :])
 
 
 def _wrap_scale_loss(original: Any) -> Any:
@@ -134,41 +142,22 @@ def _wrap_scale_loss(original: Any) -> Any:
 # ------------------------------------------------------------ steps, loss, metrics
 
 
-def _first_leaf(x: Any) -> Any:
-    return next(leaf for leaf in tree.flatten(x) if leaf is not None)
-
-
 def _wrap_make_function(original: Any) -> Any:
     def _make_function(self, step_function):
         if not _distributed():
             return original(self, step_function)
-
-        def step_with_sample_count(data):
-            x, _, _ = data_adapter_utils.unpack_x_y_sample_weight(data)
-            with gradients.samples_in_step(tf.shape(_first_leaf(x))[0]):
-                return step_function(data)
-
-        return original(self, step_with_sample_count)
+        return original(self, keras_steps.wrap_step(self, step_function))
 
     return _make_function
 
 
 def _wrap_get_metrics_result(original: Any) -> Any:
     def get_metrics_result(self):
-        if not _distributed() or in_stateless_scope():
+        # Inside a step the logs are made global by the step wrapper, in
+        # one exchange with the step's other log values.
+        if not _distributed() or in_stateless_scope() or common.is_set("in_step"):
             return original(self)
-        metrics = self.metrics
-        variables = common.metric_variables(metrics)
-        summed = gradients.sum_over_ranks([tf.convert_to_tensor(v) for v in variables])
-        by_id = {id(v): s for v, s in zip(variables, summed, strict=True)}
-        results = {}
-        for metric in metrics:
-            result = metric.stateless_result([by_id[id(v)] for v in metric.variables])
-            if isinstance(result, dict):
-                results.update(result)
-            else:
-                results[metric.name] = result
-        return results
+        return keras_steps.global_metric_results(self.metrics)
 
     return get_metrics_result
 
@@ -199,9 +188,7 @@ def _file_batches(
     w = world.get()
     inputs, n = keras_inputs.pack_arrays(*inputs_xyw)
     tf_inputs.agree_on_samples(n, what)
-    seed = tf_context.global_seed() or 0
-    if w.size > 1:
-        seed = w.comm.bcast(seed, root=0)  # the global batch order must agree
+    seed = tf_inputs.agreed_seed()  # the global batch order must agree
     return tf_inputs.file_batches(
         inputs,
         n,
@@ -221,6 +208,9 @@ def _shard_batches(x: Any, y: Any, sample_weight: Any, batch_size: Any, shuffle:
     log.debug(f"{what}: {kind} ({type(x).__name__}), sharded over {w.size} ranks")
     if kind == "file":
         return _file_batches((x, y, sample_weight), batch_size, shuffle, what), None, None, None
+    if kind == "arrays" and sharding.holds_rank_rows(x, y, sample_weight):
+        inputs, n = keras_inputs.pack_arrays(x, y, sample_weight)
+        return tf_inputs.rank_rows_batches(inputs, n, batch_size, shuffle, what), None, None, None
     if kind == "arrays":
         return _array_batches((x, y, sample_weight), batch_size, shuffle, what), None, None, None
     if kind == "dataset":
@@ -302,6 +292,23 @@ def _checkpointing(arguments: dict) -> tuple:
     )
 
 
+def _build_before_training(model: Any, data: Any) -> None:
+    """Builds a lazily built model (no `Input`, subclassed) from the shapes
+    of its data, as Keras does under a distribution strategy, so that its
+    weights exist, and are broadcast, before the first step: otherwise the
+    first forward pass would run on each rank's own initial weights. Where
+    that cannot be done here, the weights are synced inside the first step
+    instead (`broadcast.before_first_update`)."""
+    if all(layer.built for layer in model._flatten_layers()):
+        return
+    if not isinstance(data, tf.data.Dataset):
+        return
+    try:
+        model._symbolic_build(data_batch=data.element_spec)
+    except Exception as error:  # noqa: BLE001 - Keras builds it in the first step instead
+        log.debug(f"the model could not be built before training ({error}); built in step 1")
+
+
 def _wrap_fit(original: Any) -> Any:
     def fit(self, *args, **kwargs):
         if fitting():
@@ -337,6 +344,7 @@ def _wrap_fit(original: Any) -> Any:
             vx, vy, vw, vbatch = _shard_batches(vx, vy, vw, vbatch, False, "the validation data")
             a["validation_data"] = vx if vy is None and vw is None else (vx, vy, vw)
             a["validation_batch_size"] = vbatch
+        _build_before_training(self, a["x"])
         extra = _checkpointing(a) if config.SETTINGS.checkpoint_dir else ()
         common.output_on_root_only(
             a, keras_callbacks.for_this_rank(a["callbacks"], fitting=True, extra=extra)
@@ -365,7 +373,8 @@ def _wrap_evaluate(original: Any) -> Any:
             a["x"], a["y"], a["sample_weight"], a["batch_size"], False, "the evaluation data"
         )
         common.output_on_root_only(a, keras_callbacks.for_this_rank(a["callbacks"]))
-        return common.call(original, a)
+        with common.flag("keras_call"):
+            return common.call(original, a)
 
     return evaluate
 
@@ -383,6 +392,8 @@ def _wrap_predict(original: Any) -> Any:
                 (x,), a["batch_size"], False, "the data to predict", contiguous=True
             )
             a["batch_size"] = None
+        elif kind == "arrays" and sharding.holds_rank_rows(x):
+            gather = False  # this rank's rows in, this rank's predictions out
         elif kind == "arrays":
             _, n = keras_inputs.pack_arrays(x)
             tf_inputs.agree_on_samples(n, "the data to predict")
@@ -396,7 +407,8 @@ def _wrap_predict(original: Any) -> Any:
         else:
             gather = False
         common.output_on_root_only(a, keras_callbacks.for_this_rank(a["callbacks"]))
-        outputs = common.call(original, a)
+        with common.flag("keras_call"):
+            outputs = common.call(original, a)
         if not gather:
             return outputs
         return tree.map_structure(lambda o: collectives.allgather_rows(o, w.comm), outputs)
@@ -430,3 +442,4 @@ def install() -> None:
     patching.wrap(TensorFlowTrainer, "evaluate", _wrap_evaluate)
     patching.wrap(TensorFlowTrainer, "predict", _wrap_predict)
     _patch_saving()
+    keras_steps.install_random()

@@ -1,0 +1,200 @@
+"""What every Keras 3 train / test step does under N ranks, whoever wrote
+the step: Keras's own `train_step` or a script's override.
+
+```python
+import keras
+from transparent_dist import keras_steps
+model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+model.compile("sgd", "mse", metrics=["mae"])
+logs = keras_steps.global_metric_results(model.metrics)   # {'loss': ..., 'mae': ...}
+```
+
+- The logs a step returns are made global, so callbacks that steer
+  (`EarlyStopping`, `ReduceLROnPlateau`) decide alike on every rank. A log
+  value that is a metric's `result()` (the keras-io pattern
+  `{m.name: m.result() for m in self.metrics}`, and Keras's own
+  `compute_metrics`) becomes that metric's result over the metric states
+  summed over the ranks: exactly what one process computes. Any other
+  floating-point value (a raw loss tensor, say) becomes its mean over the
+  ranks weighted by their sample counts, which for a per-batch mean is the
+  global batch's mean. One fused allreduce per step carries both.
+- Random draws from a `SeedGenerator` (dropout, a GAN's latent noise,
+  `keras.random.*` without a seed) differ between ranks inside a step: one
+  process with the global batch draws independent noise for every sample,
+  and N ranks drawing the same noise would train a GAN on N copies of the
+  same fakes. Draws with an integer seed (initializers, explicit stateless
+  draws) stay as they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import tensorflow as tf
+from keras.src import backend as keras_backend
+from keras.src import tree
+
+from transparent_dist import gradients, patching, world
+from transparent_dist.patches import common
+
+# ------------------------------------------------------------ metric results
+
+
+def _as_tensor(value: Any) -> Any:
+    # A custom Metric may return a state variable itself; reading it here,
+    # inside the scope that maps variables to values, is what makes the
+    # result the global one.
+    return tf.convert_to_tensor(value) if value is not None else value
+
+
+def _result_from(metric: Any, values: list[Any]) -> Any:
+    """`metric.result()` computed from `values` for its variables."""
+    mapping = list(zip(metric.variables, values, strict=True))
+    with keras_backend.StatelessScope(state_mapping=mapping):
+        return tree.map_structure(_as_tensor, metric.result())
+
+
+def _unique(items: list[Any]) -> list[Any]:
+    seen, out = set(), []
+    for item in items:
+        if id(item) not in seen:
+            seen.add(id(item))
+            out.append(item)
+    return out
+
+
+def global_metric_results(metrics: list[Any]) -> dict[str, Any]:
+    """The results of `metrics` over the ranks' summed states, keyed as
+    Keras's `get_metrics_result` keys them."""
+    metrics = _unique(list(metrics))
+    variables = common.metric_variables(metrics)
+    summed = gradients.sum_over_ranks([tf.convert_to_tensor(v) for v in variables])
+    by_id = {id(v): s for v, s in zip(variables, summed, strict=True)}
+    results: dict[str, Any] = {}
+    for metric in metrics:
+        result = _result_from(metric, [by_id[id(v)] for v in metric.variables])
+        if isinstance(result, dict):
+            results.update(result)
+        else:
+            results[metric.name] = result
+    return results
+
+
+@contextlib.contextmanager
+def _recording_results(metrics: list[Any]) -> Iterator[dict[int, tuple[Any, Any, int]]]:
+    """While a step is traced, remembers which tensors are which metric's
+    `result()`: id(tensor) -> (tensor, metric, index among its leaves).
+    The wrapper sits on each metric instance, so a script's own Metric
+    subclasses are seen too."""
+    recorded: dict[int, tuple[Any, Any, int]] = {}
+    wrapped = []
+    for metric in _unique(list(metrics)):
+        if "result" in vars(metric):
+            continue
+        original = metric.result
+
+        def result(original=original, metric=metric):
+            out = tree.map_structure(_as_tensor, original())
+            for index, leaf in enumerate(tree.flatten(out)):
+                recorded[id(leaf)] = (leaf, metric, index)
+            return out
+
+        object.__setattr__(metric, "result", result)
+        wrapped.append(metric)
+    try:
+        yield recorded
+    finally:
+        for metric in wrapped:
+            vars(metric).pop("result", None)
+
+
+def _global_logs(logs: Any, recorded: dict, count: Any) -> Any:
+    """`logs` with metric results replaced by global results and other
+    floating-point values by their sample-weighted mean over ranks, in one
+    fused exchange."""
+    leaves = tree.flatten(logs)
+    metrics, others = [], []
+    for index, leaf in enumerate(leaves):
+        if id(leaf) in recorded and recorded[id(leaf)][0] is leaf:
+            metrics.append(recorded[id(leaf)][1])
+        elif tf.is_tensor(leaf) and leaf.dtype.is_floating:
+            others.append(index)
+    metrics = _unique(metrics)
+    variables = common.metric_variables(metrics)
+    weight = tf.cast(count, tf.float32)
+    payload = [tf.convert_to_tensor(v) for v in variables]
+    payload += [tf.cast(leaves[i], tf.float32) * weight for i in others]
+    summed = gradients.sum_over_ranks([*payload, tf.reshape(weight, [1])])
+    total = summed[-1][0]
+    by_id = {id(v): s for v, s in zip(variables, summed[: len(variables)], strict=True)}
+    results = {
+        id(metric): tree.flatten(_result_from(metric, [by_id[id(v)] for v in metric.variables]))
+        for metric in metrics
+    }
+    out = list(leaves)
+    for index, leaf in enumerate(leaves):
+        if id(leaf) in recorded and recorded[id(leaf)][0] is leaf:
+            _, metric, position = recorded[id(leaf)]
+            out[index] = results[id(metric)][position]
+    for index, value in zip(others, summed[len(variables) : -1], strict=True):
+        out[index] = tf.cast(value / total, leaves[index].dtype)
+    return tree.pack_sequence_as(logs, out)
+
+
+# ------------------------------------------------------------ random draws
+
+
+def _wrap_draw_seed(original: Any) -> Any:
+    from keras.src.random.seed_generator import SeedGenerator
+
+    def draw_seed(seed):
+        drawn = original(seed)
+        if (
+            common.is_set("in_step")
+            and (seed is None or isinstance(seed, SeedGenerator))
+            and world.get().size > 1
+        ):
+            # A stream of its own per rank: the first key word, not the
+            # counter (offsetting the counter would replay rank 0's draws
+            # of later steps).
+            offset = tf.constant([world.get().rank * 1_000_003, 0], dtype=drawn.dtype)
+            drawn = drawn + offset
+        return drawn
+
+    return draw_seed
+
+
+def install_random() -> None:
+    """Per-rank streams for SeedGenerator draws inside steps (idempotent)."""
+    from keras.src.backend.tensorflow import image as tf_image
+    from keras.src.backend.tensorflow import random as tf_random
+
+    for module in (tf_random, tf_image):
+        patching.wrap(module, "draw_seed", _wrap_draw_seed)
+
+
+# ------------------------------------------------------------ the step
+
+
+def wrap_step(model: Any, step_function: Any) -> Any:
+    """`step_function` (a train or test step) as it runs on one rank: it
+    declares the rank's sample count to the gradient exchange, draws its
+    own random numbers, and returns global logs."""
+
+    def step(data):
+        from keras.src.trainers.data_adapters import data_adapter_utils
+
+        x, _, _ = data_adapter_utils.unpack_x_y_sample_weight(data)
+        first = next(leaf for leaf in tree.flatten(x) if leaf is not None)
+        count = tf.shape(first)[0]
+        with (
+            gradients.samples_in_step(count),
+            common.flag("in_step"),
+            _recording_results(model.metrics) as recorded,
+        ):
+            logs = step_function(data)
+        return _global_logs(logs, recorded, count)
+
+    return step
