@@ -16,9 +16,10 @@ def _weights(out, tag, ranks):
 @pytest.mark.parametrize("kind", ["tf1", "tf2"])
 def test_ranks_with_their_own_data_end_identical(tmp_path, kind):
     for ranks in (2, 3):
-        run(
+        job = run(
             ["-m", "transparent_dist", SCRIPT, kind, "own", str(tmp_path), f"p{ranks}"], ranks=ranks
         ).check()
+        assert "fed the same values" not in job.stderr
         weights = _weights(tmp_path, f"p{ranks}", ranks)
         for other in weights[1:]:
             np.testing.assert_array_equal(other, weights[0])
@@ -32,9 +33,15 @@ def test_ranks_with_their_own_data_end_identical(tmp_path, kind):
 def test_same_data_everywhere_equals_one_process(tmp_path, kind):
     run([SCRIPT, kind, "same", str(tmp_path), "one"]).check()
     reference = _weights(tmp_path, "one", 1)[0]
-    run(["-m", "transparent_dist", SCRIPT, kind, "same", str(tmp_path), "p2"], ranks=2).check()
+    job = run(
+        ["-m", "transparent_dist", SCRIPT, kind, "same", str(tmp_path), "p2"], ranks=2
+    ).check()
     for weights in _weights(tmp_path, "p2", 2):
         np.testing.assert_allclose(weights, reference, atol=1e-5)
+    if kind == "tf1":
+        # Every rank fed the whole data: said once, by rank 0, with the fix.
+        assert job.stderr.count("every rank fed the same values") == 1
+        assert "shard_range" in job.stderr
 
 
 def test_tf1_saver_and_file_writer_write_on_rank_zero_only(tmp_path):

@@ -2,6 +2,8 @@
 `install()` when TensorFlow is imported.
 
 ```python
+import numpy as np
+import numpy as np
 import tensorflow as tf
 from transparent_dist.patches import tf1
 tf1.install()      # idempotent; transparent_dist's import hook calls it
@@ -24,13 +26,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
+from tensorflow.python.client import session as session_module
 from tensorflow.python.ops import variables as variables_module
 from tensorflow.python.summary.writer import writer as writer_module
 from tensorflow.python.training import monitored_session, saver
 from tensorflow.python.training import optimizer as v1_optimizer
 
-from transparent_dist import collectives, gradients, output, patching, world
+from transparent_dist import collectives, gradients, log, output, patching, world
 from transparent_dist.patches import common
 
 _distributed = common.distributed
@@ -44,14 +48,55 @@ def _wrap_apply_gradients(original: Any) -> Any:
         pairs = list(grads_and_vars)
         averaged = gradients.average([g for g, _ in pairs])
         with common.flag("applying"):
-            return original(
+            train_op = original(
                 self,
                 list(zip(averaged, [v for _, v in pairs], strict=True)),
                 global_step=global_step,
                 name=name,
             )
+        _TRAIN_OPS.add(train_op.name)
+        return train_op
 
     return apply_gradients
+
+
+# Names of the train ops built through the patched apply_gradients, and
+# whether the check of what the first of them was fed has been made.
+_TRAIN_OPS: set[str] = set()
+_FED = {"checked": False}
+
+
+def _digest(value: Any) -> str:
+    import hashlib
+
+    array = np.ascontiguousarray(np.asarray(value))
+    return hashlib.sha1(array.tobytes() + str(array.shape).encode()).hexdigest()
+
+
+def _wrap_session_run(original: Any) -> Any:
+    def run(self, fetches, feed_dict=None, *args, **kwargs):
+        if (
+            not _FED["checked"]
+            and feed_dict
+            and _distributed()
+            and any(getattr(f, "name", None) in _TRAIN_OPS for f in tf.nest.flatten(fetches))
+        ):
+            # Once, at the first training step: every rank feeding the same
+            # values means the script's loop uses all the data on every
+            # rank (N ranks doing one rank's work), which it cannot know.
+            _FED["checked"] = True
+            digest = _digest([_digest(v) for v in feed_dict.values()])
+            if len(set(world.get().comm.allgather(digest))) == 1:
+                log.info(
+                    "WARNING: every rank fed the same values to the first training step of "
+                    "this TF1 session loop: each rank trains on all of the data, so N ranks "
+                    "repeat one rank's work. Feed each rank its own part: "
+                    "transparent_dist.data.DataSet(path, ...) or "
+                    "x[slice(*transparent_dist.shard_range(len(x)))]"
+                )
+        return original(self, fetches, feed_dict, *args, **kwargs)
+
+    return run
 
 
 def broadcast_op(variables: list[Any], after: Any = None) -> Any:
@@ -161,6 +206,7 @@ def install() -> None:
     patching.wrap_everywhere(
         variables_module.variables_initializer, _wrap_variables_initializer, "tensorflow"
     )
+    patching.wrap(session_module.BaseSession, "run", _wrap_session_run)
     patching.wrap(saver.Saver, "__init__", _wrap_saver_init)
     patching.wrap(saver.Saver, "restore", _wrap_restore)
     patching.wrap(saver.Saver, "save", output.root_only)
