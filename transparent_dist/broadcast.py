@@ -27,13 +27,14 @@ from transparent_dist import collectives, world
 _SYNCED_OPTIMIZERS: weakref.WeakSet = weakref.WeakSet()
 
 
-def _unique(variables: Iterable[Any]) -> list[Any]:
+def unique(items: Iterable[Any]) -> list[Any]:
+    """`items` without repeats (by identity), in first-seen order."""
     seen: set[int] = set()
     out = []
-    for v in variables:
-        if id(v) not in seen:
-            seen.add(id(v))
-            out.append(v)
+    for item in items:
+        if id(item) not in seen:
+            seen.add(id(item))
+            out.append(item)
     return out
 
 
@@ -45,7 +46,7 @@ def variables(targets: Iterable[Any], root: int = 0, what: str = "model variable
     w = world.get()
     if w.size == 1:
         return
-    targets = _unique(targets)
+    targets = unique(targets)
     values = [np.asarray(v.numpy()) for v in targets]
     layout = [(tuple(int(d) for d in a.shape), a.dtype.str) for a in values]
     collectives.check_agreement(
@@ -92,7 +93,7 @@ def before_first_update(optimizer: Any, trainable: list[Any]) -> None:
         return
     import tensorflow as tf
 
-    targets = _unique(list(trainable) + optimizer_variables(optimizer))
+    targets = unique(list(trainable) + optimizer_variables(optimizer))
     # Variables that already hold values (a model built before the step was
     # traced) are set now, before the first step runs at all: its forward
     # pass then already sees rank 0's weights.
@@ -116,27 +117,35 @@ def before_first_update(optimizer: Any, trainable: list[Any]) -> None:
         object.__setattr__(optimizer, "_td_first_update_synced", done)
 
     def sync():
-        values = [tf.convert_to_tensor(v) for v in targets]
-        w = world.get()
-
-        def exchange(*arrays):
-            collectives.check_agreement(
-                f"the trainable variables and optimizer state ({len(arrays)} variables: "
-                "shapes and dtypes)",
-                [(tuple(a.shape), a.dtype.str) for a in arrays],
-                w.comm,
-            )
-            return collectives.broadcast(arrays, w.comm, 0)
-
-        from transparent_dist import gradients
-
-        received = gradients.collective_op(exchange, values, values, "td_first_update_sync")
-        assigns = [v.assign(r) for v, r in zip(targets, received, strict=True)]
-        with tf.control_dependencies([a for a in assigns if a is not None]):
+        with tf.control_dependencies([in_graph(targets)]):
             return tf.constant(True)
 
     tf.cond(done, lambda: tf.constant(True), sync)
     done.assign(True)
+
+
+def in_graph(targets: list[Any], after: Any = None) -> Any:
+    """A graph op that sets `targets` (variables) to rank 0's values, after
+    `after` if given; the ranks first check that they hold the same shapes
+    and dtypes (the same error everywhere if not)."""
+    import tensorflow as tf
+
+    from transparent_dist import gradients
+
+    comm = world.get().comm
+
+    def exchange(*arrays):
+        collectives.check_agreement(
+            f"the variables to broadcast ({len(arrays)} variables: shapes and dtypes)",
+            [(tuple(a.shape), a.dtype.str) for a in arrays],
+            comm,
+        )
+        return collectives.broadcast(arrays, comm)
+
+    with tf.control_dependencies([after] if after is not None else []):
+        values = [tf.identity(v) for v in targets]
+    received = gradients.collective_op(exchange, values, values, "td_broadcast_variables")
+    return tf.group(*[v.assign(r) for v, r in zip(targets, received, strict=True)])
 
 
 def mark_synced(optimizer: Any) -> None:

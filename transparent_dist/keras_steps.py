@@ -36,7 +36,7 @@ import tensorflow as tf
 from keras.src import backend as keras_backend
 from keras.src import tree
 
-from transparent_dist import gradients, patching, world
+from transparent_dist import broadcast, gradients, patching, world
 from transparent_dist.patches import common
 
 # ------------------------------------------------------------ metric results
@@ -56,19 +56,10 @@ def _result_from(metric: Any, values: list[Any]) -> Any:
         return tree.map_structure(_as_tensor, metric.result())
 
 
-def _unique(items: list[Any]) -> list[Any]:
-    seen, out = set(), []
-    for item in items:
-        if id(item) not in seen:
-            seen.add(id(item))
-            out.append(item)
-    return out
-
-
 def global_metric_results(metrics: list[Any]) -> dict[str, Any]:
     """The results of `metrics` over the ranks' summed states, keyed as
     Keras's `get_metrics_result` keys them."""
-    metrics = _unique(list(metrics))
+    metrics = broadcast.unique(list(metrics))
     variables = common.metric_variables(metrics)
     summed = gradients.sum_over_ranks([tf.convert_to_tensor(v) for v in variables])
     by_id = {id(v): s for v, s in zip(variables, summed, strict=True)}
@@ -90,7 +81,7 @@ def _recording_results(metrics: list[Any]) -> Iterator[dict[int, tuple[Any, Any,
     subclasses are seen too."""
     recorded: dict[int, tuple[Any, Any, int]] = {}
     wrapped = []
-    for metric in _unique(list(metrics)):
+    for metric in broadcast.unique(list(metrics)):
         if "result" in vars(metric):
             continue
         original = metric.result
@@ -110,6 +101,13 @@ def _recording_results(metrics: list[Any]) -> Iterator[dict[int, tuple[Any, Any,
             vars(metric).pop("result", None)
 
 
+def _recorded_as(leaf: Any, recorded: dict) -> tuple[Any, int] | None:
+    """(metric, index among its result's leaves) if `leaf` is a recorded
+    metric result, else None."""
+    entry = recorded.get(id(leaf))
+    return entry[1:] if entry is not None and entry[0] is leaf else None
+
+
 def _global_logs(logs: Any, recorded: dict, count: Any) -> Any:
     """`logs` with metric results replaced by global results and other
     floating-point values by their sample-weighted mean over ranks, in one
@@ -117,11 +115,11 @@ def _global_logs(logs: Any, recorded: dict, count: Any) -> Any:
     leaves = tree.flatten(logs)
     metrics, others = [], []
     for index, leaf in enumerate(leaves):
-        if id(leaf) in recorded and recorded[id(leaf)][0] is leaf:
-            metrics.append(recorded[id(leaf)][1])
+        if _recorded_as(leaf, recorded):
+            metrics.append(_recorded_as(leaf, recorded)[0])
         elif tf.is_tensor(leaf) and leaf.dtype.is_floating:
             others.append(index)
-    metrics = _unique(metrics)
+    metrics = broadcast.unique(metrics)
     variables = common.metric_variables(metrics)
     weight = tf.cast(count, tf.float32)
     payload = [tf.convert_to_tensor(v) for v in variables]
@@ -135,8 +133,8 @@ def _global_logs(logs: Any, recorded: dict, count: Any) -> Any:
     }
     out = list(leaves)
     for index, leaf in enumerate(leaves):
-        if id(leaf) in recorded and recorded[id(leaf)][0] is leaf:
-            _, metric, position = recorded[id(leaf)]
+        if _recorded_as(leaf, recorded):
+            metric, position = _recorded_as(leaf, recorded)
             out[index] = results[id(metric)][position]
     for index, value in zip(others, summed[len(variables) : -1], strict=True):
         out[index] = tf.cast(value / total, leaves[index].dtype)

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from transparent_dist import gradients, world
+from transparent_dist import broadcast, gradients, world
 
 _LOCAL = threading.local()
 
@@ -78,13 +78,7 @@ def classes_defining(bases: Iterable[type], name: str) -> list[type]:
 
 def metric_variables(metrics: Iterable[Any]) -> list[Any]:
     """Every variable of `metrics`, each once, in a fixed order."""
-    variables, seen = [], set()
-    for metric in metrics:
-        for v in metric.variables:
-            if id(v) not in seen:
-                seen.add(id(v))
-                variables.append(v)
-    return variables
+    return broadcast.unique(v for metric in metrics for v in metric.variables)
 
 
 def zero_if_no_samples(loss: Any) -> Any:

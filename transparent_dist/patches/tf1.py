@@ -2,8 +2,6 @@
 `install()` when TensorFlow is imported.
 
 ```python
-import numpy as np
-import numpy as np
 import tensorflow as tf
 from transparent_dist.patches import tf1
 tf1.install()      # idempotent; transparent_dist's import hook calls it
@@ -34,7 +32,7 @@ from tensorflow.python.summary.writer import writer as writer_module
 from tensorflow.python.training import monitored_session, saver
 from tensorflow.python.training import optimizer as v1_optimizer
 
-from transparent_dist import collectives, gradients, log, output, patching, world
+from transparent_dist import broadcast, gradients, log, output, patching, world
 from transparent_dist.patches import common
 
 _distributed = common.distributed
@@ -99,25 +97,12 @@ def _wrap_session_run(original: Any) -> Any:
     return run
 
 
-def broadcast_op(variables: list[Any], after: Any = None) -> Any:
-    """A graph op that sets `variables` to rank 0's values (after `after`)."""
-    comm = world.get().comm
-
-    def exchange(*arrays):
-        return collectives.broadcast(arrays, comm)
-
-    with tf.control_dependencies([after] if after is not None else []):
-        values = [tf.identity(v) for v in variables]
-    synced = gradients.collective_op(exchange, values, values, "td_broadcast_variables")
-    return tf.group(*[v.assign(s) for v, s in zip(variables, synced, strict=True)])
-
-
 def _wrap_variables_initializer(original: Any) -> Any:
     def variables_initializer(var_list, name="init"):
         init = original(var_list, name=name)
         if not _distributed() or tf.executing_eagerly() or not var_list:
             return init
-        return broadcast_op(list(var_list), after=init)
+        return broadcast.in_graph(list(var_list), after=init)
 
     return variables_initializer
 
@@ -130,7 +115,7 @@ def _wrap_saver_init(original: Any) -> Any:
         if _distributed() and not tf.executing_eagerly():
             variables = tf.compat.v1.global_variables()
             if variables:
-                self._td_broadcast = broadcast_op(variables)
+                self._td_broadcast = broadcast.in_graph(variables)
 
     return __init__
 
