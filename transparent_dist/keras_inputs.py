@@ -121,29 +121,16 @@ class _PyDatasetPart(PyDataset):
 
     def _last_step(self, which: int) -> Any:
         """Step `which` (0: the last full round, 1: the tail) of the epoch's
-        end, split by `sharding.last_steps` so no rank's batch is empty."""
-        full, extra = divmod(self._total, self.size)
+        end (`tf_inputs.epoch_end`)."""
+        full = self._total // self.size
         tail = [self.inner[j] for j in range(full * self.size, self._total)]
-        previous = base = None
+        own = last = None
         if full:
             base = (full - 1) * self.size
             own = self.inner[base + self.rank]
             last = own if self.rank == self.size - 1 else self.inner[base + self.size - 1]
-            previous = [0] * self.size
-            previous[self.rank] = tf_inputs.num_rows(own)
-            previous[-1] = tf_inputs.num_rows(last)
-        try:
-            pieces = sharding.last_steps(
-                previous, [tf_inputs.num_rows(b) for b in tail], self.rank, self.size
-            )
-        except sharding.TooFewSamples as error:
-            raise InputError(f"transparent_dist: the PyDataset: {error}") from None
-        index, start, stop = pieces[which if full else 0]
-        if previous is not None and index < self.size:
-            batch = own if index == self.rank else last
-        else:
-            batch = tail[index - (self.size if full else 0)]
-        return tf_inputs.rows_of(batch, start, stop)
+        steps = tf_inputs.epoch_end(own, last, tail, self.rank, self.size, "the PyDataset")
+        return steps[which if full else 0]
 
     def on_epoch_begin(self) -> None:
         self.inner.on_epoch_begin()

@@ -342,7 +342,7 @@ def balanced_rounds(
     rank, so a shuffling dataset shuffles alike everywhere. Holds at most
     one round of batches. `agree(has_round)` is called once per round and
     at the end, for sources whose length the ranks do not know up front."""
-    pending = None  # (own batch, last batch, row counts) of the last full round
+    pending = None  # (own batch, last batch) of the last full round
     current: list[Any] = []
     for batch in batches:
         current.append(batch)
@@ -352,7 +352,7 @@ def balanced_rounds(
             agree(True)
         if pending is not None:
             yield pending[0]
-        pending = (current[rank], current[-1], [num_rows(b) for b in current])
+        pending = (current[rank], current[-1])
         current = []
     if agree is not None:
         agree(False)
@@ -361,22 +361,34 @@ def balanced_rounds(
             len(current),
             world.get().data_comm,
         )
+    own, last = pending if pending is not None else (None, None)
+    yield from epoch_end(own, last, current, rank, size, what)
+
+
+def epoch_end(own: Any, last: Any, tail: list[Any], rank: int, size: int, what: str) -> list[Any]:
+    """This rank's batches for the end of an epoch dealt round-robin: `own`
+    and `last` are its batch and the last batch of the last full round
+    (None if there was no full round), `tail` the batches after that round.
+    Split by `sharding.last_steps`: no rank's batch is empty."""
+    previous = None
+    if own is not None:
+        # Only this rank's and the last batch's row counts matter.
+        previous = [0] * size
+        previous[rank], previous[-1] = num_rows(own), num_rows(last)
     try:
-        pieces = sharding.last_steps(
-            pending[2] if pending else None, [num_rows(b) for b in current], rank, size
-        )
+        pieces = sharding.last_steps(previous, [num_rows(b) for b in tail], rank, size)
     except sharding.TooFewSamples as error:
         raise InputError(
             f"transparent_dist: {what}: {error}; every rank needs at least one sample "
             "in every step (use fewer ranks, or drop_remainder=True)"
         ) from None
-    first = size if pending is not None else 0
-    for index, start, stop in pieces:
-        if index < first:
-            batch = pending[0] if index == rank else pending[1]
-        else:
-            batch = current[index - first]
-        yield rows_of(batch, start, stop)
+    first = size if own is not None else 0
+    return [
+        rows_of(own if index == rank else last, start, stop)
+        if index < first
+        else rows_of(tail[index - first], start, stop)
+        for index, start, stop in pieces
+    ]
 
 
 def _round_agreement(comm: Any, what: str) -> Callable[[bool], None]:

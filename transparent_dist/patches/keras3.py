@@ -100,23 +100,11 @@ def _wrap_apply(original: Any) -> Any:
         broadcast.before_first_update(self, variables)
         if not fitting():
             tf2.warn_if_loop_data_is_whole()
-        grads = gradients.average(_with_static_shapes(grads, variables))
+        grads = gradients.average(grads)
         with common.flag("applying"):
             return original(self, grads, trainable_variables)
 
     return apply
-
-
-def _with_static_shapes(grads: list[Any], variables: list[Any]) -> list[Any]:
-    """Gradients given the static shapes of their variables: a gradient
-    traced from input of unknown shape (Dense on 3-D input from tf.data)
-    can have an unknown dimension, which the exchange must size."""
-    out = []
-    for g, v in zip(grads, variables, strict=False):
-        if g is not None and not isinstance(g, tf.IndexedSlices) and not g.shape.is_fully_defined():
-            g = tf.reshape(g, v.shape)
-        out.append(g)
-    return out + list(grads[len(out) :])
 
 
 def _wrap_scale_loss(original: Any) -> Any:
