@@ -121,3 +121,19 @@ def test_seed_generator_draws_differ_by_rank_integer_seeds_do_not(jobs, ranks):
 def test_control_draws_are_identical_on_every_rank(jobs):
     draws = [r["draws"][0][0] for r in jobs["control"]["ranks"]]
     assert draws[0] == draws[1]
+
+
+def test_too_few_samples_for_the_ranks_ends_the_job_with_the_reason():
+    # One sample, two ranks: no step can give every rank a sample.
+    code = (
+        "import numpy as np, keras, tensorflow as tf\n"
+        "ds = tf.data.Dataset.from_tensor_slices("
+        "(np.ones((1, 3), 'float32'), np.ones((1, 1), 'float32'))).batch(4)\n"
+        "m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])\n"
+        "m.compile('sgd', 'mse')\n"
+        "m.fit(ds, epochs=1, verbose=0)\n"
+    )
+    job = run(["-m", "transparent_dist", "-c", code], ranks=2, timeout=120)
+    assert job.returncode != 0
+    assert "the last 1 sample(s) of the epoch cannot be spread over 2 ranks" in job.stderr
+    assert job.seconds < 60
