@@ -113,3 +113,11 @@ def test_without_a_compiler_every_rank_falls_back_to_numpy(tmp_path):
     assert job.returncode != 0
     assert "TD_NATIVE=on, but the native gradient exchange is not available" in job.stderr
     assert not list(tmp_path.glob("*.so"))
+
+
+def test_a_node_without_a_compiler_uses_the_op_built_elsewhere():
+    """The cache key does not name the compiler: the op built before the
+    tests (the login node's `python -m transparent_dist build`) is found."""
+    env = job_env(CXX="/no/such/compiler", TD_NATIVE="on")
+    job = run(["-m", "transparent_dist", "doctor"], ranks=2, env=env).check()
+    assert "gradient exchange: native op (" in job.stdout

@@ -16,7 +16,17 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from transparent_dist import config, failures, import_hook, output, patching, stall, world
+from transparent_dist import (
+    config,
+    failures,
+    import_hook,
+    output,
+    patching,
+    sequence,
+    signals,
+    stall,
+    world,
+)
 from transparent_dist.config import configure
 from transparent_dist.gradients import average as average_gradients
 from transparent_dist.sharding import shard_range
@@ -113,7 +123,9 @@ def activate() -> None:
     _ACTIVE = True
     if world.get().size > 1:
         failures.install()
+        signals.install()
         stall.start()
+        sequence.install_end_check()
     output.quiet_unless_root()
     import_hook.when_imported("tensorflow", _on_tensorflow)
     import_hook.when_imported("keras", _on_keras)
@@ -127,6 +139,8 @@ def deactivate() -> None:
     import_hook.remove()
     patching.undo_all()
     failures.uninstall()
+    sequence.remove_end_check()
+    signals.uninstall()
     output.restore()
     _ACTIVE = False
 

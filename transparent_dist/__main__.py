@@ -119,7 +119,7 @@ def main() -> None:
     if argv[0] == "build":
         from transparent_dist import native
 
-        print(native.build())
+        print(native.build(retry=True))
         sys.exit(0)
     if argv[0] == "--version":
         from transparent_dist import __version__

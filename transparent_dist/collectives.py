@@ -244,8 +244,34 @@ def check_agreement(what: str, value: Any, comm: Any) -> None:
     if all(v == values[0] for v in values[1:]):
         return
     differing = [r for r, v in enumerate(values) if v != values[0]]
-    lines = [f"rank 0: {values[0]!r}"] + [f"rank {r}: {values[r]!r}" for r in differing[:3]]
+    if isinstance(value, dict):
+        # Settings: only the entries that differ from rank 0's.
+        first = _flat(values[0])
+        lines = []
+        for r in differing[:3]:
+            other = _flat(values[r])
+            keys = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+            lines.append(
+                f"rank 0 has {_entries(first, keys)} where rank {r} has {_entries(other, keys)}"
+            )
+    else:
+        lines = [f"rank 0: {values[0]!r}"] + [f"rank {r}: {values[r]!r}" for r in differing[:3]]
     raise CollectiveError(
         f"transparent_dist: the ranks disagree on {what}; every rank must run "
         f"the same script on data of the same shape. " + "; ".join(lines)
     )
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {"a.b.c": leaf}."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        out.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _entries(flat: dict[str, Any], keys: list[str]) -> str:
+    shown = ", ".join(f"{k}={flat.get(k, '(none)')!r}" for k in keys[:6])
+    return shown + (f" (and {len(keys) - 6} more)" if len(keys) > 6 else "")

@@ -40,9 +40,11 @@ class Settings:
     # Whether to start MPI: "auto" starts it only under a launcher.
     mpi: str = "auto"
     # Seconds a collective may wait for missing ranks before they are named
-    # (0: never), and before the job is ended (0: never).
+    # (0: never), and before the job is ended (0: never). A job of more than
+    # one rank always runs under a launcher or batch system, where a hang
+    # burns the allocation: it ends after 10 minutes unless told otherwise.
     stall_warn: float = 60.0
-    stall_abort: float = 0.0
+    stall_abort: float = 600.0
     # Checkpoint-and-exit on SIGTERM / SIGUSR1, automatic resume, periodic
     # checkpoints ("500": steps, "600s": seconds), and how many to keep.
     checkpoint_dir: str = ""

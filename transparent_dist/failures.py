@@ -21,6 +21,8 @@ from types import TracebackType
 from transparent_dist import world
 
 _PREVIOUS = None
+# A job ended by SIGINT exits as a shell reports a process killed by it.
+INTERRUPTED_STATUS = 130
 
 
 class CollectiveError(ValueError):
@@ -34,8 +36,17 @@ def _is_collective(error: BaseException) -> bool:
 
 def _hook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
     w = world.get()
-    if kind is KeyboardInterrupt or w.size == 1:
+    if w.size == 1:
         (_PREVIOUS or sys.__excepthook__)(kind, error, tb)
+        return
+    if issubclass(kind, KeyboardInterrupt):
+        # Ctrl-C, or a SIGINT sent to this rank alone: the other ranks would
+        # wait for it in their next collective, so the whole job ends.
+        sys.stderr.write(
+            f"transparent_dist: rank {w.rank} of {w.size} was interrupted (SIGINT, "
+            "KeyboardInterrupt); ending all ranks of the job\n"
+        )
+        world.abort(INTERRUPTED_STATUS)
         return
     if not w.is_root and _is_collective(error):
         # Rank 0 has the same error and reports it; an abort from here now

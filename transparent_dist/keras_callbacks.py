@@ -26,8 +26,9 @@ from typing import Any
 import keras
 import numpy as np
 
-from transparent_dist import broadcast, checkpoint, collectives, config, log, timeline, world
+from transparent_dist import broadcast, checkpoint, config, log, timeline, world
 from transparent_dist.data._together import together
+from transparent_dist.patches import common
 
 _ROOT_ONLY = (
     keras.callbacks.ModelCheckpoint,
@@ -60,6 +61,9 @@ def for_this_rank(callbacks: Any, fitting: bool = False, extra: tuple = ()) -> A
             callback._save_model = _no_op
             callback.on_train_end = _no_op
         out.append(callback)
+    if fitting:
+        checkpointer = next((c for c in extra if isinstance(c, CheckpointAndResume)), None)
+        out.append(AgreeToStop(checkpointer))
     return out
 
 
@@ -160,11 +164,21 @@ class CheckpointAndResume(keras.callbacks.Callback):
     slots, step counter, random-seed state), the epoch and step within it,
     and the counters of callbacks such as EarlyStopping."""
 
-    def __init__(self, directory: str, every: str, keep: int, skip: Any, callbacks: list) -> None:
+    def __init__(
+        self,
+        directory: str,
+        every: str,
+        keep: int,
+        skip: Any,
+        callbacks: list,
+        state: Any = None,
+        unit: tuple[str, int] | None = None,
+    ) -> None:
         super().__init__()
         self.directory, self.keep, self.skip = directory, keep, skip
         self.every_steps, self.every_seconds = checkpoint.parse_every(every)
         self.user_callbacks = callbacks
+        self.state, self.unit = state, unit
         self.global_step, self.epoch, self.step, self._resume_step = 0, 0, 0, 0
 
     def _state_variables(self) -> list[Any]:
@@ -172,24 +186,25 @@ class CheckpointAndResume(keras.callbacks.Callback):
 
     def on_train_begin(self, logs: Any = None) -> None:
         self._last_save = time.monotonic()
-        state = None
-        with together(f"resuming from {self.directory}"):
-            state = checkpoint.load_latest(self.directory)
-            if state is not None:
-                variables = self._state_variables()
-                arrays = state[0]
-                if [tuple(a.shape) for a in arrays] != [tuple(v.shape) for v in variables]:
-                    raise ValueError(
-                        f"the checkpoint {state[1]['path']} holds {len(arrays)} arrays that do "
-                        f"not match this model's {len(variables)} variables"
-                    )
+        state, self.state = self.state, None
         if state is None:
             return
         arrays, meta = state
-        for variable, value in zip(self._state_variables(), arrays, strict=True):
+        with together(f"resuming from {meta['path']}"):
+            variables = self._state_variables()
+            shapes = [tuple(v.shape) for v in variables]
+            if [tuple(a.shape) for a in arrays] != shapes:
+                raise ValueError(
+                    f"the checkpoint {meta['path']} is not of this model: it holds "
+                    f"{len(arrays)} arrays of shapes {[tuple(a.shape) for a in arrays][:4]}..., "
+                    f"this model and optimizer have {len(variables)} variables of shapes "
+                    f"{shapes[:4]}... (a checkpoint directory of another run?)"
+                )
+        for variable, value in zip(variables, arrays, strict=True):
             variable.assign(value)
         self.model._initial_epoch = meta["epoch"]
-        self.global_step, self._resume_step = meta["global_step"], meta["step"]
+        skipped = int(self.skip.numpy()) if self.skip is not None else meta["step"]
+        self.global_step, self._resume_step = meta["global_step"], skipped
         for index, saved in meta.get("callbacks", {}).items():
             callback = (
                 self.user_callbacks[int(index)] if int(index) < len(self.user_callbacks) else None
@@ -198,7 +213,7 @@ class CheckpointAndResume(keras.callbacks.Callback):
                 for name, value in saved.items():
                     setattr(callback, name, value)
         log.info(
-            f"resumed from {meta['path']}: epoch {meta['epoch'] + 1}, after step {meta['step']}",
+            f"resumed from {meta['path']}: epoch {meta['epoch'] + 1}, after step {skipped}",
             once=False,
         )
 
@@ -208,18 +223,24 @@ class CheckpointAndResume(keras.callbacks.Callback):
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
         self.step += 1
         self.global_step += 1
-        w = world.get()
+
+    def wanted(self) -> int:
+        """This rank's wish after a step: 1 a signal asked for a checkpoint
+        and exit, 2 a timed checkpoint is due (the ranks OR them)."""
         flags = 1 if checkpoint.requested() else 0
         if (
             self.every_seconds
-            and w.is_root
+            and world.get().is_root
             and time.monotonic() - self._last_save >= self.every_seconds
         ):
             flags |= 2
-        flags = collectives.any_flags(flags, w.comm)
+        return flags
+
+    def after_agreement(self, flags: int) -> None:
+        """Acts on the flags every rank agreed on after a step."""
         if self.every_steps and self.global_step % self.every_steps == 0:
             flags |= 2
-        if flags:
+        if flags & 3:
             self._save()
         if flags & 1:
             log.info(
@@ -254,6 +275,7 @@ class CheckpointAndResume(keras.callbacks.Callback):
             "step": step,
             "global_step": self.global_step,
             "callbacks": self._callback_state(),
+            **checkpoint.progress(step, self.unit, world.get().size),
         }
         w = world.get()
         if w.is_root:
@@ -262,6 +284,9 @@ class CheckpointAndResume(keras.callbacks.Callback):
         if w.comm is not None:
             w.comm.Barrier()  # no rank goes on (or exits) before the checkpoint exists
         self._last_save = time.monotonic()
+
+
+AgreeToStop = common.stop_agreement(keras.callbacks.Callback)
 
 
 class FitSummary(keras.callbacks.Callback):

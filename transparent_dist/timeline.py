@@ -115,7 +115,9 @@ def write() -> str | None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with _LOCK:
         events = list(_EVENTS)
-    with open(path + ".partial", "w") as f:
-        json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, f)
-    os.replace(path + ".partial", path)
+    from transparent_dist import files
+
+    files.write_atomically(
+        path, json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}).encode()
+    )
     return path

@@ -5,7 +5,10 @@ its final weights to OUT/<tag>-rank<r>.json.
     [TD_CHECKPOINT_DIR=...] mpiexec -n 2 python -m transparent_dist preemptible.py OUT TAG
 
 With SLOW_WRITE=1, rank 0's second checkpoint write stalls half-way (after
-writing OUT/writing) so that the test can kill it there.
+writing OUT/writing) so that the test can kill it there. BATCH (16) is the
+batch_size argument; DROPOUT=0 leaves dropout out (its masks are drawn per
+rank, so runs at different rank counts differ); AFTER_FIT=1 writes
+OUT/fit-done and waits 60 s once fit has returned (a script's next phase).
 """
 
 import json
@@ -55,7 +58,7 @@ model = keras.Sequential(
     [
         keras.Input((8,)),
         keras.layers.Dense(16, activation="relu"),
-        keras.layers.Dropout(0.1),
+        keras.layers.Dropout(float(os.environ.get("DROPOUT", "0.1"))),
         keras.layers.Dense(1),
     ]
 )
@@ -63,7 +66,7 @@ model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
 history = model.fit(
     x,
     y,
-    batch_size=16,
+    batch_size=int(os.environ.get("BATCH", "16")),
     epochs=3,
     shuffle=False,
     verbose=0,
@@ -72,3 +75,6 @@ history = model.fit(
 weights = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
 with open(os.path.join(out, f"{tag}-rank{rank}.json"), "w") as f:
     json.dump({"weights": weights.tolist(), "epochs": len(history.history["loss"])}, f)
+if os.environ.get("AFTER_FIT"):
+    open(os.path.join(out, "fit-done"), "w").close()
+    time.sleep(60)

@@ -10,9 +10,14 @@ if native.load():                      # builds once per TF version, then cached
 `exchange_op.cc` is compiled on first use with the C++ compiler (`$CXX`,
 else `g++`) against TensorFlow's own headers into a cache directory
 (`$TD_CACHE_DIR`, else `$XDG_CACHE_HOME/transparent_dist`, else
-`~/.cache/transparent_dist`), keyed by the source and TensorFlow build, so
-the compiler runs once per machine image (~7 s). `python -m transparent_dist
-build` does it ahead of a job. MPI is not linked at build time: the op gets
+`~/.cache/transparent_dist`), keyed by the source and TensorFlow build (not
+the compiler, so nodes without one use an op built elsewhere), so the
+compiler runs once per machine image (~7 s), by one rank per node while the
+others wait. `python -m transparent_dist build` does it ahead of a job. The
+cache is code that every rank will run: a library (or the cache directory)
+that is not this user's, or that others can write, is refused, never
+loaded; a failed build leaves a marker so later ranks fall back at once.
+MPI is not linked at build time: the op gets
 the function addresses and handles of the MPI library mpi4py loaded, so it
 always talks to the same MPI, on the same communicator, as the Python side.
 
@@ -28,8 +33,10 @@ import contextlib
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +71,13 @@ def _compiler() -> str:
     return compiler
 
 
-def _build_command(output: Path) -> list[str]:
+def _flags() -> list[str]:
     import tensorflow as tf
 
+    return [*tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
+
+
+def _build_command(output: Path) -> list[str]:
     return [
         _compiler(),
         "-shared",
@@ -76,51 +87,145 @@ def _build_command(output: Path) -> list[str]:
         str(SOURCE),
         "-o",
         str(output),
-        *tf.sysconfig.get_compile_flags(),
-        *tf.sysconfig.get_link_flags(),
+        *_flags(),
     ]
 
 
 def library_path() -> Path:
-    """Where the built op for this source and TensorFlow lives."""
+    """Where the built op for this source and TensorFlow lives. The key does
+    not name the compiler, so a compute node without one finds the op built
+    on a login node."""
     import tensorflow as tf
 
     key = hashlib.sha256(SOURCE.read_bytes())
-    for part in (tf.__version__, tf.__file__, _compiler(), *_build_command(Path("x"))):
+    for part in (tf.__version__, tf.__file__, *_flags()):
         key.update(part.encode())
     return cache_dir() / f"exchange_op-{key.hexdigest()[:16]}.so"
 
 
-def build() -> Path:
-    """Compiles the op unless a build for this TensorFlow is cached; returns
-    its path. Safe to run from many ranks at once: one compiles, under a
-    file lock, and the file appears atomically."""
-    path = library_path()
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        with contextlib.suppress(OSError):  # file systems without flock: the rename still holds
+def untrusted(path: Path, directory: bool) -> str:
+    """Why code at `path` must not be loaded (or built there): "" when it
+    is ours and only we can change it. A library another user could write
+    would run its code in every rank the moment it is loaded."""
+    try:
+        info = os.lstat(path)
+    except OSError as error:
+        return f"cannot be checked ({error.strerror})"
+    kind = stat.S_ISDIR if directory else stat.S_ISREG
+    if not kind(info.st_mode):
+        return "is a symbolic link or not a " + ("directory" if directory else "regular file")
+    if info.st_uid != os.getuid():
+        return f"is owned by uid {info.st_uid}, not by this user (uid {os.getuid()})"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"is writable by group or others (mode {stat.S_IMODE(info.st_mode):o})"
+    return ""
+
+
+def _refuse_unless_trusted(path: Path, directory: bool) -> None:
+    reason = untrusted(path, directory)
+    if reason:
+        raise NativeBuildError(
+            f"refusing to load or build the native op: {path} {reason}; a library planted "
+            "there would run in every rank. Use a cache directory only you can write "
+            "(chmod 700, or TD_CACHE_DIR)"
+        )
+
+
+def _private_cache() -> Path:
+    directory = cache_dir()
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _refuse_unless_trusted(directory, directory=True)
+    return directory
+
+
+def failure_marker(path: Path) -> Path:
+    """Where a failed build of `path` leaves the compiler's message, so
+    that later ranks and jobs fall back at once instead of compiling again."""
+    return path.with_suffix(".failed")
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    # O_NOFOLLOW: a symbolic link planted under the lock's name is refused,
+    # never followed (and so never truncates what it points to).
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as error:
+        raise NativeBuildError(
+            f"the lock file {path} cannot be opened safely ({error.strerror}: a symbolic "
+            "link there is refused, never followed)"
+        ) from None
+    try:
+        if os.fstat(fd).st_uid != os.getuid():
+            raise NativeBuildError(f"the lock file {path} belongs to another user")
+        with contextlib.suppress(OSError):  # no flock on this file system: the rename holds
             import fcntl
 
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def build(retry: bool = False) -> Path:
+    """Compiles the op unless a build for this TensorFlow is cached; returns
+    its path. Safe to run from many ranks at once: one compiles, under a
+    file lock, into a private temporary directory, and the file appears by
+    rename. A failed build is remembered (`failure_marker`) unless `retry`."""
+    path = library_path()
+    directory = _private_cache()
+    marker = failure_marker(path)
+    if path.exists():
+        _refuse_unless_trusted(path, directory=False)
+        return path
+    if marker.exists() and not retry:
+        raise NativeBuildError(_read_marker(marker))
+    with _locked(path.with_suffix(".lock")):
         if path.exists():
+            _refuse_unless_trusted(path, directory=False)
             return path
-        partial = path.with_name(f"{path.name}.{os.uname().nodename}.{os.getpid()}.partial")
+        if marker.exists() and not retry:
+            raise NativeBuildError(_read_marker(marker))
         log.info(f"building the native gradient exchange (once) into {path}", once=True)
-        try:
-            proc = subprocess.run(
-                _build_command(partial), capture_output=True, text=True, timeout=600
-            )
-        except (OSError, subprocess.TimeoutExpired) as error:
-            raise NativeBuildError(f"compiler did not run: {error}") from None
-        if proc.returncode != 0:
-            partial.unlink(missing_ok=True)
-            raise NativeBuildError(
-                f"compiling {SOURCE.name} failed:\n{(proc.stderr or proc.stdout)[-2000:]}"
-            )
-        os.replace(partial, path)
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as private:
+            partial = Path(private) / path.name
+            try:
+                proc = subprocess.run(
+                    _build_command(partial), capture_output=True, text=True, timeout=600
+                )
+                failure = (
+                    ""
+                    if proc.returncode == 0
+                    else f"exit status {proc.returncode}\n{(proc.stderr or proc.stdout)[-2000:]}"
+                )
+            except (OSError, subprocess.TimeoutExpired, NativeBuildError) as error:
+                failure = f"the compiler did not run: {error}"
+            if failure:
+                message = f"compiling {SOURCE.name} failed:\n{failure}"
+                _write_marker(marker, message)
+                raise NativeBuildError(message)
+            os.chmod(partial, 0o755)
+            os.replace(partial, path)
+            marker.unlink(missing_ok=True)
     return path
+
+
+def _write_marker(marker: Path, message: str) -> None:
+    with contextlib.suppress(OSError):
+        from transparent_dist import files
+
+        files.write_atomically(str(marker), message.encode())
+
+
+def _read_marker(marker: Path) -> str:
+    try:
+        text = marker.read_text()[-2000:]
+    except OSError:
+        text = "(unreadable)"
+    return (
+        f"an earlier build failed ({marker}; `python -m transparent_dist build` tries "
+        f"again): {text}"
+    )
 
 
 def _configure(lib: Any, comm: Any) -> None:
@@ -167,6 +272,12 @@ def _load_here(comm: Any) -> None:
     _STATE["module"], _STATE["lib"] = module, lib
 
 
+def _split_shared() -> int:
+    from mpi4py import MPI
+
+    return MPI.COMM_TYPE_SHARED
+
+
 def load() -> bool:
     """Makes the op ready on every rank, or on none: True when gradients go
     through it. Collective on the first call (all ranks agree); cached."""
@@ -181,10 +292,19 @@ def load() -> bool:
         _STATE["reason"] = "a single process"
         return False
     failure = ""
+    # One rank per node compiles (when needed) while the others wait, so a
+    # failing compiler runs once, not once per rank.
+    node = w.comm.Split_type(_split_shared(), key=w.rank)
     try:
+        if node.Get_rank() == 0:
+            with contextlib.suppress(Exception):  # the same error comes again below
+                build()
+        node.Barrier()
         _load_here(w.comm)
     except Exception as error:  # noqa: BLE001 - any failure means the fallback
         failure = f"{type(error).__name__}: {error}"
+    finally:
+        node.Free()
     failures = [f for f in w.comm.allgather(failure) if f]
     if not failures:
         timeline.add_source(_Source())

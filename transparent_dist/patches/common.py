@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from transparent_dist import broadcast, gradients, world
+from transparent_dist import broadcast, collectives, gradients, sequence, world
 
 _LOCAL = threading.local()
 
@@ -99,3 +99,92 @@ def wrap_compute_loss(original: Any) -> Any:
         return zero_if_no_samples(original(self, *args, **kwargs))
 
     return compute_loss
+
+
+# The arguments of fit / evaluate / predict that decide how many collectives
+# the call issues: every rank must pass the same.
+_DECIDING = (
+    "batch_size",
+    "epochs",
+    "initial_epoch",
+    "steps_per_epoch",
+    "steps",
+    "validation_steps",
+    "validation_batch_size",
+    "validation_freq",
+)
+
+
+def enter_phase(kind: str, arguments: dict) -> None:
+    """`sequence.enter` for a fit / evaluate / predict call, with the
+    arguments that decide its collectives."""
+    import numbers
+
+    shown: dict[str, Any] = {}
+    for name in _DECIDING:
+        value = arguments.get(name)
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            value = int(value)
+        if name in arguments:
+            shown[name] = value
+    if kind == "fit":
+        shown["validation"] = arguments.get("validation_data") is not None or bool(
+            arguments.get("validation_split")
+        )
+    sequence.enter(kind, shown)
+
+
+def compile_settings(model: Any) -> dict:
+    """What `model.compile` was given (optimizer class and hyperparameters,
+    loss, metrics), as plain values every rank can compare."""
+    import json
+
+    try:
+        config = model.get_compile_config() or {}
+    except Exception:  # noqa: BLE001 - a model compiled in a way we cannot read
+        return {}
+    # Through JSON: numpy scalars and other leaves become comparable values.
+    # Object names are left out: Keras numbers them per process ("adam_1").
+    return json.loads(
+        json.dumps(config, sort_keys=True, default=repr),
+        object_hook=lambda d: {k: v for k, v in d.items() if k != "name"},
+    )
+
+
+def agree_on_compile(model: Any) -> None:
+    """Every rank compiled alike: one optimizer class and hyperparameters,
+    one loss, one set of metrics (the variable shapes alone cannot tell
+    Adam from AdamW, or one loss from another)."""
+    collectives.check_agreement(
+        "the compiled settings (optimizer, loss, metrics)",
+        compile_settings(model),
+        world.get().comm,
+    )
+
+
+def stop_agreement(base: type) -> type:
+    """A callback class (of the framework's `base`) that runs last in fit:
+    after each step and epoch the ranks agree whether to stop (and, with a
+    `checkpointer`, whether to write a checkpoint)."""
+
+    class AgreeToStop(base):
+        def __init__(self, checkpointer: Any = None) -> None:
+            super().__init__()
+            self.checkpointer = checkpointer
+
+        def _agree(self, where: str) -> int:
+            wanted = self.checkpointer.wanted() if self.checkpointer is not None else 0
+            flags = sequence.agree_to_stop(bool(self.model.stop_training), wanted, where)
+            if flags & sequence.STOP:
+                self.model.stop_training = True
+            return flags
+
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            flags = self._agree(f"step {batch + 1}")
+            if self.checkpointer is not None:
+                self.checkpointer.after_agreement(flags)
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            self._agree(f"the end of epoch {epoch + 1}")
+
+    return AgreeToStop

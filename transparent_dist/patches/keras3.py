@@ -63,6 +63,7 @@ from transparent_dist import (
     tf_inputs,
     world,
 )
+from transparent_dist.data._together import together
 from transparent_dist.patches import common, tf2
 
 
@@ -261,21 +262,44 @@ def _exact_epochs_after_resume() -> Iterator[None]:
         tf_trainer.TFEpochIterator = original
 
 
-def _checkpointing(arguments: dict) -> tuple:
-    """The CheckpointAndResume callback for this fit (TD_CHECKPOINT_DIR),
-    after making the resumed epoch's data skip the steps already done."""
-    settings = config.SETTINGS
-    checkpoint.install_signal_handlers()
-    meta = checkpoint.peek(settings.checkpoint_dir)
+def _progress_unit(x: Any, batch_size: Any) -> tuple[str, int] | None:
+    """What one training step consumes, for a checkpoint's accounting:
+    ("samples", global batch) for arrays and files (the global batch k is
+    the same samples at any rank count), ("batches", N) for datasets and
+    generators (each step takes one batch per rank); None otherwise."""
+    kind = keras_inputs.kind_of(x)
+    if kind == "file" or (kind == "arrays" and not sharding.holds_rank_rows(x)):
+        return ("samples", tf_inputs.global_batch(batch_size))
+    if kind in ("dataset", "pydataset", "generator"):
+        return ("batches", world.get().size)
+    return None
+
+
+def _checkpointing(arguments: dict, unit: tuple[str, int] | None) -> tuple:
+    """The CheckpointAndResume callback for this fit (TD_CHECKPOINT_DIR):
+    proves the directory writable, loads the checkpoint all ranks resume
+    from, and makes the resumed epoch's data skip what was done."""
+    directory = config.SETTINGS.checkpoint_dir
+    with together(f"checking {directory}"):
+        if world.get().is_root:
+            checkpoint.probe(directory)
+    state = checkpoint.load_agreed(directory)
     skip = None
-    if meta and meta["step"] > 0 and isinstance(arguments["x"], tf.data.Dataset):
-        skip = tf.Variable(meta["step"], dtype=tf.int64, trainable=False)
+    if state is not None and state[1]["step"] > 0 and isinstance(arguments["x"], tf.data.Dataset):
+        steps = checkpoint.steps_to_skip(state[1], unit, world.get().size)
+        skip = tf.Variable(steps, dtype=tf.int64, trainable=False)
         arguments["x"] = _skip_first(arguments["x"], skip)
     user = arguments["callbacks"]
     user = [] if user is None or isinstance(user, CallbackList) else list(user)
     return (
         keras_callbacks.CheckpointAndResume(
-            settings.checkpoint_dir, settings.checkpoint_every, settings.checkpoint_keep, skip, user
+            directory,
+            config.SETTINGS.checkpoint_every,
+            config.SETTINGS.checkpoint_keep,
+            skip,
+            user,
+            state=state,
+            unit=unit,
         ),
     )
 
@@ -304,8 +328,11 @@ def _wrap_fit(original: Any) -> Any:
         a = common.bind(original, self, args, kwargs)
         if _pass_through(a, fit=True):
             return original(self, *args, **kwargs)
+        common.enter_phase("fit", a)
+        common.agree_on_compile(self)
         _disable_xla(self)
         x, y, sample_weight, batch_size = a["x"], a["y"], a["sample_weight"], a["batch_size"]
+        unit = _progress_unit(x, batch_size)
         if (
             a["validation_split"]
             and a["validation_data"] is None
@@ -333,7 +360,8 @@ def _wrap_fit(original: Any) -> Any:
             a["validation_data"] = vx if vy is None and vw is None else (vx, vy, vw)
             a["validation_batch_size"] = vbatch
         _build_before_training(self, a["x"])
-        extra = _checkpointing(a) if config.SETTINGS.checkpoint_dir else ()
+        checkpointing = bool(config.SETTINGS.checkpoint_dir)
+        extra = _checkpointing(a, unit) if checkpointing else ()
         common.output_on_root_only(
             a, keras_callbacks.for_this_rank(a["callbacks"], fitting=True, extra=extra)
         )
@@ -343,6 +371,7 @@ def _wrap_fit(original: Any) -> Any:
             common.flag("fitting"),
             common.flag("own_train_step") if own_step else contextlib.nullcontext(),
             _exact_epochs_after_resume() if resuming else contextlib.nullcontext(),
+            checkpoint.handling_signals() if checkpointing else contextlib.nullcontext(),
         ):
             return common.call(original, a)
 
@@ -356,6 +385,7 @@ def _wrap_evaluate(original: Any) -> Any:
         a = common.bind(original, self, args, kwargs)
         if _pass_through(a):
             return original(self, *args, **kwargs)
+        common.enter_phase("evaluate", a)
         _disable_xla(self)
         a["x"], a["y"], a["sample_weight"], a["batch_size"] = _shard_batches(
             a["x"], a["y"], a["sample_weight"], a["batch_size"], False, "the evaluation data"
@@ -373,6 +403,7 @@ def _wrap_predict(original: Any) -> Any:
         a = common.bind(original, self, args, kwargs)
         if _pass_through(a):
             return original(self, *args, **kwargs)
+        common.enter_phase("predict", a)
         _disable_xla(self)
         x, kind, gather = a["x"], keras_inputs.kind_of(a["x"]), _distributed()
         if kind == "file":

@@ -154,10 +154,13 @@ _ROOT_ONLY = (
 )
 
 
-def _callbacks(callbacks: Any) -> list[Any]:
+_AgreeToStop = common.stop_agreement(tf_keras.callbacks.Callback)
+
+
+def _callbacks(callbacks: Any, fitting: bool = False) -> list[Any]:
     is_root = world.get().is_root
     kept = [cb for cb in callbacks or [] if is_root or not isinstance(cb, _ROOT_ONLY)]
-    return [_Sync(), *kept]
+    return [_Sync(), *kept, *([_AgreeToStop()] if fitting else [])]
 
 
 def _is_arrays(x: Any) -> bool:
@@ -207,6 +210,7 @@ def _wrap_fit(original: Any) -> Any:
         if not _distributed() or common.is_set("fitting"):
             return original(self, *args, **kwargs)
         a = common.bind(original, self, args, kwargs)
+        common.enter_phase("fit", a)
         _disable_xla(self)
         x, y, sw, batch_size = a["x"], a["y"], a["sample_weight"], a["batch_size"]
         if a["validation_split"] and a["validation_data"] is None and _is_arrays(x):
@@ -228,7 +232,7 @@ def _wrap_fit(original: Any) -> Any:
             vx, vy, vw, vbatch = _shard(vx, vy, vw, vbatch, False, "the validation data")
             a["validation_data"] = vx if vy is None and vw is None else (vx, vy, vw)
             a["validation_batch_size"] = vbatch
-        common.output_on_root_only(a, _callbacks(a["callbacks"]))
+        common.output_on_root_only(a, _callbacks(a["callbacks"], fitting=True))
         with common.flag("fitting"):
             return common.call(original, a)
 
@@ -240,6 +244,7 @@ def _wrap_evaluate(original: Any) -> Any:
         if not _distributed() or common.is_set("fitting"):
             return original(self, *args, **kwargs)
         a = common.bind(original, self, args, kwargs)
+        common.enter_phase("evaluate", a)
         _disable_xla(self)
         a["x"], a["y"], a["sample_weight"], a["batch_size"] = _shard(
             a["x"], a["y"], a["sample_weight"], a["batch_size"], False, "the evaluation data"
@@ -256,6 +261,7 @@ def _wrap_predict(original: Any) -> Any:
             return original(self, *args, **kwargs)
         w = world.get()
         a = common.bind(original, self, args, kwargs)
+        common.enter_phase("predict", a)
         _disable_xla(self)
         gather = _is_arrays(a["x"])
         if gather:
