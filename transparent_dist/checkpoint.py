@@ -86,8 +86,8 @@ def save(directory: str, arrays: list[np.ndarray], meta: dict, keep: int = 3) ->
     """Writes a checkpoint atomically and points `latest` at it; keeps the
     newest `keep`. Returns its path."""
     os.makedirs(directory, exist_ok=True)
-    name = f"ckpt-{int(meta['global_step']):012d}"
-    final = os.path.join(directory, name)
+    final = path_for(directory, meta["global_step"])
+    name = os.path.basename(final)
     temporary = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=directory)
     try:
         os.chmod(temporary, 0o755)
@@ -167,6 +167,10 @@ def load(path: str) -> tuple[list[np.ndarray], dict]:
         raise CheckpointError(
             f"{file} is not a readable array file ({type(error).__name__}: {error})"
         ) from None
+    return arrays, _read_meta(path)
+
+
+def _read_meta(path: str) -> dict:
     file = os.path.join(path, "meta.json")
     try:
         with open(file, "rb") as f:
@@ -176,7 +180,7 @@ def load(path: str) -> tuple[list[np.ndarray], dict]:
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{file} is not checkpoint metadata ({error})") from None
     meta["path"] = path
-    return arrays, meta
+    return meta
 
 
 def load_latest(
@@ -216,15 +220,20 @@ def load_agreed(directory: str) -> tuple[list[np.ndarray], dict] | None:
 
 
 def peek(directory: str) -> dict | None:
-    """The metadata of the newest valid checkpoint, or None."""
-    state = load_latest(directory)
-    return None if state is None else state[1]
+    """The metadata of the newest checkpoint that passes its manifest
+    check, or None (its arrays are checksummed, not decoded)."""
+    for path in _candidates(directory):
+        try:
+            _verify(path)
+            return _read_meta(path)
+        except CheckpointError:
+            continue
+    return None
 
 
-def latest_path(directory: str) -> str | None:
-    """The newest valid checkpoint in `directory`, or None."""
-    meta = peek(directory)
-    return None if meta is None else meta["path"]
+def path_for(directory: str, global_step: int) -> str:
+    """Where the checkpoint of `global_step` is (or will be) written."""
+    return os.path.join(directory, f"ckpt-{int(global_step):012d}")
 
 
 def progress(step: int, unit: tuple[str, int] | None, world_size: int) -> dict:

@@ -244,8 +244,9 @@ class CheckpointAndResume(keras.callbacks.Callback):
             self._save()
         if flags & 1:
             log.info(
-                f"checkpoint written to {checkpoint.latest_path(self.directory)}; exiting with "
-                f"status {checkpoint.PREEMPTED_STATUS} (run the same command again to resume)"
+                f"checkpoint written to {checkpoint.path_for(self.directory, self.global_step)}; "
+                f"exiting with status {checkpoint.PREEMPTED_STATUS} (run the same command "
+                "again to resume)"
             )
             raise checkpoint.Preempted()
 

@@ -39,7 +39,7 @@ __all__ = ["current", "enter", "install_end_check", "remove_end_check"]
 # Phase kinds, in the code the stall watchdog carries for them.
 KINDS = ("start", "fit", "evaluate", "predict", "script end")
 _COUNTS: collections.Counter = collections.Counter()
-_STATE = {"kind": "start", "index": 0, "description": "the start of the script"}
+_STATE = {"description": "the start of the script"}
 _FRAMEWORK_DIRS = tuple(
     os.sep + name + os.sep
     for name in ("transparent_dist", "keras", "tf_keras", "tensorflow", "runpy", "importlib")
@@ -60,11 +60,6 @@ def user_site() -> str:
 def current() -> str:
     """What this rank is doing, for messages: e.g. "fit #2 at train.py:40"."""
     return _STATE["description"]
-
-
-def code() -> tuple[int, int]:
-    """(kind code, count) of the current phase, for the stall watchdog."""
-    return KINDS.index(_STATE["kind"]), _STATE["index"]
 
 
 def _digest(text: str) -> int:
@@ -91,7 +86,8 @@ def enter(kind: str, arguments: dict | None = None, comm: Any = None) -> None:
         "arguments": dict(arguments or {}),
         "after": _STATE["description"],
     }
-    _STATE.update(kind=kind, index=phase["index"], description=_describe(phase))
+    _STATE["description"] = _describe(phase)
+    stall.enter_phase(KINDS.index(kind), phase["index"])
     comm = world.get().comm if comm is None else comm
     if comm is None:
         return

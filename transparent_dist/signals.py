@@ -39,10 +39,10 @@ _STATE: dict[str, Any] = {"pipe": None, "previous": {}, "pending": {}}
 
 
 def _on_sigterm(number: int, frame: Any) -> None:
-    _end(number, "main thread")
+    _end(number)
 
 
-def _end(number: int, where: str) -> None:
+def _end(number: int) -> None:
     from transparent_dist import failures
 
     w = world.get()
@@ -113,7 +113,7 @@ def poll() -> None:
                 f"{signal.Signals(number).name} within {_GRACE_SECONDS:g} s; it is here:\n"
                 + stall.main_thread_stack()
             )
-            _end(number, "listener")
+            _end(number)
 
 
 def _ends_job(number: int) -> bool:

@@ -59,10 +59,8 @@ class _Reporter:
     def _send(self, total: int, label_code: int) -> None:
         from mpi4py import MPI
 
-        from transparent_dist import sequence
-
         self.sent = total
-        message = np.array([total, label_code, *sequence.code()], np.int64)
+        message = np.array([total, label_code, *_PHASE], np.int64)
         for watcher in self.watchers:
             request = self.comm.Isend([message, MPI.INT64_T], dest=watcher, tag=_TAG)
             self.pending.append((request, message))
@@ -240,6 +238,8 @@ _LABELS = [
 ]
 _CODES = {label: code for code, label in enumerate(_LABELS)}
 _REPORTER: _Reporter | None = None
+# (kind code, count) of the phase this rank is in (`sequence` sets it).
+_PHASE = [0, 0]
 # Counts of collectives entered where `arrive` cannot be called (inside the
 # native op), with their label code; polled every _POLL_SECONDS.
 _COUNTERS: list[tuple[Any, int]] = []
@@ -274,6 +274,11 @@ def add_counter(counter: Any, label: str) -> None:
     """Counts `counter()` (a monotonic count of collectives, labelled
     `label`) among this rank's arrivals."""
     _COUNTERS.append((counter, _CODES.get(label, 0)))
+
+
+def enter_phase(kind_code: int, index: int) -> None:
+    """Notes the phase (`sequence.KINDS[kind_code]` #index) this rank is in."""
+    _PHASE[:] = [kind_code, index]
 
 
 def arrive(label: str) -> None:
