@@ -426,8 +426,11 @@ def test_failed_checkpoint_write_leaves_no_partial_files(tmp_path, monkeypatch):
 
 
 def test_an_unwritable_checkpoint_dir_fails_at_the_start_of_fit(tmp_path):
-    (tmp_path / "a-file").write_text("")
-    bad = tmp_path / "a-file" / "ckpt"  # what a typo or a full quota look like
+    bad = tmp_path / "read-only"
+    bad.mkdir(mode=0o555)
+    if os.access(bad, os.W_OK):  # root writes anywhere: a path under a file instead
+        (tmp_path / "a-file").write_text("")
+        bad = tmp_path / "a-file" / "ckpt"
     job = run(
         ["-m", "transparent_dist", PREEMPTIBLE, str(tmp_path), "run"],
         ranks=2,
