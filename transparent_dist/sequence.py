@@ -116,8 +116,12 @@ def enter(kind: str, arguments: dict | None = None, comm: Any = None) -> None:
 
 
 def _end_check() -> None:
+    from mpi4py import MPI
+
     from transparent_dist import failures
 
+    if MPI.Is_finalized():  # the script ended MPI itself: nothing left to check with
+        return
     try:
         enter("script end")
     except CollectiveError as error:
