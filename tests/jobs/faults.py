@@ -39,7 +39,8 @@ class Fault(keras.callbacks.Callback):
             os.kill(os.getpid(), signal.SIGINT)
         if mode == "sigterm":
             os.kill(os.getpid(), signal.SIGTERM)
-        if mode == "stall":
+        if mode == "stall" and not getattr(self, "stalled", False):
+            self.stalled = True  # once: a stall in the first epoch only
             time.sleep(6)
         if mode == "sleep_long":
             open(os.environ["FAULT_OUT"] + "-sleeping", "w").close()
