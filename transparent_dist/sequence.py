@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from transparent_dist import stall, world
+from transparent_dist import collectives, log, stall, world
 from transparent_dist.failures import CollectiveError
 
 __all__ = ["current", "enter", "install_end_check", "remove_end_check"]
@@ -92,9 +92,9 @@ def enter(kind: str, arguments: dict | None = None, comm: Any = None) -> None:
     if comm is None:
         return
     stall.arrive("phase check")
-    mine = np.array([_digest(repr((kind, phase["index"], sorted(phase["arguments"].items()))))])
+    text = repr((kind, phase["index"], sorted(phase["arguments"].items())))
     digests = np.empty(comm.Get_size(), np.int64)
-    comm.Allgather(mine.astype(np.int64), digests)
+    comm.Allgather(np.array([_digest(text)], np.int64), digests)
     if (digests == digests[0]).all():
         return
     # Rare path: every rank saw the same digests, so all take it together.
@@ -147,8 +147,6 @@ def agree_to_stop(stopping: bool, flags: int, where: str) -> int:
     """The OR over ranks of `flags`, with STOP set if any rank is `stopping`
     (its `model.stop_training`): a rank that left the training loop alone
     would leave the others waiting in the next gradient exchange."""
-    from transparent_dist import collectives, log
-
     w = world.get()
     flags = collectives.any_flags(flags | (STOP if stopping else 0), w.comm)
     if flags & STOP and w.comm is not None:
