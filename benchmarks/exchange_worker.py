@@ -112,7 +112,7 @@ class StepTimes(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         if epoch == 1 and args.mode == "td":
-            from transparent_dist import timeline
+            from transparent_dist.core import timeline
 
             timeline.reset()  # exchange counters for the warm epoch only
 
@@ -126,7 +126,7 @@ class StepTimes(keras.callbacks.Callback):
             # training steps: the cache state the exchange itself meets.
             from mpi4py import MPI
 
-            from transparent_dist import world
+            from transparent_dist.core import world
 
             comm = world.get().comm
             comm.Barrier()
@@ -136,7 +136,7 @@ class StepTimes(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if epoch == 1 and args.mode == "td" and size > 1:
-            from transparent_dist import timeline
+            from transparent_dist.core import timeline
 
             # The timed epoch ends; the third only measures raw Allreduces.
             self.stats = timeline.stats()
@@ -188,7 +188,8 @@ def per_step(events: list[dict], name: str) -> float:
 if args.mode == "td" and size > 1:
     from mpi4py import MPI
 
-    from transparent_dist import native, world
+    from transparent_dist.core import world
+    from transparent_dist.tf import native
 
     stats = timer.stats  # the warm (second) epoch
     with open(f"{trace}.rank{rank}.json") as f:

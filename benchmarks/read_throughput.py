@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow.csv  # noqa: F401 - loaded before measuring
 
 import transparent_dist
-from transparent_dist import world
+from transparent_dist.core import world
 from transparent_dist.data import read_csv, read_hdf5, read_netcdf
 
 COLS = 32

@@ -19,7 +19,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from transparent_dist import collectives
+from transparent_dist.core import collectives
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--vocabulary", type=int, default=50_000)

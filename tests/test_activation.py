@@ -58,8 +58,8 @@ from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
 from keras.src.optimizers.base_optimizer import BaseOptimizer
 originals = (TensorFlowTrainer.fit, BaseOptimizer.apply, keras.Model.save)
 import transparent_dist
-from transparent_dist import patching
-from transparent_dist.patches import keras3
+from transparent_dist.core import patching
+from transparent_dist.adapters import keras3
 patched = (TensorFlowTrainer.fit, BaseOptimizer.apply, keras.Model.save)
 assert all(p is not o for p, o in zip(patched, originals))
 assert all(p.__td_original__ is o for p, o in zip(patched, originals))
@@ -75,3 +75,21 @@ print("ok")
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "ok"
+
+
+def _start_up_writers(stderr: str) -> set[str]:
+    """The processes (their thread ids) that printed TensorFlow's oneDNN line."""
+    return {
+        line.split()[2] for line in stderr.splitlines() if "port.cc" in line and "oneDNN" in line
+    }
+
+
+def test_tensorflow_start_up_lines_come_from_rank_0_only():
+    env = job_env()
+    del env["TF_CPP_MIN_LOG_LEVEL"]  # as a user's shell has it
+    code = ["-m", "transparent_dist", "-c", "import keras; print('imported')"]
+    quiet = run(code, ranks=2, env=env).check()
+    assert quiet.stdout.count("imported") == 1
+    assert len(_start_up_writers(quiet.stderr)) == 1, quiet.stderr
+    loud = run(code, ranks=2, env={**env, "TD_VERBOSE": "1"}).check()
+    assert len(_start_up_writers(loud.stderr)) == 2, loud.stderr

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import JOBS, load_ranks, run
 
-from transparent_dist.sharding import shard_range
+from transparent_dist.core.sharding import shard_range
 
 ROWS, COLS = 20000, 64
 

@@ -10,7 +10,9 @@ from pathlib import Path
 
 from conftest import JOBS, ROOT, job_env, load_ranks, run
 
-from transparent_dist import launcher, placement, world
+from transparent_dist.core import world
+from transparent_dist.runtime import launcher
+from transparent_dist.tf import placement
 
 TDRUN = str(Path(sys.executable).parent / "tdrun")
 
@@ -64,6 +66,34 @@ def test_doctor_inside_a_job():
     # The thread split, for real: 2 ranks on this node share its cores.
     cores = os.cpu_count()
     assert f"intra-op threads {max(1, cores // 2)}" in job.stdout
+
+
+def test_doctor_on_a_login_node_names_the_mpi_a_job_would_use():
+    job = run(["-m", "transparent_dist", "doctor"], env=job_env()).check()
+    assert "MPI: not started" in job.stdout
+    assert "library a job would use: MPICH" in job.stdout, job.stdout
+    assert "launcher and library: match (MPICH)" in job.stdout, job.stdout
+
+
+def test_open_mpi_launchers_get_their_own_options(tmp_path, monkeypatch):
+    fake = tmp_path / "mpiexec"
+    fake.write_text("#!/bin/sh\necho 'mpiexec (Open MPI) 5.0.11'\n")
+    fake.chmod(0o755)
+    launcher.flavour.cache_clear()
+    assert launcher.flavour(str(fake)) == "Open MPI"
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    command = launcher.build_command("mpiexec", str(fake), 64, "a,b", [], ["train.py"])
+    assert command[:6] == [
+        str(fake),
+        "-n",
+        "64",
+        "--oversubscribe",
+        "--allow-run-as-root",
+        "--host",
+    ]
+    assert command[6] == "a,b"
+    assert launcher.family_of_library("Open MPI v5.0.11, package: Open MPI") == "Open MPI"
+    assert launcher.family_of_library("MPICH Version:      5.0.2") == "MPICH"
 
 
 def test_gpu_choice_with_a_stubbed_device_list(monkeypatch):

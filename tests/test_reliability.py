@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import JOBS, PYTHON, _mpiexec, job_env, run
 
-from transparent_dist import checkpoint
+from transparent_dist.core import checkpoint, config, preemption
 
 FAULTS = str(JOBS / "faults.py")
 PREEMPTIBLE = str(JOBS / "preemptible.py")
@@ -225,7 +225,7 @@ def test_sigterm_checkpoints_then_the_rerun_resumes_to_the_same_weights(tmp_path
         os.kill(int((tmp_path / f"pid-rank{rank}").read_text()), signal.SIGTERM)
     sent = time.monotonic()
     _, stderr = job.communicate(timeout=120)
-    assert job.returncode == checkpoint.PREEMPTED_STATUS, stderr[-3000:]
+    assert job.returncode == preemption.PREEMPTED_STATUS, stderr[-3000:]
     assert time.monotonic() - sent < 30
     meta = checkpoint.peek(str(ckpt))
     assert meta["epoch"] == 1 and 0 < meta["step"] < 60
@@ -277,12 +277,12 @@ def test_periodic_checkpoints_keep_the_last_k(tmp_path):
     assert meta["global_step"] == 5 and arrays[0].tolist() == [5, 5, 5]
     os.remove(tmp_path / "latest")  # the pointer is written last; without it, the newest
     assert checkpoint.load_latest(str(tmp_path))[1]["global_step"] == 5
-    assert checkpoint.parse_every("500") == (500, 0.0) and checkpoint.parse_every("90s") == (
+    assert config.parse_every("500") == (500, 0.0) and config.parse_every("90s") == (
         0,
         90.0,
     )
     with pytest.raises(ValueError):
-        checkpoint.parse_every("often")
+        config.parse_every("often")
 
 
 def test_keras_backup_and_restore_and_initial_epoch_keep_working(tmp_path):
@@ -325,7 +325,7 @@ def _preempt(out, ranks, lines, **env):
     for rank in range(ranks):
         os.kill(int((out / f"pid-rank{rank}").read_text()), signal.SIGTERM)
     _, stderr = job.communicate(timeout=120)
-    assert job.returncode == checkpoint.PREEMPTED_STATUS, stderr[-3000:]
+    assert job.returncode == preemption.PREEMPTED_STATUS, stderr[-3000:]
 
 
 @pytest.mark.parametrize("before,after", [(2, 3), (3, 2)])
@@ -477,3 +477,39 @@ def test_the_native_op_cache_refuses_planted_libraries(tmp_path):
     assert "an earlier build failed" in results["second_failure"]
     assert "no-such-compiler" in results["retry"]  # `build` tries again
     assert not [name for name in results["leftovers"] if name.endswith(".so")]
+
+
+# ------------------------------------------------ preemption beyond Keras 3's fit
+
+KINDS = str(JOBS / "preemptible_kinds.py")
+
+
+@pytest.mark.parametrize("kind", ["tf_keras", "loop", "tf1"])
+def test_every_kind_of_script_survives_the_walltime(tmp_path, kind):
+    """tf_keras's fit, a tf.function GradientTape loop and a TF1 session
+    loop: SIGTERM mid-run -> a checkpoint and status 75 -> the same
+    command again ends with the weights of the uninterrupted run."""
+    full, out, ckpt = tmp_path / "full", tmp_path / "run", tmp_path / "ckpt"
+    full.mkdir()
+    out.mkdir()
+    run(
+        ["-m", "transparent_dist", KINDS, str(full), "full"], ranks=2, env=job_env(KIND=kind)
+    ).check()
+    command = [_mpiexec(), "-n", "2", PYTHON, "-m", "transparent_dist", KINDS, str(out), "run"]
+    env = job_env(KIND=kind, TD_CHECKPOINT_DIR=str(ckpt))
+    job = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    _wait_for(out / "progress-rank0", lines=40)  # in the second of three epochs
+    for rank in (0, 1):
+        os.kill(int((out / f"pid-rank{rank}").read_text()), signal.SIGTERM)
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode == preemption.PREEMPTED_STATUS, stderr[-3000:]
+    meta = checkpoint.peek(str(ckpt))
+    assert 40 <= meta["global_step"] < 90
+    assert not (out / "run-rank0.json").exists()
+    resumed = run(["-m", "transparent_dist", KINDS, str(out), "run"], ranks=2, env=env).check()
+    assert f"resumed from {ckpt}" in resumed.stderr
+    assert "ran out of data" not in resumed.stderr
+    for rank in (0, 1):
+        np.testing.assert_allclose(_weights(out, "run", rank), _weights(full, "full"), atol=1e-5)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from conftest import JOBS, load_ranks, run
 
-from transparent_dist import config, import_hook, patching
-from transparent_dist.sharding import shard_range, steps_for
+from transparent_dist.core import config, patching
+from transparent_dist.core.sharding import shard_range, steps_for
+from transparent_dist.runtime import import_hook
 
 
 def test_shard_range_example_from_the_issue():

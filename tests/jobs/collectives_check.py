@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from transparent_dist import collectives, world
+from transparent_dist.core import collectives, world
 
 w = world.get()
 r, n = w.rank, w.size

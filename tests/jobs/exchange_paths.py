@@ -13,7 +13,7 @@ import keras
 import numpy as np
 
 import transparent_dist
-from transparent_dist import native
+from transparent_dist.tf import native
 
 out = sys.argv[1]
 rng = np.random.default_rng(0)

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from transparent_dist import native
+from transparent_dist.tf import native
 
 out = Path(sys.argv[1])
 built = native.build()  # the real op, from the default cache

@@ -27,7 +27,7 @@ with open(os.path.join(out, f"pid-rank{rank}"), "w") as f:
     f.write(str(os.getpid()))
 
 if os.environ.get("SLOW_WRITE"):
-    from transparent_dist import checkpoint
+    from transparent_dist.core import checkpoint
 
     original, calls = checkpoint._write_payload, []
 

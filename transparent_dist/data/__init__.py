@@ -25,12 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from transparent_dist import world
-from transparent_dist.data._together import DataError, together
+from transparent_dist.core import world
+from transparent_dist.core.errors import CollectiveError as DataError
+from transparent_dist.core.errors import together
+from transparent_dist.core.sharding import shard_range
 from transparent_dist.data.csv import read_csv
 from transparent_dist.data.hdf5 import read_hdf5
 from transparent_dist.data.netcdf import read_netcdf
-from transparent_dist.sharding import shard_range
 
 __all__ = ["DataError", "DataSet", "read_csv", "read_hdf5", "read_netcdf", "shard_range"]
 

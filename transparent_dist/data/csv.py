@@ -22,9 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from transparent_dist import world
-from transparent_dist.data._together import DataError, together
-from transparent_dist.sharding import rank_rows
+from transparent_dist.core import world
+from transparent_dist.core.errors import CollectiveError, together
+from transparent_dist.core.sharding import rank_rows
+
+__all__ = ["read_csv"]
 
 _CHUNK = 4096  # boundary probes: small, so a rank reads little beyond its range
 
@@ -34,7 +36,7 @@ def _header(path: str, header: bool, delimiter: str) -> tuple[list[str] | None, 
     with open(path, "rb") as f:
         first = f.readline()
     if not first.strip():
-        raise DataError(f"transparent_dist: {path} is empty")
+        raise CollectiveError(f"transparent_dist: {path} is empty")
     fields = next(stdlib_csv.reader([first.decode().rstrip("\r\n")], delimiter=delimiter))
     if header:
         return [name.strip() for name in fields], len(first), len(fields)
@@ -129,7 +131,7 @@ def read_csv(
             else [n for n in names if n != label_name]
         )
         if file_size <= data_start:
-            raise DataError(f"transparent_dist: {path} has no data rows")
+            raise CollectiveError(f"transparent_dist: {path} has no data rows")
         span = file_size - data_start
         with open(path, "rb", buffering=0) as f:
             start = _line_start_at(f, data_start + span * w.rank // w.size, data_start, file_size)
@@ -171,7 +173,7 @@ def read_csv(
         except pa.ArrowInvalid:
             bad_rows.append(None)
         if bad_rows:
-            raise DataError(
+            raise CollectiveError(
                 "transparent_dist: "
                 + _locate_problem(block, names, wanted, path, first_line, delimiter)
             )
@@ -180,14 +182,14 @@ def read_csv(
                 if not pa.types.is_integer(
                     table.schema.field(name).type
                 ) and not pa.types.is_floating(table.schema.field(name).type):
-                    raise DataError(
+                    raise CollectiveError(
                         "transparent_dist: "
                         + _locate_problem(block, names, [name], path, first_line, delimiter)
                     )
     local_rows = 0 if table is None else table.num_rows
     rows = [local_rows] if w.size == 1 else w.comm.allgather(local_rows)
     if min(rows) == 0:
-        raise DataError(
+        raise CollectiveError(
             f"transparent_dist: {path} has {sum(rows)} data rows, too few for the {w.size} "
             f"ranks of this job (a rank would get none)"
         )

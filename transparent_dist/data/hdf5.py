@@ -13,9 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from transparent_dist import world
-from transparent_dist.data._together import DataError, together
-from transparent_dist.sharding import rank_rows, shard_range
+from transparent_dist.core import world
+from transparent_dist.core.errors import CollectiveError, together
+from transparent_dist.core.sharding import rank_rows, shard_range
+
+__all__ = ["check_rows", "dataset_of", "open_file", "read_hdf5"]
 
 
 def open_file(path: str) -> Any:
@@ -43,16 +45,16 @@ def dataset_of(file: Any, name: str, path: str) -> Any:
             f"{path} has no dataset {name!r}; its datasets: {', '.join(names) or 'none'}"
         )
     if item.ndim == 0:
-        raise DataError(f"transparent_dist: {path}:{name} is a scalar; rows are needed")
+        raise CollectiveError(f"transparent_dist: {path}:{name} is a scalar; rows are needed")
     return item
 
 
 def check_rows(n: int, what: str) -> None:
     size = world.get().size
     if n == 0:
-        raise DataError(f"transparent_dist: {what} is empty")
+        raise CollectiveError(f"transparent_dist: {what} is empty")
     if n < size:
-        raise DataError(
+        raise CollectiveError(
             f"transparent_dist: {what} has {n} rows, fewer than the {size} ranks of this job"
         )
 

@@ -13,10 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from transparent_dist import world
-from transparent_dist.data._together import together
+from transparent_dist.core import world
+from transparent_dist.core.errors import together
+from transparent_dist.core.sharding import rank_rows, shard_range
 from transparent_dist.data.hdf5 import check_rows
-from transparent_dist.sharding import rank_rows, shard_range
+
+__all__ = ["open_file", "read_netcdf", "variable_of"]
 
 
 def open_file(path: str) -> Any:

@@ -1,0 +1,201 @@
+"""TF2 pieces that custom training loops and custom train steps meet,
+installed by `install()` when TensorFlow is imported.
+
+```python
+import tensorflow as tf
+from transparent_dist.adapters import custom_loops
+custom_loops.install()      # idempotent; transparent_dist's import hook calls it
+```
+
+- `tf.GradientTape.gradient` of a target that is not a scalar (a vector of
+  per-sample losses, which TensorFlow sums): one process's gradient is then
+  a sum over the global batch, so the exchange sums the ranks' gradients
+  instead of averaging them (`exchange.target_was_summed`).
+- `tf.train.Checkpoint` (so `CheckpointManager` too): files are written by
+  rank 0 only; the other ranks get the same return value, and their save
+  counters advance alike.
+- A `tf.data.Dataset` iterated by the script itself (a custom loop) is not
+  split between the ranks: the first update of such a loop says so, once,
+  with the one-line fix.
+- Preemption (`TD_CHECKPOINT_DIR`, `core.preemption`): every optimizer
+  update outside `fit` is a step. At the first one, the loop resumes from
+  the latest checkpoint (trainable variables and optimizer state) and the
+  updates the checkpoint holds already are skipped (the script's loop runs
+  from its start again: with a seeded or unshuffled input the batches line
+  up, and the run ends where the uninterrupted one does). After each eager
+  update, or each call of a `tf.function` that updated, the ranks agree,
+  and a signal or a due `TD_CHECKPOINT_EVERY` writes a checkpoint (and
+  exits with 75 on a signal). State outside the optimizer's variables
+  (BatchNorm statistics, the script's own counters) is not saved.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import tensorflow as tf
+
+from transparent_dist.adapters import common
+from transparent_dist.core import log, patching, preemption, world
+from transparent_dist.tf import broadcast, exchange, internals
+
+__all__ = ["applied", "install", "warn_if_loop_data_is_whole"]
+
+_SEEN = {"dataset_iterated": False, "warned": False}
+
+
+def _is_vector(target: Any) -> bool:
+    for leaf in tf.nest.flatten(target):
+        shape = getattr(leaf, "shape", None)
+        if shape is not None and shape.rank and shape.num_elements() != 1:
+            return True
+    return False
+
+
+def _wrap_gradient(original: Any) -> Any:
+    def gradient(self, target, sources, *args, **kwargs):
+        if common.distributed() and _is_vector(target):
+            exchange.target_was_summed()
+        return original(self, target, sources, *args, **kwargs)
+
+    return gradient
+
+
+def _wrap_checkpoint_write(original: Any) -> Any:
+    def _write(self, file_prefix, *args, **kwargs):
+        if world.get().is_root:
+            return original(self, file_prefix, *args, **kwargs)
+        # The path rank 0 writes, as the callers expect back.
+        return file_prefix if isinstance(file_prefix, str) else str(file_prefix)
+
+    return _write
+
+
+def _wrap_dataset_iter(original: Any) -> Any:
+    def __iter__(self):
+        counted = getattr(self, "_td_on_iter", None)  # see tf_inputs.dataset_batches
+        if counted is not None:
+            counted()
+        if (
+            common.distributed()
+            and threading.current_thread() is threading.main_thread()
+            and not common.is_set("fitting")
+            and not common.is_set("keras_call")
+        ):
+            _SEEN["dataset_iterated"] = True
+        return original(self)
+
+    return __iter__
+
+
+def warn_if_loop_data_is_whole() -> None:
+    """Called at a custom loop's first update: says once, on rank 0, that a
+    dataset the script iterates itself is used whole on every rank."""
+    if _SEEN["warned"] or not _SEEN["dataset_iterated"]:
+        return
+    _SEEN["warned"] = True
+    log.info(
+        "WARNING: a custom training loop iterates a tf.data.Dataset: every rank uses all of it, "
+        "so N ranks repeat the same work. Split it with one line before the loop: "
+        "dataset = dataset.shard(transparent_dist.size(), transparent_dist.rank())"
+    )
+
+
+# ------------------------------------------------------------ preemption
+
+
+class _Loop:
+    """A custom loop's preemption state: the service, the updates this
+    process has made (`count`, a variable so that traced steps count too),
+    and how many of them a resumed checkpoint already holds."""
+
+    def __init__(self, service: preemption.Service) -> None:
+        self.service = service
+        self.resume_at = 0
+        self.targets: list[Any] = []
+        self.seen = 0
+        with tf.init_scope():
+            self.count = tf.Variable(0, dtype=tf.int64, trainable=False, name="td_loop_updates")
+        self._signals = preemption.handling_signals()
+        self._signals.__enter__()  # for the rest of the process
+
+    def resume(self, optimizer: Any, variables: list[Any]) -> None:
+        self.targets = broadcast.unique(list(variables) + broadcast.optimizer_variables(optimizer))
+        with tf.init_scope():
+            self.resume_at = self.service.resume_replaying(
+                self.targets, lambda v, value: v.assign(value), "updates of the loop"
+            )
+
+    def state(self) -> tuple[list[Any] | None, dict]:
+        arrays = preemption.values(self.targets) if world.get().is_root else None
+        return arrays, {"epoch": 0, "step": self.service.global_step, "unit": None}
+
+    def after_updates(self) -> None:
+        """The step boundary, in Python: every update made since the last
+        one is a step (a traced step holds one or more)."""
+        done = int(self.count.numpy())
+        while self.seen < done:
+            self.seen += 1
+            if self.seen > self.resume_at:  # not one the checkpoint holds
+                self.service.step(self.state, where=f"update {self.seen}")
+
+
+_LOOP: dict[str, Any] = {}
+
+
+def _loop(optimizer: Any, variables: list[Any]) -> _Loop | None:
+    if "loop" not in _LOOP:
+        service = preemption.Service.from_settings()
+        _LOOP["loop"] = None if service is None else _Loop(service)
+        if _LOOP["loop"] is not None:
+            _LOOP["loop"].resume(optimizer, variables)
+    return _LOOP["loop"]
+
+
+def applied(optimizer: Any, variables: list[Any], apply: Any) -> Any:
+    """A custom loop's update `apply()`, counted for preemption; skipped
+    while the resumed checkpoint holds it already."""
+    loop = _loop(optimizer, variables)
+    if loop is None:
+        return apply()
+    if tf.executing_eagerly():
+        if int(loop.count.numpy()) < loop.resume_at:
+            loop.count.assign_add(1)
+            return None
+        result = apply()
+        loop.count.assign_add(1)
+        loop.after_updates()
+        return result
+    if loop.resume_at:
+
+        def update() -> Any:
+            apply()
+            return tf.constant(True)
+
+        done = tf.cond(loop.count < loop.resume_at, lambda: tf.constant(False), update)
+    else:
+        apply()
+        done = tf.constant(True)
+    with tf.control_dependencies([done]):
+        return loop.count.assign_add(1)
+
+
+def _wrap_function_call(original: Any) -> Any:
+    def __call__(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        loop = _LOOP.get("loop")
+        if loop is not None and tf.executing_eagerly() and not common.is_set("fitting"):
+            loop.after_updates()
+        return result
+
+    return __call__
+
+
+def install() -> None:
+    """Installs the TF2 patches (idempotent)."""
+    patching.wrap(internals.polymorphic_function.Function, "__call__", _wrap_function_call)
+    patching.wrap(tf.GradientTape, "gradient", _wrap_gradient)
+    for cls in (internals.checkpoint.Checkpoint, internals.checkpoint.CheckpointV1):
+        patching.wrap(cls, "_write", _wrap_checkpoint_write)
+    patching.wrap(internals.dataset_ops.DatasetV2, "__iter__", _wrap_dataset_iter)

@@ -1,0 +1,342 @@
+"""The one Keras adapter, for Keras 3 and tf_keras alike: what `fit`,
+`evaluate`, `predict`, the optimizers and the steps do under N ranks.
+
+```python
+import keras
+from transparent_dist.adapters import keras3
+keras3.install()      # idempotent; the import hook calls it (tf_keras.install alike)
+```
+
+A framework is described by a `Framework` (`keras3.FRAMEWORK`,
+`tf_keras.FRAMEWORK`): its classes, its private helpers and how to reach
+its train step. Everything else is written here once:
+
+- the optimizer's update (`update`): rank 0's weights and optimizer state
+  are broadcast before the first update, the gradients averaged
+  (`tf.exchange`), and in a custom loop the preemption service sees the
+  step (`custom_loops`);
+- `fit`, `evaluate`, `predict` (`wrap_fit` ...): the data is classified
+  once and sharded by one `ShardPlan` (`tf.inputs`), the callbacks chosen
+  per rank (`keras_callbacks`), XLA turned off for the steps that
+  exchange, a checkpoint-enabled fit resumed and preempted
+  (`core.preemption`), and `predict` gathers all rows on every rank;
+- the loss of an empty local batch is 0, not NaN (`wrap_compute_loss`).
+
+In a world of size 1 every patch calls straight through to Keras.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from transparent_dist.adapters import common, custom_loops, keras_callbacks
+from transparent_dist.core import checkpoint, config, log, output, patching, preemption, world
+from transparent_dist.tf import broadcast, exchange
+from transparent_dist.tf import inputs as tf_inputs
+
+__all__ = [
+    "Framework",
+    "callbacks_of",
+    "fitting",
+    "update",
+    "wrap_evaluate",
+    "wrap_fit",
+    "wrap_predict",
+]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Framework:
+    """What the one adapter needs to know of a Keras.
+
+    Attributes:
+        name: "keras" or "tf_keras".
+        callback_base, callback_list: its `Callback` and `CallbackList`.
+        root_only_callbacks: callbacks that write or print (rank 0 only).
+        backup_and_restore: its `BackupAndRestore`, which writes on rank 0
+            only (`silence_backup` on the others).
+        arrays: its `tf_inputs.ArrayFormat` (array packing, batch order,
+            its sequence class).
+        split_validation: `((x, y, w), split) -> ((x, y, w), validation)`.
+        unpack: `data -> (x, y, sample_weight)`.
+        turn_off_xla: `model -> bool`, True if XLA was on.
+        build_optimizer: `(optimizer, variables)` builds an unbuilt one.
+        learning_rate: `optimizer -> variable` (None for a schedule).
+        own_train_step: `model -> bool`, its train step is the framework's.
+        build_before_training: `(model, dataset)` builds a lazy model.
+        exact_epochs_after_resume: a context that makes the epoch loop take
+            the resumed epoch's length from `resumable`'s marks.
+    """
+
+    name: str
+    callback_base: type
+    callback_list: type
+    root_only_callbacks: tuple[type, ...]
+    backup_and_restore: type
+    arrays: tf_inputs.ArrayFormat
+    split_validation: Callable[[tuple, float], tuple]
+    unpack: Callable[[Any], tuple]
+    turn_off_xla: Callable[[Any], bool]
+    build_optimizer: Callable[[Any, list], None]
+    learning_rate: Callable[[Any], Any]
+    own_train_step: Callable[[Any], bool]
+    silence_backup: Callable[[Any], None]
+    build_before_training: Callable[[Any, Any], None] = lambda model, data: None
+    exact_epochs_after_resume: Callable[[], Any] = contextlib.nullcontext
+
+    @staticmethod
+    def fitting() -> bool:
+        return fitting()
+
+
+def callbacks_of(module: Any) -> dict[str, Any]:
+    """The `Framework` fields a Keras's `callbacks` module gives (Keras 3's
+    and tf_keras's name the same classes)."""
+    return {
+        "callback_base": module.Callback,
+        "callback_list": module.CallbackList,
+        "root_only_callbacks": (
+            module.ModelCheckpoint,
+            module.CSVLogger,
+            module.TensorBoard,
+            module.RemoteMonitor,
+            module.ProgbarLogger,
+        ),
+        "backup_and_restore": module.BackupAndRestore,
+    }
+
+
+def fitting() -> bool:
+    """Whether this thread is inside a patched `fit`."""
+    return common.is_set("fitting")
+
+
+_distributed = common.distributed
+
+
+# ------------------------------------------------------------ the update
+
+
+def update(optimizer: Any, grads: list, variables: list, apply: Callable[[list], Any]) -> Any:
+    """One optimizer update under N ranks: rank 0's variables and optimizer
+    state everywhere before the first one, then `apply(averaged grads)`.
+    A wrapping optimizer (LossScaleOptimizer) calls its inner one's update:
+    the gradients are averaged once, by the outermost."""
+    broadcast.before_first_update(optimizer, variables)
+    in_loop = not fitting()
+    if in_loop:
+        custom_loops.warn_if_loop_data_is_whole()
+    averaged = exchange.average(grads)
+    with common.flag("applying"):
+        if in_loop:
+            return custom_loops.applied(optimizer, variables, lambda: apply(averaged))
+        return apply(averaged)
+
+
+# ------------------------------------------------------------ loss
+
+
+def wrap_compute_loss(original: Any) -> Any:
+    """A patch for a trainer's loss method: 0 when this rank's batch is
+    empty (a mean over no samples is NaN; such a rank counts as nothing)."""
+
+    def compute_loss(self, *args, **kwargs):
+        loss = original(self, *args, **kwargs)
+        count = exchange.current_sample_count() if _distributed() else None
+        if count is None:
+            return loss
+        import tensorflow as tf
+
+        return tf.where(count > 0, loss, tf.zeros_like(loss))
+
+    return compute_loss
+
+
+# ------------------------------------------------------------ fit / evaluate / predict
+
+
+def _turn_off_xla(fw: Framework, model: Any) -> None:
+    if _distributed() and fw.turn_off_xla(model):
+        model.train_function = model.test_function = model.predict_function = None
+        log.info(
+            "jit_compile (XLA) is turned off: the gradient exchange runs MPI "
+            "from inside the step, which XLA cannot compile"
+        )
+
+
+def _pass_through(fw: Framework, arguments: dict, fit: bool = False) -> bool:
+    """Whether a call goes straight to Keras: one process with data plain
+    Keras takes (file-backed data, and checkpointing in fit, need the plugin
+    even then)."""
+    if fit and config.SETTINGS.checkpoint_dir:
+        return False
+    return not _distributed() and not tf_inputs.is_file_backed(arguments["x"])
+
+
+def _sharded(fw: Framework, data: tf_inputs.Data, batch_size: Any, shuffle: Any, what: str):
+    plan = tf_inputs.plan_for(batch_size, shuffle and data.in_pipeline)
+    return tf_inputs.for_training(data, plan, what, batch_size)
+
+
+def _shard_validation(fw: Framework, a: dict, batch_size: Any) -> None:
+    vd = a["validation_data"]
+    if vd is None:
+        return
+    vx, vy, vw = fw.unpack(tuple(vd)) if isinstance(vd, (tuple, list)) else (vd, None, None)
+    data = tf_inputs.classify(vx, vy, vw, fw.arrays)
+    vbatch = a["validation_batch_size"] or batch_size
+    vx, vy, vw, vbatch = _sharded(fw, data, vbatch, False, "the validation data")
+    a["validation_data"] = vx if vy is None and vw is None else (vx, vy, vw)
+    a["validation_batch_size"] = vbatch
+
+
+def _skip_first(dataset: Any, skip: Any) -> Any:
+    """`dataset` less its first `skip` batches, `skip` read afresh at every
+    epoch's iterator (the resumed epoch skips what it had done). The
+    lengths (resumed epoch, full epoch) ride on it for
+    `Framework.exact_epochs_after_resume`."""
+    import tensorflow as tf
+
+    resumed = tf.data.Dataset.range(1).flat_map(lambda _: dataset.skip(skip))
+    full = int(dataset.cardinality())
+    if full > 0:
+        resumed._td_epoch_lengths = (full - int(skip.numpy()), full)
+    return resumed
+
+
+def _checkpointing(fw: Framework, a: dict, unit: tuple[str, int] | None) -> Any:
+    """The CheckpointAndResume callback for this fit (TD_CHECKPOINT_DIR):
+    the service proves the directory writable and picks the checkpoint all
+    ranks resume from; the resumed epoch's data skips what was done."""
+    import tensorflow as tf
+
+    service = preemption.Service.from_settings()
+    state = service.resume()
+    skip = None
+    if state is not None:
+        meta = state[1]
+        a["initial_epoch"] = max(int(a["initial_epoch"] or 0), int(meta["epoch"]))
+        if meta["step"] > 0 and isinstance(a["x"], tf.data.Dataset):
+            steps = checkpoint.steps_to_skip(meta, unit, world.get().size)
+            skip = tf.Variable(steps, dtype=tf.int64, trainable=False)
+            a["x"] = _skip_first(a["x"], skip)
+    user = a["callbacks"]
+    user = [] if user is None or isinstance(user, fw.callback_list) else list(user)
+    made = keras_callbacks.for_framework(fw)
+    return made.CheckpointAndResume(service, skip, user, state=state, unit=unit)
+
+
+def wrap_fit(fw: Framework) -> Callable[[Any], Any]:
+    def wrap(original: Any) -> Any:
+        def fit(self, *args, **kwargs):
+            if fitting():
+                return original(self, *args, **kwargs)
+            a = common.bind(original, self, args, kwargs)
+            if _pass_through(fw, a, fit=True):
+                return original(self, *args, **kwargs)
+            common.enter_phase("fit", a)
+            common.agree_on_compile(self)
+            _turn_off_xla(fw, self)
+            x, y, sample_weight, batch_size = a["x"], a["y"], a["sample_weight"], a["batch_size"]
+            data = tf_inputs.classify(x, y, sample_weight, fw.arrays)
+            if a["validation_split"] and a["validation_data"] is None and data.kind == "arrays":
+                # Split before sharding: the validation set is the last part
+                # of the whole data, as in plain Keras.
+                (x, y, sample_weight), a["validation_data"] = fw.split_validation(
+                    (x, y, sample_weight), a["validation_split"]
+                )
+                a["validation_split"] = 0.0
+                data = tf_inputs.classify(x, y, sample_weight, fw.arrays)
+            unit = data.progress_unit(batch_size)
+            a["x"], a["y"], a["sample_weight"], a["batch_size"] = _sharded(
+                fw, data, batch_size, a["shuffle"], "the training data"
+            )
+            if data.in_pipeline:
+                a["shuffle"] = False  # done already, by our pipeline
+            _shard_validation(fw, a, batch_size)
+            fw.build_before_training(self, a["x"])
+            checkpointer = _checkpointing(fw, a, unit) if config.SETTINGS.checkpoint_dir else None
+            made = keras_callbacks.for_framework(fw)
+            extra = () if checkpointer is None else (checkpointer,)
+            common.output_on_root_only(a, made.for_this_rank(a["callbacks"], True, extra))
+            resuming = checkpointer is not None and checkpointer.skip is not None
+            with (
+                common.flag("fitting"),
+                common.flag("own_train_step") if fw.own_train_step(self) else _nothing(),
+                fw.exact_epochs_after_resume() if resuming else _nothing(),
+                preemption.handling_signals() if checkpointer is not None else _nothing(),
+            ):
+                return common.call(original, a)
+
+        return fit
+
+    return wrap
+
+
+def _nothing() -> Any:
+    return contextlib.nullcontext()
+
+
+def wrap_evaluate(fw: Framework) -> Callable[[Any], Any]:
+    def wrap(original: Any) -> Any:
+        def evaluate(self, *args, **kwargs):
+            if fitting() or kwargs.get("_use_cached_eval_dataset"):
+                return original(self, *args, **kwargs)
+            a = common.bind(original, self, args, kwargs)
+            if _pass_through(fw, a):
+                return original(self, *args, **kwargs)
+            common.enter_phase("evaluate", a)
+            _turn_off_xla(fw, self)
+            data = tf_inputs.classify(a["x"], a["y"], a["sample_weight"], fw.arrays)
+            a["x"], a["y"], a["sample_weight"], a["batch_size"] = _sharded(
+                fw, data, a["batch_size"], False, "the evaluation data"
+            )
+            made = keras_callbacks.for_framework(fw)
+            common.output_on_root_only(a, made.for_this_rank(a["callbacks"]))
+            with common.flag("keras_call"):
+                return common.call(original, a)
+
+        return evaluate
+
+    return wrap
+
+
+def wrap_predict(fw: Framework) -> Callable[[Any], Any]:
+    def wrap(original: Any) -> Any:
+        def predict(self, *args, **kwargs):
+            a = common.bind(original, self, args, kwargs)
+            if _pass_through(fw, a):
+                return original(self, *args, **kwargs)
+            common.enter_phase("predict", a)
+            _turn_off_xla(fw, self)
+            data = tf_inputs.classify(a["x"], None, None, fw.arrays)
+            plan = tf_inputs.plan_for(a["batch_size"])
+            a["x"], gather = tf_inputs.for_prediction(data, plan, "the data to predict")
+            if data.kind == "file":
+                a["batch_size"] = None
+            made = keras_callbacks.for_framework(fw)
+            common.output_on_root_only(a, made.for_this_rank(a["callbacks"]))
+            with common.flag("keras_call"):
+                outputs = common.call(original, a)
+            if not gather:
+                return outputs
+            return common.gathered_rows(outputs)
+
+        return predict
+
+    return wrap
+
+
+def install_calls(fw: Framework, trainer: type, model: type, save_model: Any, prefix: str) -> None:
+    """Patches `trainer`'s fit / evaluate / predict with this adapter, and
+    makes `model`'s save / save_weights and every alias of `save_model`
+    (under the modules named `prefix`...) write on rank 0 only."""
+    patching.wrap(trainer, "fit", wrap_fit(fw))
+    patching.wrap(trainer, "evaluate", wrap_evaluate(fw))
+    patching.wrap(trainer, "predict", wrap_predict(fw))
+    patching.wrap(model, "save", output.root_only)
+    patching.wrap(model, "save_weights", output.root_only)
+    patching.wrap_everywhere(save_model, output.root_only, prefix)

@@ -1,0 +1,286 @@
+"""Buffer-level MPI collectives on numpy arrays: the hot path of the plugin.
+
+```python
+import numpy as np
+from transparent_dist.core import collectives, world
+a, b = collectives.allreduce_average([np.ones(3, "f4"), np.ones((2, 2), "f4")],
+                                     weight=1.0, comm=world.get().comm)
+```
+
+Everything here moves raw buffers (`Allreduce`, `Bcast`, `Allgatherv` on numpy
+memory), never pickles, except the small agreement checks. Arrays of one
+dtype are fused into one contiguous buffer so a step costs one MPI call per
+dtype, not one per variable. Fusion buffers are kept between calls (two per
+layout, used in turn, so the arrays handed back from one step are never
+overwritten while that step can still read them).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from transparent_dist.core import stall, timeline
+from transparent_dist.core.errors import CollectiveError
+
+__all__ = [
+    "allgather_rows",
+    "allreduce_average",
+    "allreduce_sum",
+    "any_flags",
+    "broadcast",
+    "check_agreement",
+]
+
+# Dtypes MPI reduces natively; 16-bit floats (gradient compression) are
+# summed by a user-defined operation; anything else is reduced in float32.
+_REDUCIBLE = (np.dtype(np.float32), np.dtype(np.float64))
+_HALF = {np.dtype(np.float16).str: "float16", "bfloat16": "bfloat16"}
+_HALF_OPS: dict[str, Any] = {}
+
+
+def _half_name(dtype: np.dtype) -> str | None:
+    return "bfloat16" if dtype.name == "bfloat16" else _HALF.get(dtype.str)
+
+
+def _half_sum(name: str) -> Any:
+    """An MPI operation summing 16-bit floats carried as MPI_SHORT."""
+    if name not in _HALF_OPS:
+        from mpi4py import MPI
+
+        dtype = np.dtype(np.float16) if name == "float16" else _bfloat16()
+
+        def add(inbuf: Any, outbuf: Any, datatype: Any) -> None:
+            out = np.frombuffer(outbuf, dtype=dtype)
+            np.add(np.frombuffer(inbuf, dtype=dtype), out, out=out)
+
+        _HALF_OPS[name] = MPI.Op.Create(add, commute=True)
+    return _HALF_OPS[name]
+
+
+def _bfloat16() -> np.dtype:
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+class _FusionBuffers:
+    """Per-layout pairs of preallocated buffers, handed out alternately."""
+
+    def __init__(self) -> None:
+        self._pairs: dict[tuple, list[np.ndarray]] = {}
+        self._turn: dict[tuple, int] = {}
+
+    def get(self, dtype: np.dtype, size: int, tag: str) -> np.ndarray:
+        key = (tag, dtype.str, dtype.name, size)
+        pair = self._pairs.get(key)
+        if pair is None:
+            pair = [np.empty(size, dtype), np.empty(size, dtype)]
+            self._pairs[key] = pair
+            self._turn[key] = 0
+        turn = self._turn[key]
+        self._turn[key] = 1 - turn
+        return pair[turn]
+
+
+_BUFFERS = _FusionBuffers()
+
+
+def _exchange_dtype(dtype: np.dtype) -> np.dtype:
+    if dtype in _REDUCIBLE or _half_name(dtype):
+        return dtype
+    return np.dtype(np.float32)
+
+
+def _groups(arrays: Sequence[np.ndarray]) -> dict[np.dtype, list[int]]:
+    """Indices of `arrays` by exchange dtype, in first-seen order (the same
+    on every rank, since every rank passes the same layout)."""
+    groups: dict[np.dtype, list[int]] = {}
+    for i, a in enumerate(arrays):
+        groups.setdefault(_exchange_dtype(a.dtype), []).append(i)
+    return groups
+
+
+def _reduce_fused(
+    arrays: Sequence[np.ndarray], comm: Any, weight: float | None, tag: str
+) -> list[np.ndarray]:
+    from mpi4py import MPI
+
+    stall.arrive("gradient exchange" if weight is not None else "metric reduction")
+    started = time.perf_counter()
+    groups = _groups(arrays)
+    share = None
+    if weight is not None and any(_half_name(d) for d in groups):
+        # 16-bit sums of count-weighted gradients could overflow: scale each
+        # rank's part by its share of the total weight first.
+        total = comm.allreduce(weight, op=MPI.SUM)
+        share = weight / total if total > 0 else 0.0
+    out: list[np.ndarray] = [None] * len(arrays)  # type: ignore[list-item]
+    moved = 0
+    for dtype, members in groups.items():
+        half = _half_name(dtype)
+        total = sum(arrays[i].size for i in members)
+        # One extra slot carries the sum of the ranks' weights.
+        extra = 0 if weight is None or half else 1
+        buf = _BUFFERS.get(dtype, total + extra, tag)
+        offset = 0
+        copy_start = time.perf_counter()
+        scale = None if weight is None else (share if half else weight)
+        for i in members:
+            n = arrays[i].size
+            source, target = arrays[i].reshape(-1), buf[offset : offset + n]
+            if scale is None or scale == 1:
+                np.copyto(target, source, casting="unsafe")
+            elif scale == 0:
+                # A rank with no samples this step: its gradient may be NaN
+                # (a mean over nothing); it must contribute exactly zero.
+                target[:] = 0
+            else:
+                # Weighted while copied: one pass over the gradients, not two.
+                np.multiply(source, scale, out=target, casting="unsafe")
+            offset += n
+        if weight is not None and not half:
+            buf[total] = weight
+        reduce_start = time.perf_counter()
+        timeline.add("copy", copy_start, reduce_start)
+        if half:
+            comm.Allreduce(MPI.IN_PLACE, [buf.view(np.uint16), MPI.SHORT], op=_half_sum(half))
+        else:
+            comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        back_start = time.perf_counter()
+        timeline.add("allreduce", reduce_start, back_start)
+        if weight is not None and not half:
+            weight_sum = buf[total]
+            if weight_sum > 0:
+                buf[:total] /= weight_sum
+        offset = 0
+        for i in members:
+            a = arrays[i]
+            view = buf[offset : offset + a.size].reshape(a.shape)
+            out[i] = view if view.dtype == a.dtype else view.astype(a.dtype)
+            offset += a.size
+        moved += buf.nbytes
+        timeline.add("copy back", back_start, time.perf_counter())
+    ended = time.perf_counter()
+    if weight is not None:
+        timeline.add("exchange", started, ended)
+        stats = timeline.STATS
+        stats.exchange_seconds += ended - started
+        stats.exchange_bytes += moved
+        stats.exchanges += 1
+    return out
+
+
+def allreduce_average(arrays: Sequence[np.ndarray], weight: float, comm: Any) -> list[np.ndarray]:
+    """The weighted mean over ranks: sum_r(w_r * a_r) / sum_r(w_r).
+
+    `weight` is this rank's weight (its sample count for the step, or 1 for
+    a plain mean). A rank with weight 0 contributes nothing, whatever its
+    arrays hold. The returned arrays are views of a fusion buffer, valid
+    until the call after next.
+    """
+    return _reduce_fused(arrays, comm, float(weight), "average")
+
+
+def allreduce_sum(arrays: Sequence[np.ndarray], comm: Any) -> list[np.ndarray]:
+    """Element-wise sums over ranks, fused per dtype."""
+    return _reduce_fused(arrays, comm, None, "sum")
+
+
+def broadcast(arrays: Sequence[np.ndarray], comm: Any, root: int = 0) -> list[np.ndarray]:
+    """Rank `root`'s arrays on every rank, in one `Bcast` of raw bytes
+    (so any dtype, bfloat16 and int64 counters included, travels as is)."""
+    stall.arrive("broadcast")
+    arrays = [np.asarray(a, order="C") for a in arrays]
+    sizes = [a.nbytes for a in arrays]
+    buf = np.empty(sum(sizes), np.uint8)
+    if comm.Get_rank() == root:
+        offset = 0
+        for a, n in zip(arrays, sizes, strict=True):
+            buf[offset : offset + n] = a.reshape(-1).view(np.uint8)
+            offset += n
+    comm.Bcast(buf, root=root)
+    out = []
+    offset = 0
+    for a, n in zip(arrays, sizes, strict=True):
+        out.append(buf[offset : offset + n].view(a.dtype).reshape(a.shape).copy())
+        offset += n
+    return out
+
+
+def allgather_rows(array: np.ndarray, comm: Any) -> np.ndarray:
+    """The concatenation, in rank order, of every rank's `array` along axis
+    0 (ranks may hold different numbers of rows, zero included)."""
+    stall.arrive("gather")
+    array = np.asarray(array, order="C")
+    rows = comm.allgather(int(array.shape[0]))
+    row_size = int(np.prod(array.shape[1:], dtype=np.int64))
+    out = np.empty((sum(rows),) + array.shape[1:], array.dtype)
+    counts = [r * row_size * array.dtype.itemsize for r in rows]
+    displacements = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64).tolist()
+    from mpi4py import MPI
+
+    comm.Allgatherv(
+        [array.reshape(-1).view(np.uint8), MPI.BYTE],
+        [out.reshape(-1).view(np.uint8), (counts, displacements), MPI.BYTE],
+    )
+    return out
+
+
+def any_flags(flags: int, comm: Any) -> int:
+    """The bitwise OR of every rank's `flags` (a small int), on every rank."""
+    if comm is None:
+        return flags
+    from mpi4py import MPI
+
+    stall.arrive("agreement check")
+    buf = np.array([flags], np.int32)
+    comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.BOR)
+    return int(buf[0])
+
+
+def check_agreement(what: str, value: Any, comm: Any) -> None:
+    """Raises the same CollectiveError (a ValueError) on every rank unless all ranks pass an
+    equal `value` (a small, picklable description). Nothing to check
+    without a communicator (a world of size 1)."""
+    if comm is None:
+        return
+    stall.arrive("agreement check")
+    values = comm.allgather(value)
+    if all(v == values[0] for v in values[1:]):
+        return
+    differing = [r for r, v in enumerate(values) if v != values[0]]
+    if isinstance(value, dict):
+        # Settings: only the entries that differ from rank 0's.
+        first = _flat(values[0])
+        lines = []
+        for r in differing[:3]:
+            other = _flat(values[r])
+            keys = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+            lines.append(
+                f"rank 0 has {_entries(first, keys)} where rank {r} has {_entries(other, keys)}"
+            )
+    else:
+        lines = [f"rank 0: {values[0]!r}"] + [f"rank {r}: {values[r]!r}" for r in differing[:3]]
+    raise CollectiveError(
+        f"transparent_dist: the ranks disagree on {what}; every rank must run "
+        f"the same script on data of the same shape. " + "; ".join(lines)
+    )
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {"a.b.c": leaf}."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        out.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _entries(flat: dict[str, Any], keys: list[str]) -> str:
+    shown = ", ".join(f"{k}={flat.get(k, '(none)')!r}" for k in keys[:6])
+    return shown + (f" (and {len(keys) - 6} more)" if len(keys) > 6 else "")

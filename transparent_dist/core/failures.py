@@ -1,0 +1,82 @@
+"""A rank that fails ends the whole job, promptly and saying why.
+
+```python
+from transparent_dist.core import failures
+failures.install()   # done by `import transparent_dist` in a job of size > 1
+```
+
+Without this, an uncaught exception on one rank leaves the others waiting
+in the next collective until the walltime. The hook prints the traceback
+with the failing rank, then calls MPI_Abort, which makes the launcher end
+every rank with a non-zero status.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from types import TracebackType
+
+from transparent_dist.core import world
+from transparent_dist.core.errors import CollectiveError
+
+__all__ = ["INTERRUPTED_STATUS", "handle", "install", "uninstall"]
+
+_PREVIOUS = None
+# A job ended by SIGINT exits as a shell reports a process killed by it.
+INTERRUPTED_STATUS = 130
+
+
+def _is_collective(error: BaseException) -> bool:
+    return isinstance(error, CollectiveError) or getattr(error, "td_collective", False)
+
+
+def _hook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
+    w = world.get()
+    if w.size == 1:
+        (_PREVIOUS or sys.__excepthook__)(kind, error, tb)
+        return
+    if issubclass(kind, KeyboardInterrupt):
+        # Ctrl-C, or a SIGINT sent to this rank alone: the other ranks would
+        # wait for it in their next collective, so the whole job ends.
+        sys.stderr.write(
+            f"transparent_dist: rank {w.rank} of {w.size} was interrupted (SIGINT, "
+            "KeyboardInterrupt); ending all ranks of the job\n"
+        )
+        world.abort(INTERRUPTED_STATUS)
+        return
+    if not w.is_root and _is_collective(error):
+        # Rank 0 has the same error and reports it; an abort from here now
+        # could kill it before it has printed. It aborts the job; this is
+        # the fallback should it not.
+        time.sleep(10)
+    else:
+        text = "".join(traceback.format_exception(kind, error, tb))
+        lines = "".join(f"[rank {w.rank}] {line}\n" for line in text.rstrip("\n").split("\n"))
+        sys.stderr.write(lines)
+        sys.stderr.write(
+            f"transparent_dist: rank {w.rank} of {w.size} failed with "
+            f"{kind.__name__}; ending all ranks of the job\n"
+        )
+    world.abort(1)
+
+
+def install() -> None:
+    """Makes an uncaught exception on any rank end the whole job."""
+    global _PREVIOUS
+    if sys.excepthook is not _hook:
+        _PREVIOUS = sys.excepthook
+        sys.excepthook = _hook
+
+
+def uninstall() -> None:
+    global _PREVIOUS
+    if sys.excepthook is _hook:
+        sys.excepthook = _PREVIOUS or sys.__excepthook__
+        _PREVIOUS = None
+
+
+def handle(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
+    """Reports an exception as the hook would (for the command-line runner)."""
+    _hook(kind, error, tb)

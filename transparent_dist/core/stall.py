@@ -1,0 +1,289 @@
+"""Stalled collectives: the late ranks named after `TD_STALL_WARN` seconds
+(with the Python stacks of the late and the waiting ranks), the job ended
+after `TD_STALL_ABORT` seconds (600 by default; 0: never).
+
+```python
+from transparent_dist.core import stall
+stall.arrive("gradient exchange")   # called by `collectives` on every rank
+```
+
+Every rank counts the collectives it enters (the same sequence on every
+rank) and tells two watcher ranks, 0 and the last, with a 32-byte
+non-blocking send on a communicator of its own: the count, what the
+collective is, and the phase (`sequence`) the rank is in. Each watcher notes
+when the first rank reached collective k. If some ranks are still short of
+k after `TD_STALL_WARN` seconds, one watcher names them: rank 0, unless rank
+0 is among the late (stopped, or busy), when the last rank does, so the
+watchdog survives any one rank. It then asks the late ranks and (up to 8)
+waiting ranks for the stack of their main thread, which a listener thread on
+every rank prints; a rank that prints none is stopped or holds the
+interpreter lock. After `TD_STALL_ABORT` seconds it ends the job.
+Collectives entered by the native op (which cannot call Python) are counted
+there and polled by the listener thread. This costs two tiny messages per
+collective and nothing else on the hot path.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+import numpy as np
+
+from transparent_dist.core import config, signals, world
+
+__all__ = ["add_counter", "arrive", "enter_phase", "main_thread_stack", "start", "watchers"]
+
+_TAG = 7301
+_DUMP_TAG = 7302
+_POLL_SECONDS = 0.2
+_MAX_STACKS = 8
+
+
+class _Reporter:
+    """Sends this rank's arrivals to the watchers."""
+
+    def __init__(self, comm: Any, watchers: list[int]) -> None:
+        self.comm, self.watchers = comm, watchers
+        self.count = 0
+        self.sent = 0
+        self.pending: collections.deque = collections.deque()
+        self.lock = threading.Lock()
+
+    def _total(self) -> int:
+        return self.count + sum(counter() for counter, _ in _COUNTERS)
+
+    def _send(self, total: int, label_code: int) -> None:
+        from mpi4py import MPI
+
+        self.sent = total
+        message = np.array([total, label_code, *_PHASE], np.int64)
+        for watcher in self.watchers:
+            request = self.comm.Isend([message, MPI.INT64_T], dest=watcher, tag=_TAG)
+            self.pending.append((request, message))
+        while self.pending and self.pending[0][0].Test():
+            self.pending.popleft()
+
+    def arrive(self, label_code: int) -> None:
+        with self.lock:
+            self.count += 1
+            self._send(self._total(), label_code)
+
+    def poll(self) -> None:
+        """Reports collectives entered outside Python (the native op)."""
+        with self.lock:
+            total = self._total()
+            if total != self.sent:
+                self._send(total, _COUNTERS[-1][1])
+
+
+def main_thread_stack() -> str:
+    """The Python stack of the main thread, formatted, without the frames
+    of the interpreter's and our own command-line runner."""
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    if frame is None:
+        return "(no frame)\n"
+    runner = os.path.join("transparent_dist", "__main__.py")
+    frames = [
+        f
+        for f in traceback.extract_stack(frame)
+        if not f.filename.startswith("<frozen") and not f.filename.endswith(runner)
+    ]
+    return "".join(traceback.format_list(frames))
+
+
+def _listen(reporter: _Reporter) -> None:
+    """Every rank: polls the native op's count, and prints the main
+    thread's stack when a watcher asks."""
+    from mpi4py import MPI
+
+    rank = world.get().rank
+    request = np.zeros(2, np.int64)
+    status = MPI.Status()
+    while True:
+        time.sleep(_POLL_SECONDS)
+        reporter.poll()
+        signals.poll()
+        while reporter.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_DUMP_TAG, status=status):
+            reporter.comm.Recv([request, MPI.INT64_T], source=status.Get_source(), tag=_DUMP_TAG)
+            role = "late" if request[0] else "waiting"
+            from transparent_dist.core import sequence
+
+            lines = main_thread_stack().rstrip("\n").split("\n")
+            sys.stderr.write(
+                f"transparent_dist: stack of rank {rank} ({role}; in {sequence.current()}), "
+                f"main thread, most recent call last:\n"
+                + "".join(f"[rank {rank}] {line}\n" for line in lines)
+            )
+            sys.stderr.flush()
+
+
+class _Watchdog(threading.Thread):
+    """A watcher rank's view of how far every rank has got."""
+
+    def __init__(self, comm: Any, rank: int, watchers: list[int], warn: float, abort: float):
+        super().__init__(name="transparent_dist-stall-watchdog", daemon=True)
+        self.comm, self.rank, self.watchers = comm, rank, watchers
+        self.size = comm.Get_size()
+        self.warn, self.abort_after = warn, abort
+        self.reached = [0] * self.size
+        self.phase = [(0, 0)] * self.size
+        self.labels: dict[int, int] = {}
+        self.first_seen: dict[int, float] = {}
+        self.warned: set[int] = set()
+
+    def run(self) -> None:
+        from mpi4py import MPI
+
+        message = np.zeros(4, np.int64)
+        status = MPI.Status()
+        while True:
+            while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG, status=status):
+                self.comm.Recv([message, MPI.INT64_T], source=status.Get_source(), tag=_TAG)
+                self._note(status.Get_source(), message)
+            self._check(time.monotonic())
+            time.sleep(_POLL_SECONDS)
+
+    def _note(self, rank: int, message: np.ndarray) -> None:
+        count, label = int(message[0]), int(message[1])
+        if count >= self.reached[rank]:
+            self.reached[rank] = count
+            self.phase[rank] = (int(message[2]), int(message[3]))
+        if count not in self.first_seen:
+            self.first_seen[count] = time.monotonic()
+            self.labels[count] = label
+            for old in [k for k in self.first_seen if k < count - 2]:
+                self.first_seen.pop(old, None)
+                self.labels.pop(old, None)
+
+    def _reports(self, behind: list[int]) -> bool:
+        """Whether this watcher speaks for a stall: rank 0 does, unless it
+        is itself late; then the other watcher does."""
+        speaker = self.watchers[-1] if 0 in behind else self.watchers[0]
+        return self.rank == speaker
+
+    def _phase(self, rank: int) -> str:
+        from transparent_dist.core import sequence
+
+        kind, index = self.phase[rank]
+        if index == 0:
+            return sequence.KINDS[kind]
+        return f"{sequence.KINDS[kind]} #{index}"
+
+    def _ask_for_stacks(self, behind: list[int]) -> None:
+        from mpi4py import MPI
+
+        waiting = [r for r in range(self.size) if r not in behind]
+        chosen = behind[:_MAX_STACKS] + waiting[: max(0, _MAX_STACKS - len(behind))]
+        for rank in chosen:
+            message = np.array([1 if rank in behind else 0, 0], np.int64)
+            self.comm.Send([message, MPI.INT64_T], dest=rank, tag=_DUMP_TAG)
+
+    def _check(self, now: float) -> None:
+        front = max(self.reached)
+        waiting_since = self.first_seen.get(front)
+        if waiting_since is None:
+            return
+        behind = [r for r, k in enumerate(self.reached) if k < front]
+        if not behind or not self._reports(behind):
+            return
+        waited = now - waiting_since
+        label = _LABELS[self.labels.get(front, 0)]
+        where = "; ".join(
+            f"rank {r} last entered collective #{self.reached[r]} in {self._phase(r)}"
+            for r in behind[:4]
+        )
+        if waited >= self.warn and front not in self.warned:
+            self.warned.add(front)
+            ahead = self.size - len(behind)
+            abort = (
+                f"the job ends after TD_STALL_ABORT={self.abort_after:g} s"
+                if self.abort_after
+                else "TD_STALL_ABORT=0: the job waits"
+            )
+            sys.stderr.write(
+                f"transparent_dist: WARNING: stalled collective: {ahead} of {self.size} "
+                f"ranks have waited {waited:.0f} s in collective #{front} ({label}, "
+                f"{self._phase(self.reached.index(front))}) for rank(s) {_ranks(behind)}, "
+                f"which have not arrived ({where}); {abort}. Stacks follow; a late rank "
+                "that prints none is stopped, or blocked holding the interpreter lock\n"
+            )
+            sys.stderr.flush()
+            self._ask_for_stacks(behind)
+        if self.abort_after and waited >= self.abort_after:
+            sys.stderr.write(
+                f"transparent_dist: rank(s) {_ranks(behind)} did not reach collective "
+                f"#{front} ({label}) within TD_STALL_ABORT={self.abort_after:g} s ({where}); "
+                "ending the job\n"
+            )
+            world.abort(1)
+
+
+def _ranks(ranks: list[int]) -> str:
+    shown = ", ".join(str(r) for r in ranks[:16])
+    return shown + (f" and {len(ranks) - 16} more" if len(ranks) > 16 else "")
+
+
+_LABELS = [
+    "a collective",
+    "gradient exchange",
+    "metric reduction",
+    "broadcast",
+    "agreement check",
+    "gather",
+    "phase check",
+]
+_CODES = {label: code for code, label in enumerate(_LABELS)}
+_REPORTER: _Reporter | None = None
+# (kind code, count) of the phase this rank is in (`sequence` sets it).
+_PHASE = [0, 0]
+# Counts of collectives entered where `arrive` cannot be called (inside the
+# native op), with their label code; polled every _POLL_SECONDS.
+_COUNTERS: list[tuple[Any, int]] = []
+
+
+def watchers(size: int) -> list[int]:
+    """The ranks that watch for stalls: 0 and the last."""
+    return sorted({0, size - 1})
+
+
+def start() -> None:
+    """Starts the monitor (on every rank of a job of size > 1); idempotent."""
+    global _REPORTER
+    w = world.get()
+    if _REPORTER is not None or w.size == 1:
+        return
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD.Dup()
+    # TD_STALL_WARN=0: no watchdog, but the listener still serves `signals`.
+    chosen = watchers(w.size) if config.SETTINGS.stall_warn > 0 else []
+    if w.rank in chosen:
+        settings = config.SETTINGS
+        _Watchdog(comm, w.rank, chosen, settings.stall_warn, settings.stall_abort).start()
+    _REPORTER = _Reporter(comm, chosen)
+    threading.Thread(
+        target=_listen, args=(_REPORTER,), name="transparent_dist-stall-listener", daemon=True
+    ).start()
+
+
+def add_counter(counter: Any, label: str) -> None:
+    """Counts `counter()` (a monotonic count of collectives, labelled
+    `label`) among this rank's arrivals."""
+    _COUNTERS.append((counter, _CODES.get(label, 0)))
+
+
+def enter_phase(kind_code: int, index: int) -> None:
+    """Notes the phase (`sequence.KINDS[kind_code]` #index) this rank is in."""
+    _PHASE[:] = [kind_code, index]
+
+
+def arrive(label: str) -> None:
+    """Notes that this rank enters its next collective (`label` says which)."""
+    if _REPORTER is not None:
+        _REPORTER.arrive(_CODES.get(label, 0))

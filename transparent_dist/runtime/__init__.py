@@ -1,0 +1,1 @@
+"""How the plugin gets into a script: import hook, patching, launcher, doctor."""

@@ -1,0 +1,174 @@
+"""`python -m transparent_dist doctor`: what a job sees, from inside it.
+
+```
+mpiexec -n 2 python -m transparent_dist doctor      # or: tdrun -n 2 --doctor
+```
+
+Prints (rank 0, gathered from all ranks): the MPI library and world, the
+ranks per node, TensorFlow / Keras versions and which patches apply, each
+rank's devices and threads, and a quick allreduce bandwidth figure.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import sys
+import time
+
+import numpy as np
+
+__all__ = ["main"]
+
+
+def main() -> int:
+    import transparent_dist
+    from transparent_dist.core import world
+
+    w = world.get()
+    lines = [
+        f"transparent_dist {transparent_dist.__version__}, Python {platform.python_version()}, "
+        f"{platform.system()} {platform.machine()}"
+    ]
+    if w.comm is None:
+        lines += _mpi_outside_a_job()
+    else:
+        import mpi4py
+        from mpi4py import MPI
+
+        library = MPI.Get_library_version().strip().splitlines()[0]
+        lines.append(
+            f"MPI: {library}; mpi4py {mpi4py.__version__}; thread level "
+            f"{['single', 'funneled', 'serialized', 'multiple'][MPI.Query_thread()]}"
+        )
+    lines.append(f"world: {w.size} rank(s)")
+
+    import tensorflow as tf
+
+    lines.append(f"TensorFlow {tf.__version__}")
+    patches = ["tf1 (tf.compat.v1 optimizers, initializers, Saver, FileWriter)"]
+    try:
+        import keras
+
+        backend = keras.backend.backend()
+        lines.append(f"Keras {keras.__version__} (backend {backend})")
+        if backend == "tensorflow":
+            patches.insert(0, "keras3 (fit/evaluate/predict, optimizers, metrics, saving)")
+    except ImportError:
+        lines.append("Keras 3: not installed")
+    try:
+        import tf_keras
+
+        lines.append(
+            f"tf_keras {tf_keras.__version__} (TF_USE_LEGACY_KERAS="
+            f"{os.environ.get('TF_USE_LEGACY_KERAS', 'unset')})"
+        )
+        patches.append("tf_keras (the same as keras3, for Keras 2)")
+    except ImportError:
+        pass
+    lines.append("patches that apply: " + "; ".join(patches))
+
+    me = {
+        "rank": w.rank,
+        "host": socket.gethostname(),
+        "local": f"{w.local_rank}/{w.local_size}",
+        "devices": [d.name for d in tf.config.get_visible_devices()],
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads() or "default",
+        "cores": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+    }
+    everyone = [me] if w.comm is None else w.comm.gather(me, root=0)
+    bandwidth = None
+    if w.comm is not None and w.size > 1:
+        from mpi4py import MPI
+
+        buf = np.ones(2 * 1024 * 1024, np.float32)  # 8 MB
+        w.comm.Allreduce(MPI.IN_PLACE, buf)
+        w.comm.Barrier()
+        start = time.perf_counter()
+        for _ in range(10):
+            w.comm.Allreduce(MPI.IN_PLACE, buf)
+        seconds = (time.perf_counter() - start) / 10
+        bandwidth = (buf.nbytes / seconds / 1e9, seconds * 1e3)
+    exchange = _exchange_path(w.size)
+    if not w.is_root:
+        return 0
+    lines.append(f"gradient exchange: {exchange}")
+    nodes: dict[str, list[int]] = {}
+    for entry in everyone:
+        nodes.setdefault(entry["host"], []).append(entry["rank"])
+    lines.append(
+        "ranks per node: "
+        + "; ".join(f"{h}: {len(r)} (ranks {', '.join(map(str, r))})" for h, r in nodes.items())
+    )
+    for entry in everyone:
+        lines.append(
+            f"  rank {entry['rank']} on {entry['host']} (local {entry['local']}): "
+            f"{entry['cores']} core(s), intra-op threads {entry['intra_op_threads']}, "
+            f"devices {', '.join(entry['devices'])}"
+        )
+    if bandwidth:
+        lines.append(f"allreduce of 8 MB float32: {bandwidth[1]:.2f} ms ({bandwidth[0]:.2f} GB/s)")
+    print("\n".join(lines), file=sys.stdout, flush=True)
+    return 0
+
+
+def _exchange_path(size: int) -> str:
+    """Which gradient exchange a job of `size` ranks uses (collective when
+    size > 1); on one process, whether the native op builds."""
+    from transparent_dist.tf import native
+
+    if size > 1:
+        native.load()
+        return native.status()
+    try:
+        return f"native op builds ({native.build()}); one process exchanges nothing"
+    except Exception as error:  # noqa: BLE001 - reported, not raised
+        return f"numpy fallback: the native op does not build ({error})"
+
+
+def _library_version() -> str:
+    """The MPI library mpi4py loads, asked without starting MPI (MPI-3
+    allows it before MPI_Init)."""
+    import mpi4py
+
+    if "mpi4py.MPI" not in sys.modules:
+        mpi4py.rc.initialize = False
+        mpi4py.rc.finalize = False
+    from mpi4py import MPI
+
+    return MPI.Get_library_version().strip().splitlines()[0]
+
+
+def _mpi_outside_a_job() -> list[str]:
+    """On a login node: the MPI library a job would use, the launcher
+    `tdrun` would pick, and whether the two are of one family (a launcher
+    of another MPI starts N separate one-rank worlds)."""
+    from transparent_dist.runtime import launcher
+
+    lines = ["MPI: not started (not launched by mpiexec/srun; TD_MPI=on forces it)"]
+    try:
+        library = _library_version()
+    except Exception as error:  # noqa: BLE001 - reported, not raised
+        return [*lines, f"  mpi4py cannot load an MPI library: {error}"]
+    import mpi4py
+
+    lines.append(f"  library a job would use: {library} (mpi4py {mpi4py.__version__})")
+    try:
+        kind, path = launcher.find_launcher()
+    except SystemExit as error:
+        return [*lines, f"  launcher: none ({error})"]
+    family, launched_by = launcher.family_of_library(library), launcher.flavour(path)
+    lines.append(f"  launcher tdrun would use: {path} ({launched_by})")
+    if launched_by == "srun" or "unknown" in (family, launched_by):
+        lines.append("  launcher and library: cannot tell whether they match")
+    elif family == launched_by:
+        lines.append(f"  launcher and library: match ({family})")
+    else:
+        lines.append(
+            f"  launcher and library: MISMATCH ({launched_by} launcher, {family} library): "
+            "every rank would start a world of its own; use the launcher of the same MPI"
+        )
+    return lines

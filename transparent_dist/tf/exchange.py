@@ -1,0 +1,368 @@
+"""Where gradients are averaged across ranks.
+
+```python
+import tensorflow as tf
+from transparent_dist.tf import exchange
+grads = [tf.ones(3), None]
+averaged = exchange.average(grads)   # same structure, None stays None
+```
+
+`average` is called by the optimizer patches (Keras 3, tf_keras) just before
+an update, inside the traced train step: the gradients of one step go to MPI
+in one op per bucket (`TD_FUSION_MB`) and dtype: the compiled op of
+`native` (MPI called from C++, no Python on the hot path), or where that
+cannot be built, a `tf.numpy_function` over `collectives`. Every rank issues
+them at the same point of the same step, so the order of collectives is the
+same everywhere.
+
+The mean is weighted by each rank's number of samples in the step when the
+train step told us (its `StepContext`), so a short last batch split unevenly
+over the ranks still gives exactly the gradient one process would compute
+on the whole global batch. Custom loops get the plain mean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from transparent_dist.core import collectives, config, log, timeline, world
+from transparent_dist.tf import native
+
+__all__ = [
+    "StepContext",
+    "average",
+    "collective_op",
+    "current_sample_count",
+    "current_step",
+    "divide_loss",
+    "step",
+    "sum_over_ranks",
+    "target_was_summed",
+    "uses_native",
+]
+
+# TD_COMPRESSION: the dtype float32 gradients travel in.
+_COMPRESSED = {"fp16": "float16", "bf16": "bfloat16"}
+
+
+@dataclasses.dataclass
+class StepContext:
+    """What decides the arithmetic of one step's exchange.
+
+    Args:
+        samples: this rank's sample count in the step (a tensor while the
+            step is traced), or None for a plain mean (custom loops).
+        divided: the loss was divided by N already (`divide_loss`), so the
+            gradients arrive as shares of the mean.
+        summed: the target was a vector TensorFlow summed (per-sample
+            losses), so one process's gradient is a sum over the batch.
+    """
+
+    samples: Any = None
+    divided: bool = False
+    summed: bool = False
+
+
+_THREAD = threading.local()
+
+
+def current_step() -> StepContext:
+    """The context of the step this thread is tracing or running: the one
+    `step` opened, else this thread's context for code outside any
+    framework step (a custom loop)."""
+    context = getattr(_THREAD, "step", None)
+    if context is None:
+        context = _THREAD.step = StepContext()
+    return context
+
+
+@contextlib.contextmanager
+def step(samples: Any) -> Iterator[StepContext]:
+    """Opens the context of one train / test step in which this rank holds
+    `samples` samples; `average` inside it weights this rank's gradient by
+    them. Opened by the adapters' step wrappers.
+
+    ```python
+    with exchange.step(tf.shape(x)[0]) as context:
+        grads = exchange.average(grads, context)
+    ```
+    """
+    previous = getattr(_THREAD, "step", None)
+    _THREAD.step = StepContext(samples=samples)
+    try:
+        yield _THREAD.step
+    finally:
+        _THREAD.step = previous
+
+
+def target_was_summed() -> None:
+    """Declares that the next gradients to be averaged come from a target
+    TensorFlow summed (a vector of per-sample losses given to
+    `GradientTape.gradient`): one process's gradient is then the sum over
+    the global batch, so `average` sums the ranks' gradients instead."""
+    current_step().summed = True
+
+
+def divide_loss(loss: Any) -> Any:
+    """`loss` / N for the step being traced (inside `step`), when the native
+    exchange is in use; else `loss`. The step's gradients then arrive
+    divided by N already, and on every step where the ranks have the same
+    sample count the exchange sums them untouched: no pass over the
+    gradients (it costs a third of a large model's exchange time here)."""
+    context = current_step()
+    if context.samples is None or world.get().size == 1 or not uses_native():
+        return loss
+    context.divided = True
+    return loss / world.get().size
+
+
+def current_sample_count() -> Any:
+    """This rank's sample count in the current step, or None outside a
+    framework train step (custom loops)."""
+    count = current_step().samples
+    if count is None:
+        return None
+    import tensorflow as tf
+
+    # A tensor traced into another graph (a test step, an earlier trace)
+    # must not leak into this one.
+    if not tf.executing_eagerly() and not isinstance(count, (int, float)):
+        graph = getattr(count, "graph", None)
+        if graph is not None and graph is not tf.compat.v1.get_default_graph():
+            return None
+    return count
+
+
+_PATH: dict[str, bool] = {}
+
+
+def uses_native() -> bool:
+    """Whether this process exchanges through the compiled op (`native`) or
+    through `tf.numpy_function` over `collectives`: decided once, at the
+    first exchange, and the same for every later one."""
+    if "native" not in _PATH:
+        _PATH["native"] = native.load()
+    return _PATH["native"]
+
+
+def average(grads: Sequence[Any], context: StepContext | None = None) -> list[Any]:
+    """Sample-weighted mean of `grads` over all ranks (graph or eager).
+
+    Args:
+        grads: gradients; may hold None (left as is) and `tf.IndexedSlices`
+            (sparse gradients: gathered, `_gathered_slices`).
+        context: the step's `StepContext`; by default the current one.
+
+    Returns:
+        The averaged gradients, in the same structure and dtypes.
+    """
+    w = world.get()
+    grads = list(grads)
+    if w.size == 1:
+        return grads
+    import tensorflow as tf
+
+    present = [i for i, g in enumerate(grads) if g is not None]
+    if not present:
+        return grads
+    context = context or current_step()
+    summed = context.summed
+    context.summed = False  # one declaration per gradient call
+    weight = None if summed else current_sample_count()  # summed: a plain mean, times N below
+    weight = tf.cast(1.0 if weight is None else weight, tf.float64)
+    divided = context.divided
+    for i in [i for i in present if isinstance(grads[i], tf.IndexedSlices)]:
+        grads[i] = _gathered_slices(grads[i], weight, divided and not summed, summed, w)
+    present = [i for i in present if not isinstance(grads[i], tf.IndexedSlices)]
+    if not present:
+        return grads
+    dense = {i: tf.convert_to_tensor(grads[i]) for i in present}
+    # Backprop yields the last layers' gradients first: their bucket goes
+    # first, so its allreduce can run while earlier layers still compute.
+    buckets = _buckets(list(reversed(present)), dense, config.SETTINGS.fusion_mb)
+    log.debug(
+        f"gradient exchange: {len(present)} tensors in {len(buckets)} bucket(s), "
+        f"compression {config.SETTINGS.compression}"
+    )
+    if uses_native():
+        for number, bucket in enumerate(buckets):
+            _native_average(bucket, dense, grads, weight, number == 0, divided)
+    else:
+        _numpy_average(buckets, dense, grads, weight, w.comm)
+    if summed:
+        for i in present:
+            grads[i] = grads[i] * tf.cast(w.size, grads[i].dtype)
+    return grads
+
+
+def _gathered_slices(slices: Any, weight: Any, divided: bool, summed: bool, w: Any) -> Any:
+    """A sparse gradient (`tf.IndexedSlices`, from an Embedding) over all
+    ranks: every rank's rows, each scaled by its rank's share, concatenated
+    in rank order. That is the gradient one process computes on the global
+    batch, occurrence by occurrence: optimizers that treat slices row by
+    row (Adam squares each occurrence) then update as one process does,
+    and the exchange moves the rows used, not the whole table."""
+    import tensorflow as tf
+
+    comm = w.comm
+
+    def gather(step_weight, indices, values):
+        weights = comm.allgather(float(step_weight))
+        if summed:
+            share = 1.0
+        else:
+            share = float(step_weight) / sum(weights)
+            if divided:  # the loss was divided by N already
+                share *= w.size
+        scaled = (values * np.asarray(share, values.dtype)).astype(values.dtype)
+        return (
+            collectives.allgather_rows(indices, comm),
+            collectives.allgather_rows(scaled, comm),
+        )
+
+    indices, values = tf.numpy_function(
+        gather,
+        [weight, slices.indices, slices.values],
+        [slices.indices.dtype, slices.values.dtype],
+        stateful=True,
+        name="td_gather_sparse_gradient",
+    )
+    indices.set_shape([None])
+    values.set_shape([None, *slices.values.shape[1:]])
+    return tf.IndexedSlices(values, indices, slices.dense_shape)
+
+
+def _native_average(
+    bucket: list[int],
+    dense: dict[int, Any],
+    grads: list[Any],
+    weight: Any,
+    count_samples: bool,
+    divided: bool,
+) -> None:
+    """One bucket through the native op: one call per dtype, float dtypes
+    as they are, anything else as float32."""
+    import tensorflow as tf
+
+    groups = _by_dtype(bucket, lambda i: _native_dtype(dense[i].dtype.name))
+    for number, (name, members) in enumerate(groups.items()):
+        sent = [
+            tf.cast(dense[i], name) if dense[i].dtype.name != name else dense[i] for i in members
+        ]
+        averaged = native.allreduce(
+            sent,
+            weight,
+            compression=config.SETTINGS.compression if name == "float32" else "none",
+            count_samples=count_samples and number == 0,
+            divided=divided,
+        )
+        _put_back(members, averaged, dense, grads)
+
+
+def _numpy_average(
+    buckets: list[list[int]], dense: dict[int, Any], grads: list[Any], weight: Any, comm: Any
+) -> None:
+    """The buckets through `tf.numpy_function` over `collectives` (where the
+    native op cannot be built)."""
+    import tensorflow as tf
+
+    compress = _COMPRESSED.get(config.SETTINGS.compression)
+
+    def exchange(step_weight, *arrays):
+        return collectives.allreduce_average(arrays, float(step_weight), comm)
+
+    def exchange_and_count(step_weight, *arrays):
+        timeline.STATS.samples += float(step_weight)  # once per step: the first bucket
+        return exchange(step_weight, *arrays)
+
+    for number, bucket in enumerate(buckets):
+        sent = [dense[i] for i in bucket]
+        if compress is not None:
+            sent = [tf.cast(t, compress) if t.dtype == tf.float32 else t for t in sent]
+        fn = exchange_and_count if number == 0 else exchange
+        averaged = collective_op(fn, [weight, *sent], sent, "td_average_gradients")
+        _put_back(bucket, averaged, dense, grads)
+
+
+def _native_dtype(name: str) -> str:
+    """The dtype a tensor of dtype `name` travels in through the native op."""
+    return name if name in native.DTYPES else "float32"
+
+
+def _by_dtype(indices: list[int], dtype_of: Any) -> dict[str, list[int]]:
+    """`indices` grouped by `dtype_of(i)`, groups in first-seen order (the
+    same on every rank, since every rank passes the same layout)."""
+    groups: dict[str, list[int]] = {}
+    for i in indices:
+        groups.setdefault(dtype_of(i), []).append(i)
+    return groups
+
+
+def _put_back(
+    indices: list[int], results: list[Any], dense: dict[int, Any], grads: list[Any]
+) -> None:
+    """Stores exchanged `results` in `grads`, in the gradients' own dtypes."""
+    import tensorflow as tf
+
+    for i, tensor in zip(indices, results, strict=True):
+        grads[i] = tf.cast(tensor, dense[i].dtype) if tensor.dtype != dense[i].dtype else tensor
+
+
+def _buckets(order: list[int], tensors: dict[int, Any], limit_mb: float) -> list[list[int]]:
+    """Consecutive runs of `order` of at most `limit_mb` MB each (a tensor
+    larger than that is a bucket of its own); one bucket when the limit is 0."""
+    limit = limit_mb * 1e6
+    buckets: list[list[int]] = [[]]
+    size = 0
+    for i in order:
+        # A shape unknown at trace time counts as small: the bucket limit
+        # is a tuning knob, and every rank traces the same shapes.
+        nbytes = (tensors[i].shape.num_elements() or 1) * tensors[i].dtype.size
+        if limit > 0 and buckets[-1] and size + nbytes > limit:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(i)
+        size += nbytes
+    return buckets
+
+
+def sum_over_ranks(tensors: Sequence[Any]) -> list[Any]:
+    """Element-wise sums over ranks of `tensors` (graph or eager): used for
+    metric states, which are additive."""
+    w = world.get()
+    tensors = list(tensors)
+    if w.size == 1 or not tensors:
+        return tensors
+    if uses_native() and all(t.dtype.name in native.DTYPES for t in tensors):
+        out: list[Any] = [None] * len(tensors)
+        groups = _by_dtype(list(range(len(tensors))), lambda i: tensors[i].dtype.name)
+        for members in groups.values():
+            summed = native.allreduce([tensors[i] for i in members], average=False)
+            for i, tensor in zip(members, summed, strict=True):
+                out[i] = tensor
+        return out
+    comm = w.comm
+
+    def exchange(*arrays):
+        return collectives.allreduce_sum(arrays, comm)
+
+    return collective_op(exchange, tensors, tensors, "td_sum_metric_states")
+
+
+def collective_op(fn: Any, inputs: list, like: list, name: str) -> list[Any]:
+    """`fn` (a numpy-level collective) as one stateful TF op whose outputs
+    have the dtypes and static shapes of `like`. Stateful ops keep program
+    order inside a `tf.function`, which keeps the collectives in the same
+    order on every rank."""
+    import tensorflow as tf
+
+    outputs = tf.numpy_function(fn, inputs, [t.dtype for t in like], stateful=True, name=name)
+    for tensor, reference in zip(outputs, like, strict=True):
+        tensor.set_shape(reference.shape)
+    return list(outputs)

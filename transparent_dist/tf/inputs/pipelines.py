@@ -1,0 +1,425 @@
+"""This rank's part of training data, as `tf.data` pipelines, for any
+framework: each function takes the data and the `ShardPlan`.
+
+```python
+import numpy as np
+import tensorflow as tf
+from transparent_dist.tf.inputs import ShardPlan, pipelines
+ds = tf.data.Dataset.from_tensor_slices(np.arange(10.0)).batch(2)
+mine = pipelines.dataset_batches(ds, ShardPlan(rank=0, size=1))
+```
+
+In-memory arrays become a `tf.data.Dataset` of this rank's local batches:
+global batch k is the k-th batch that the framework would take with batch
+size N*b (the index order comes from the framework's own array adapter, so
+the `shuffle` permutation is its own too), and each rank gathers its
+contiguous block of it (`sharding.shard_range` of the batch). Every rank
+runs the same number of steps; a rank whose block of the last, short batch
+is empty gets an empty batch, which the sample-weighted gradient mean and
+the metric sums count as nothing.
+
+Batched `tf.data` datasets and Python generators are split round-robin by
+batch (rank r takes batches r, r+N, ...), padded with empty batches so that
+every rank has the same number of steps. h5py datasets and netCDF4
+variables are streamed (`file_batches`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from transparent_dist.core import collectives, sharding, world
+from transparent_dist.core.errors import CollectiveError
+from transparent_dist.tf.inputs import seeds
+from transparent_dist.tf.inputs.plan import ShardPlan
+
+__all__ = [
+    "agree_on_samples",
+    "array_batches",
+    "array_block",
+    "balanced_rounds",
+    "check_enough_samples",
+    "dataset_batches",
+    "dataset_block",
+    "epoch_end",
+    "file_batches",
+    "generator_batches",
+    "is_file_backed",
+    "num_rows",
+    "rank_rows_batches",
+    "rows_of",
+    "shard_arrays",
+]
+
+
+def is_file_backed(x: Any) -> bool:
+    """Whether `x` holds h5py datasets or netCDF4 variables (rows on disk)."""
+    return any(
+        type(leaf).__module__.split(".")[0] in ("h5py", "netCDF4") for leaf in tf.nest.flatten(x)
+    )
+
+
+def check_enough_samples(n: int, what: str) -> None:
+    size = world.get().size
+    if n < size:
+        raise CollectiveError(
+            f"transparent_dist: {what} has {n} samples, fewer than the {size} "
+            f"ranks of this job; every rank needs at least one sample"
+        )
+
+
+def agree_on_samples(num_samples: int, what: str) -> None:
+    """Every rank holds the same number of samples of `what`, and enough for
+    the ranks; else the same clear error on every rank."""
+    collectives.check_agreement(f"the number of samples in {what}", num_samples, world.get().comm)
+    check_enough_samples(num_samples, what)
+
+
+def shard_arrays(
+    inputs: Any,
+    num_samples: int,
+    plan: ShardPlan,
+    what: str,
+    index_batches: Callable[[int, int, Any], tf.data.Dataset],
+) -> tf.data.Dataset:
+    """This rank's batches of in-memory arrays, for any framework:
+    `index_batches(n, global_batch, shuffle)` is the framework's own global
+    batch order. The ranks first agree on the number of samples."""
+    agree_on_samples(num_samples, what)
+    with seeds.common_global_seed() if plan.shuffle else contextlib.nullcontext():
+        dataset, _ = array_batches(
+            inputs,
+            num_samples,
+            plan,
+            index_batches(num_samples, plan.global_batch, plan.shuffle),
+        )
+    return dataset
+
+
+def array_batches(
+    inputs: Any, num_samples: int, plan: ShardPlan, indices: tf.data.Dataset
+) -> tuple[tf.data.Dataset, int]:
+    """`(dataset of this rank's local batches, steps per epoch)`.
+
+    `indices` yields the global batches of sample indices, in the order the
+    framework itself would take them (see `keras_inputs.global_batch_indices`).
+    Global batch k is the k-th run of that order (`sharding.global_batch_sizes`:
+    the framework's own batches, except that a last batch with fewer
+    samples than ranks takes the missing ones from the batch before it),
+    and this rank takes its `shard_range` of it.
+    """
+    rank, size = plan.rank, plan.size
+    sizes = sharding.global_batch_sizes(num_samples, plan.global_batch, size)
+    steps = len(sizes)
+    firsts = np.cumsum([0, *sizes[:-1]])
+    blocks = [sharding.shard_range(n, rank, size) for n in sizes]
+    starts = np.array([f + a for f, (a, _) in zip(firsts, blocks, strict=True)], np.int64)
+    stops = np.array([f + b for f, (_, b) in zip(firsts, blocks, strict=True)], np.int64)
+    # One tensor per epoch holding the whole order, cut into this rank's blocks.
+    order = indices.unbatch().batch(num_samples)
+    local_indices = order.flat_map(
+        lambda o: tf.data.Dataset.from_tensor_slices((starts, stops)).map(lambda a, b: o[a:b])
+    )
+    return _gathered(inputs, local_indices, steps, plan.shuffle), steps
+
+
+def _gathered(inputs: Any, local_indices: tf.data.Dataset, steps: int, shuffle: Any) -> Any:
+    """Batches of `inputs` (in-memory arrays) at each element of `local_indices`."""
+    tensors = tf.nest.map_structure(
+        lambda a: a if tf.is_tensor(a) else tf.convert_to_tensor(np.asarray(a)), inputs
+    )
+    data = tf.data.Dataset.zip((local_indices, tf.data.Dataset.from_tensors(tensors).repeat()))
+    batches = data.map(
+        lambda i, d: tf.nest.map_structure(lambda a: tf.gather(a, i, axis=0), d),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    options = tf.data.Options()
+    options.experimental_optimization.apply_default_optimizations = False
+    if shuffle:
+        options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
+    batches = batches.with_options(options).prefetch(tf.data.AUTOTUNE)
+    return batches.apply(tf.data.experimental.assert_cardinality(steps))
+
+
+def rank_rows_batches(inputs: Any, num_rows: int, plan: ShardPlan, what: str) -> tf.data.Dataset:
+    """Batches of data that is already this rank's part (`sharding.RankRows`,
+    from the readers of `transparent_dist.data`), used as it is: the ranks
+    agree on a number of steps (enough for the largest part at the per-rank
+    batch size), and each rank cuts its own rows into that many batches of
+    near-equal size, so parts a few rows apart (a byte-split CSV) give equal
+    steps and no empty batch. With `shuffle`, each rank permutes its rows
+    anew every epoch."""
+    w = world.get()
+    counts = w.comm.allgather(num_rows)
+    per_rank = max(1, plan.global_batch // w.size)
+    steps = math.ceil(max(counts) / per_rank)
+    short = [r for r, n in enumerate(counts) if n < steps]
+    if short:
+        raise CollectiveError(
+            f"transparent_dist: {what} is already split by rank (rows per rank: {counts}); "
+            f"rank {short[0]} holds {counts[short[0]]}, fewer than the {steps} steps "
+            f"the largest part needs at {per_rank} per batch"
+        )
+    seed, epochs, rank, shuffle = plan.seed, itertools.count(), w.rank, plan.shuffle
+
+    def generate():
+        epoch = next(epochs)
+        rng = np.random.default_rng([seed, epoch, rank])
+        order = rng.permutation(num_rows) if shuffle else np.arange(num_rows)
+        yield from np.array_split(order.astype(np.int64), steps)
+
+    indices = tf.data.Dataset.from_generator(
+        generate, output_signature=tf.TensorSpec([None], tf.int64)
+    )
+    return _gathered(inputs, indices, steps, False)
+
+
+def array_block(inputs: Any, num_samples: int, plan: ShardPlan) -> Any:
+    """This rank's contiguous block of every array (for `predict`)."""
+    start, stop = sharding.shard_range(num_samples, plan.rank, plan.size)
+    return tf.nest.map_structure(lambda a: a[start:stop], inputs)
+
+
+def _read_rows(leaf: Any, start: int, stop: int) -> np.ndarray:
+    # netCDF4 variables hand out masked arrays; the data is what we want.
+    return np.asarray(np.ma.getdata(leaf[start:stop]))
+
+
+def file_batches(
+    inputs: Any, num_samples: int, plan: ShardPlan, contiguous: bool = False
+) -> tf.data.Dataset:
+    """This rank's rows of h5py datasets / netCDF4 variables (or arrays),
+    streamed batch by batch, never loaded whole.
+
+    The layout is the one of in-memory arrays: global batch k is rows
+    `[k*B, (k+1)*B)` and this rank reads its contiguous piece of it (one
+    hyperslab per step), so without shuffling the result equals plain Keras
+    on the same arrays with batch size B. A background thread reads ahead
+    (`prefetch`), so reading overlaps the training step. With `shuffle`,
+    each epoch visits the global batches in a new order (drawn from the
+    plan's seed, equal on all ranks) and permutes the rows within each
+    piece: every row once per epoch, and reads stay contiguous.
+
+    With `contiguous=True` (for `predict`, whose results are gathered in
+    rank order) this rank reads its block `shard_range(num_samples)` in
+    batches of `global_batch // size`, ending with empty batches if its
+    block needs fewer steps than the largest.
+    """
+    global_batch, shuffle, seed = plan.global_batch, plan.shuffle, plan.seed
+    rank, size = plan.rank, plan.size
+    steps = sharding.steps_for(num_samples, global_batch)
+    if contiguous:
+        local_batch = max(1, global_batch // size)
+        block_start, block_stop = sharding.shard_range(num_samples, rank, size)
+        steps = sharding.steps_for(math.ceil(num_samples / size), local_batch)
+    leaves = tf.nest.flatten(inputs)
+    spec = tuple(
+        tf.TensorSpec((None, *leaf.shape[1:]), tf.as_dtype(np.dtype(leaf.dtype))) for leaf in leaves
+    )
+    epochs = itertools.count()
+
+    def piece(step: int) -> tuple[int, int]:
+        if contiguous:
+            first = min(block_start + step * local_batch, block_stop)
+            return first, min(first + local_batch, block_stop)
+        first = step * global_batch
+        start, stop = sharding.shard_range(min(global_batch, num_samples - first), rank, size)
+        return first + start, first + stop
+
+    def generate():
+        epoch = next(epochs)
+        order = np.arange(steps)
+        if shuffle:
+            order = np.random.default_rng([seed, epoch]).permutation(steps)
+            local = np.random.default_rng([seed, epoch, rank])
+        for step in order:
+            a, b = piece(int(step))
+            arrays = [_read_rows(leaf, a, b) for leaf in leaves]
+            if shuffle:
+                permutation = local.permutation(b - a)
+                arrays = [x[permutation] for x in arrays]
+            yield tuple(arrays)
+
+    dataset = tf.data.Dataset.from_generator(generate, output_signature=spec)
+    dataset = dataset.map(lambda *t: tf.nest.pack_sequence_as(inputs, list(t))).prefetch(2)
+    return dataset.apply(tf.data.experimental.assert_cardinality(steps))
+
+
+def num_rows(batch: Any) -> int:
+    """The number of samples in a batch (its first leaf's length)."""
+    leaf = tf.nest.flatten(batch)[0]
+    if isinstance(leaf, tf.RaggedTensor):
+        return int(leaf.nrows())
+    if isinstance(leaf, tf.SparseTensor):
+        return int(leaf.dense_shape[0])
+    return int(leaf.shape[0])
+
+
+def rows_of(batch: Any, start: int, stop: int) -> Any:
+    """Rows `start:stop` of every leaf of a batch."""
+
+    def cut(leaf: Any) -> Any:
+        if isinstance(leaf, tf.SparseTensor):
+            shape = tf.cast(leaf.dense_shape, tf.int64)
+            begin = tf.concat([[start], tf.zeros_like(shape[1:])], 0)
+            return tf.sparse.slice(leaf, begin, tf.concat([[stop - start], shape[1:]], 0))
+        return leaf[start:stop]
+
+    if start == 0 and stop == num_rows(batch):
+        return batch
+    return tf.nest.map_structure(cut, batch)
+
+
+def balanced_rounds(
+    batches: Iterator[Any],
+    rank: int,
+    size: int,
+    agree: Callable[[bool], None] | None = None,
+    what: str = "the dataset",
+) -> Iterator[Any]:
+    """This rank's batches of one pass over `batches`: batch `rank` of
+    every full round of `size` batches, then its rows of the last, partial
+    round (`sharding.last_steps`), so no rank ever gets an empty batch and
+    every sample is used once. The source is read once per epoch on every
+    rank, so a shuffling dataset shuffles alike everywhere. Holds at most
+    one round of batches. `agree(has_round)` is called once per round and
+    at the end, for sources whose length the ranks do not know up front."""
+    pending = None  # (own batch, last batch) of the last full round
+    current: list[Any] = []
+    for batch in batches:
+        current.append(batch)
+        if len(current) < size:
+            continue
+        if agree is not None:
+            agree(True)
+        if pending is not None:
+            yield pending[0]
+        pending = (current[rank], current[-1])
+        current = []
+    if agree is not None:
+        agree(False)
+        collectives.check_agreement(
+            f"the number of batches of {what} after its last full round of {size}",
+            len(current),
+            world.get().data_comm,
+        )
+    own, last = pending if pending is not None else (None, None)
+    yield from epoch_end(own, last, current, rank, size, what)
+
+
+def epoch_end(own: Any, last: Any, tail: list[Any], rank: int, size: int, what: str) -> list[Any]:
+    """This rank's batches for the end of an epoch dealt round-robin: `own`
+    and `last` are its batch and the last batch of the last full round
+    (None if there was no full round), `tail` the batches after that round.
+    Split by `sharding.last_steps`: no rank's batch is empty."""
+    previous = None
+    if own is not None:
+        # Only this rank's and the last batch's row counts matter.
+        previous = [0] * size
+        previous[rank], previous[-1] = num_rows(own), num_rows(last)
+    try:
+        pieces = sharding.last_steps(previous, [num_rows(b) for b in tail], rank, size)
+    except sharding.TooFewSamples as error:
+        raise CollectiveError(
+            f"transparent_dist: {what}: {error}; every rank needs at least one sample "
+            "in every step (use fewer ranks, or drop_remainder=True)"
+        ) from None
+    first = size if own is not None else 0
+    return [
+        rows_of(own if index == rank else last, start, stop)
+        if index < first
+        else rows_of(tail[index - first], start, stop)
+        for index, start, stop in pieces
+    ]
+
+
+def _round_agreement(comm: Any, what: str) -> Callable[[bool], None]:
+    """A check, once per round, that every rank's source still has data:
+    ranks whose datasets differ in length stop with an error instead of
+    waiting for each other. One tiny allreduce per round, on the data
+    communicator (this runs on a tf.data thread)."""
+    from mpi4py import MPI
+
+    def agree(has_round: bool) -> None:
+        flags = np.array([int(has_round), -int(has_round)], np.int32)
+        comm.Allreduce(MPI.IN_PLACE, flags, op=MPI.MAX)
+        if flags[0] != -flags[1]:
+            raise CollectiveError(
+                f"transparent_dist: {what} has a different number of batches on "
+                "different ranks; every rank must see the same data"
+            )
+
+    return agree
+
+
+def _any_batch_size(spec: Any) -> Any:
+    def relax(s: Any) -> Any:
+        if isinstance(s, tf.TensorSpec) and s.shape.rank:
+            return tf.TensorSpec([None, *s.shape[1:]], s.dtype, s.name)
+        return s
+
+    return tf.nest.map_structure(relax, spec)
+
+
+def dataset_batches(dataset: tf.data.Dataset, plan: ShardPlan) -> tf.data.Dataset:
+    """Round-robin batches of a batched dataset, the last partial round
+    split by rows (`balanced_rounds`): equal steps on every rank, no
+    empty batch, every sample once per epoch."""
+    w, rank, size = world.get(), plan.rank, plan.size
+    cardinality = int(dataset.cardinality())
+    if cardinality == tf.data.INFINITE_CARDINALITY:
+        return dataset.shard(size, rank)
+    known = cardinality != tf.data.UNKNOWN_CARDINALITY
+    if known:
+        collectives.check_agreement("the number of batches in the dataset", cardinality, w.comm)
+        if cardinality == 0:
+            raise CollectiveError("transparent_dist: the dataset is empty")
+        if cardinality % size == 0:
+            return dataset.shard(size, rank)
+    agree = None if known else _round_agreement(w.data_comm, "the dataset")
+    iterators = {"created": 0, "consumed": 0}
+
+    def generate():
+        # Every iterator made of a reshuffling dataset draws the next order.
+        # Keras makes iterators it never reads (one at each epoch's end, for
+        # the next epoch); ours only run this generator when read, so the
+        # user's dataset makes up for the unread ones here, and the orders
+        # drawn are the ones plain Keras draws.
+        for _ in range(iterators["created"] - 1 - iterators["consumed"]):
+            iter(dataset)
+        iterators["consumed"] = max(iterators["created"], iterators["consumed"] + 1)
+        yield from balanced_rounds(iter(dataset), rank, size, agree)
+
+    balanced = tf.data.Dataset.from_generator(
+        generate, output_signature=_any_batch_size(dataset.element_spec)
+    )
+    if known:
+        balanced = balanced.apply(
+            tf.data.experimental.assert_cardinality(math.ceil(cardinality / size))
+        )
+    balanced._td_on_iter = lambda: iterators.update(created=iterators["created"] + 1)
+    return balanced
+
+
+def dataset_block(dataset: tf.data.Dataset, plan: ShardPlan) -> tf.data.Dataset | None:
+    """This rank's contiguous run of batches (for `predict`), or None when
+    the dataset's length is unknown."""
+    cardinality = int(dataset.cardinality())
+    if cardinality < 0:
+        return None
+    start, stop = sharding.shard_range(cardinality, plan.rank, plan.size)
+    return dataset.skip(start).take(stop - start)
+
+
+def generator_batches(generator: Any, plan: ShardPlan) -> Any:
+    """Round-robin items of a generator that every rank runs in full (a
+    generator cannot skip items), the last partial round split by rows
+    (`balanced_rounds`)."""
+    return balanced_rounds(iter(generator), plan.rank, plan.size, what="the generator")

@@ -1,0 +1,58 @@
+"""`ShardPlan`: how one call's data is split over the ranks.
+
+```python
+from transparent_dist.tf.inputs.plan import ShardPlan
+plan = ShardPlan(rank=1, size=4, global_batch=128, seed=7, shuffle=True)
+plan.local_batch   # 32
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from transparent_dist.core import config, world
+
+__all__ = ["DEFAULT_BATCH_SIZE", "ShardPlan", "global_batch"]
+
+DEFAULT_BATCH_SIZE = 32  # Keras's own default
+
+
+def global_batch(batch_size: int | None, size: int | None = None) -> int:
+    """The global batch for a `batch_size` argument: N times it, or itself
+    with TD_BATCH_SIZE=global."""
+    b = batch_size or DEFAULT_BATCH_SIZE
+    if config.SETTINGS.batch_size == "global":
+        return b
+    return b * (world.get().size if size is None else size)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardPlan:
+    """This rank's place, the global batch, and the seed every rank draws
+    the same orders from; one per `fit` / `evaluate` / `predict` input,
+    passed to every pipeline (`pipelines`).
+
+    Args:
+        rank, size: this rank and the number of ranks.
+        global_batch: samples per step over all ranks.
+        seed: the seed agreed by the ranks (`seeds.agreed_seed`).
+        shuffle: whether each epoch draws a new order.
+    """
+
+    rank: int = 0
+    size: int = 1
+    global_batch: int = DEFAULT_BATCH_SIZE
+    seed: int = 0
+    shuffle: bool = False
+
+    @property
+    def local_batch(self) -> int:
+        return max(1, self.global_batch // self.size)
+
+    @classmethod
+    def for_call(cls, batch_size: int | None, shuffle: object, seed: int) -> ShardPlan:
+        """The plan of this rank for a call with `batch_size` (per rank, as
+        the script wrote it) and `shuffle`."""
+        w = world.get()
+        return cls(w.rank, w.size, global_batch(batch_size, w.size), seed, bool(shuffle))
