@@ -1,6 +1,6 @@
 """One timed training run for benchmarks/exchange_scaling.py (not run alone).
 
-    python exchange_worker.py --model conv|mlp --mode plain|td|mwms [--steps N]
+    python exchange_worker.py --model conv|mlp|tiny --mode plain|td|mwms [--steps N]
 
 plain: Keras alone; td: under `python -m transparent_dist` (any number of
 ranks); mwms: tf.distribute.MultiWorkerMirroredStrategy, TF_CONFIG set by
@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--model", choices=["conv", "mlp"], required=True)
+parser.add_argument("--model", choices=["conv", "mlp", "tiny"], required=True)
 parser.add_argument("--mode", choices=["plain", "td", "mwms"], required=True)
 parser.add_argument("--steps", type=int, default=40)
 parser.add_argument("--batch", type=int, default=32)
@@ -58,6 +58,12 @@ def build():
             keras.layers.MaxPooling2D(),
             keras.layers.Conv2D(64, 3, activation="relu"),
             keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(10),
+        ]
+    elif args.model == "tiny":  # examples/mlp.py's size: 0.1 MB of gradients
+        layers = [
+            keras.Input((1024,)),
+            keras.layers.Dense(24, activation="relu"),
             keras.layers.Dense(10),
         ]
     else:

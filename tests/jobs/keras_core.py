@@ -20,7 +20,10 @@ OUT, MODE = sys.argv[1], sys.argv[2]
 if MODE == "reference":
     RANK, SIZE, EMULATED = 0, 1, int(sys.argv[3])
 else:
-    RANK, SIZE = int(os.environ.get("PMI_RANK", 0)), int(os.environ.get("PMI_SIZE", 1))
+    RANK, SIZE = (
+        int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0))),
+        int(os.environ.get("PMI_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", 1))),
+    )
     EMULATED = SIZE
 
 import keras  # noqa: E402

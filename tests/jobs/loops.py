@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 kind, data, out, tag = sys.argv[1:5]
-rank = int(os.environ.get("PMI_RANK", 0))
+rank = int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)))
 rng = np.random.default_rng(7 + (rank if data == "own" else 0))
 x_all = rng.normal(size=(256, 6)).astype("float32")
 y_all = (np.sin(x_all.sum(axis=1, keepdims=True))).astype("float32")

@@ -18,8 +18,8 @@ import numpy as np
 import tensorflow as tf
 
 OUT, MODE = sys.argv[1], sys.argv[2]
-RANK = int(os.environ.get("PMI_RANK", 0))
-SIZE = int(os.environ.get("PMI_SIZE", 1))
+RANK = int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)))
+SIZE = int(os.environ.get("PMI_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", 1)))
 result = {}
 
 

@@ -6,7 +6,7 @@ import os
 import sys
 
 out = sys.argv[1]
-rank = int(os.environ.get("PMI_RANK", 0))
+rank = int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)))
 with open(os.path.join(out, f"context-rank{rank}.json"), "w") as f:
     json.dump(
         {

@@ -14,8 +14,12 @@ import numpy as np
 import tensorflow as tf
 
 out, mode = sys.argv[1], sys.argv[2]
-rank = int(os.environ.get("PMI_RANK", 0))
-ranks = int(sys.argv[3]) if mode == "reference" else int(os.environ.get("PMI_SIZE", 1))
+rank = int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)))
+ranks = (
+    int(sys.argv[3])
+    if mode == "reference"
+    else int(os.environ.get("PMI_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", 1)))
+)
 keras = tf.keras
 assert keras.__name__.startswith("tf_keras"), keras.__name__
 batch = 16 * (ranks if mode == "reference" else 1)

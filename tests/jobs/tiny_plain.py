@@ -9,7 +9,7 @@ import keras
 import numpy as np
 
 out, tag, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
-rank = int(os.environ.get("PMI_RANK", 0))
+rank = int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)))
 rng = np.random.default_rng(0)
 x = rng.normal(size=(203, 6)).astype("float32")
 y = (x.sum(axis=1, keepdims=True) > 0).astype("float32")

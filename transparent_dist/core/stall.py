@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import os
+import socket
 import sys
 import threading
 import time
@@ -126,9 +127,18 @@ def _listen(reporter: _Reporter) -> None:
 class _Watchdog(threading.Thread):
     """A watcher rank's view of how far every rank has got."""
 
-    def __init__(self, comm: Any, rank: int, watchers: list[int], warn: float, abort: float):
+    def __init__(
+        self,
+        comm: Any,
+        rank: int,
+        watchers: list[int],
+        warn: float,
+        abort: float,
+        hosts: list[str] | None = None,
+    ):
         super().__init__(name="transparent_dist-stall-watchdog", daemon=True)
         self.comm, self.rank, self.watchers = comm, rank, watchers
+        self.hosts = hosts or []
         self.size = comm.Get_size()
         self.warn, self.abort_after = warn, abort
         self.reached = [0] * self.size
@@ -209,7 +219,8 @@ class _Watchdog(threading.Thread):
             sys.stderr.write(
                 f"transparent_dist: WARNING: stalled collective: {ahead} of {self.size} "
                 f"ranks have waited {waited:.0f} s in collective #{front} ({label}, "
-                f"{self._phase(self.reached.index(front))}) for rank(s) {_ranks(behind)}, "
+                f"{self._phase(self.reached.index(front))}) for rank(s) {_ranks(behind)}"
+                f"{_on_hosts(behind, self.hosts)}, "
                 f"which have not arrived ({where}); {abort}. Stacks follow; a late rank "
                 "that prints none is stopped, or blocked holding the interpreter lock\n"
             )
@@ -217,7 +228,8 @@ class _Watchdog(threading.Thread):
             self._ask_for_stacks(behind)
         if self.abort_after and waited >= self.abort_after:
             sys.stderr.write(
-                f"transparent_dist: rank(s) {_ranks(behind)} did not reach collective "
+                f"transparent_dist: rank(s) {_ranks(behind)}{_on_hosts(behind, self.hosts)} "
+                "did not reach collective "
                 f"#{front} ({label}) within TD_STALL_ABORT={self.abort_after:g} s ({where}); "
                 "ending the job\n"
             )
@@ -227,6 +239,22 @@ class _Watchdog(threading.Thread):
 def _ranks(ranks: list[int]) -> str:
     shown = ", ".join(str(r) for r in ranks[:16])
     return shown + (f" and {len(ranks) - 16} more" if len(ranks) > 16 else "")
+
+
+def _on_hosts(ranks: list[int], hosts: list[str]) -> str:
+    """ " (on node1: all 2 of its ranks, unreachable or stopped?)" for late
+    `ranks`, given every rank's host."""
+    if not hosts:
+        return ""
+    parts = []
+    for host in dict.fromkeys(hosts[r] for r in ranks):
+        late = sum(1 for r in ranks if hosts[r] == host)
+        total = hosts.count(host)
+        if late == total and total < len(hosts):
+            parts.append(f"{host}: all {total} of its ranks, a lost node or link?")
+        else:
+            parts.append(f"{host}: {late} of {total} ranks")
+    return " (on " + "; ".join(parts[:8]) + ")"
 
 
 _LABELS = [
@@ -263,9 +291,11 @@ def start() -> None:
     comm = MPI.COMM_WORLD.Dup()
     # TD_STALL_WARN=0: no watchdog, but the listener still serves `signals`.
     chosen = watchers(w.size) if config.SETTINGS.stall_warn > 0 else []
+    # Every rank's host, so that a report can name a node whose ranks are all late.
+    hosts = comm.allgather(socket.gethostname())
     if w.rank in chosen:
         settings = config.SETTINGS
-        _Watchdog(comm, w.rank, chosen, settings.stall_warn, settings.stall_abort).start()
+        _Watchdog(comm, w.rank, chosen, settings.stall_warn, settings.stall_abort, hosts).start()
     _REPORTER = _Reporter(comm, chosen)
     threading.Thread(
         target=_listen, args=(_REPORTER,), name="transparent_dist-stall-listener", daemon=True
