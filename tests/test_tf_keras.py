@@ -40,6 +40,12 @@ def test_fit_equals_one_process_with_the_global_batch(results):
     assert np.abs(np.asarray(control["weights"]) - reference["weights"]).max() > 1e-3
 
 
+def test_h5py_rows_train_as_arrays_of_one_process(results):
+    reference = results["reference"]["rows_on_disk"]["weights"]
+    for result in results["plugin"]:
+        np.testing.assert_allclose(result["rows_on_disk"]["weights"], reference, atol=1e-5)
+
+
 def test_ranks_from_different_starts_end_identical(results):
     plugin = [np.asarray(r["own_start"]["weights"]) for r in results["plugin"]]
     np.testing.assert_array_equal(plugin[0], plugin[1])

@@ -109,3 +109,14 @@ def test_collectives_on_three_ranks(tmp_path):
     assert first["bcast"] == [1, [[0.0, 0.0], [0.0, 0.0]]]
     assert first["gather"] == [[0.0, 1.0], [0.0, 1.0], [2.0, 3.0]]
     assert "disagree on a test value" in first["agree"] and "rank 1: 8" in first["agree"]
+
+
+def test_a_dataset_the_script_sharded_is_not_called_whole():
+    import tensorflow as tf
+
+    from transparent_dist.adapters import custom_loops
+
+    whole = tf.data.Dataset.range(12).batch(3)
+    assert not custom_loops._is_sharded(whole)
+    assert custom_loops._is_sharded(whole.shard(2, 0))
+    assert custom_loops._is_sharded(tf.data.Dataset.range(12).shard(2, 1).batch(3).prefetch(1))

@@ -100,5 +100,19 @@ result["shuffled_ids"] = {
     "max": float(counts.max()),
     "global_max": float(history.history["seen"][-1]),
 }
+
+# Rows on disk (h5py), as a tf_keras script passes them: the same training as
+# arrays of one process with the global batch (only the plugin reads files).
+model = build(2, keras.optimizers.Adam(0.01))
+if mode == "plugin":
+    import h5py
+
+    with h5py.File(os.path.join(out, f"data-rank{rank}.h5"), "w") as f:
+        f["x"], f["y"] = x, y
+    data = h5py.File(os.path.join(out, f"data-rank{rank}.h5"), "r")
+    model.fit(data["x"], data["y"], batch_size=batch, epochs=2, shuffle=False, verbose=0)
+else:
+    model.fit(x, y, batch_size=batch, epochs=2, shuffle=False, verbose=0)
+result["rows_on_disk"] = {"weights": weights(model)}
 with open(os.path.join(out, f"{mode}-rank{rank}.json"), "w") as f:
     json.dump(result, f)

@@ -16,7 +16,7 @@ custom_loops.install()      # idempotent; transparent_dist's import hook calls i
   counters advance alike.
 - A `tf.data.Dataset` iterated by the script itself (a custom loop) is not
   split between the ranks: the first update of such a loop says so, once,
-  with the one-line fix.
+  with the one-line fix (not when the script split it: a `shard` in it).
 - Preemption (`TD_CHECKPOINT_DIR`, `core.preemption`): every optimizer
   update outside `fit` is a step. At the first one, the loop resumes from
   the latest checkpoint (trainable variables and optimizer state) and the
@@ -82,11 +82,28 @@ def _wrap_dataset_iter(original: Any) -> Any:
             and threading.current_thread() is threading.main_thread()
             and not common.is_set("fitting")
             and not common.is_set("keras_call")
+            and not _is_sharded(self)
         ):
             _SEEN["dataset_iterated"] = True
         return original(self)
 
     return __iter__
+
+
+def _is_sharded(dataset: Any) -> bool:
+    """Whether `dataset` is, or is built on, a `Dataset.shard` (the script
+    split it between the ranks itself)."""
+    stack, seen = [dataset], 0
+    while stack and seen < 200:
+        item = stack.pop()
+        seen += 1
+        if type(item).__name__ == "_ShardDataset":
+            return True
+        try:
+            stack.extend(item._inputs())
+        except Exception:  # noqa: BLE001 - a dataset kind without inputs
+            pass
+    return False
 
 
 def warn_if_loop_data_is_whole() -> None:

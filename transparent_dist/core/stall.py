@@ -242,9 +242,10 @@ def _ranks(ranks: list[int]) -> str:
 
 
 def _on_hosts(ranks: list[int], hosts: list[str]) -> str:
-    """ " (on node1: all 2 of its ranks, unreachable or stopped?)" for late
-    `ranks`, given every rank's host."""
-    if not hosts:
+    """The hosts of late `ranks` for a report, e.g. ` (on node1: all 2 of
+    its ranks, a lost node or link?)`, given every rank's host; nothing
+    when the job runs on one host."""
+    if len(set(hosts)) < 2:
         return ""
     parts = []
     for host in dict.fromkeys(hosts[r] for r in ranks):
