@@ -7,6 +7,7 @@ Hydra starts each node's ranks in its namespace and they talk TCP
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import numpy as np
@@ -58,8 +59,15 @@ def test_two_nodes_train_as_one_process_and_write_once(cluster, tmp_path):
         "model.keras",
         *[f"nodes-rank{r}.json" for r in range(4)],
     ]
-    doctor = run(cluster.mpiexec(4, 2) + [PYTHON, "-m", "transparent_dist", "doctor"], env=_env())
-    assert "ranks per node: node0: 2 (ranks 0, 1); node1: 2 (ranks 2, 3)" in doctor.check().stdout
+    env = _env()
+    env.pop("TF_NUM_INTRAOP_THREADS")  # let the placement choose, per node
+    doctor = run(cluster.mpiexec(4, 2) + [PYTHON, "-m", "transparent_dist", "doctor"], env=env)
+    report = doctor.check().stdout
+    assert "ranks per node: node0: 2 (ranks 0, 1); node1: 2 (ranks 2, 3)" in report
+    threads = max(1, (os.cpu_count() or 1) // 2)  # the node's cores over its 2 ranks
+    for rank, where in enumerate(["node0 (local 0/2)", "node0 (local 1/2)", "node1 (local 0/2)"]):
+        assert f"rank {rank} on {where}: " in report, report
+    assert report.count(f"intra-op threads {threads},") == 4, report
 
 
 def _progress(out, lines, job, timeout=180):
