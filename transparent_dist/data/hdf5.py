@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 
 from transparent_dist.core import world
-from transparent_dist.core.errors import CollectiveError, together
-from transparent_dist.core.sharding import rank_rows, shard_range
+from transparent_dist.core.errors import CollectiveError
+from transparent_dist.data import blocks
 
-__all__ = ["check_rows", "dataset_of", "open_file", "read_hdf5"]
+__all__ = ["dataset_of", "open_file", "read_hdf5"]
 
 
 def open_file(path: str) -> Any:
@@ -49,16 +49,6 @@ def dataset_of(file: Any, name: str, path: str) -> Any:
     return item
 
 
-def check_rows(n: int, what: str) -> None:
-    size = world.get().size
-    if n == 0:
-        raise CollectiveError(f"transparent_dist: {what} is empty")
-    if n < size:
-        raise CollectiveError(
-            f"transparent_dist: {what} has {n} rows, fewer than the {size} ranks of this job"
-        )
-
-
 def read_hdf5(path: str, dataset: str) -> np.ndarray:
     """This rank's contiguous block of rows (first axis) of `dataset`.
 
@@ -66,9 +56,4 @@ def read_hdf5(path: str, dataset: str) -> np.ndarray:
     hold this rank's rows are read. Concatenating the ranks' results in rank
     order gives the whole dataset.
     """
-    with together(f"reading {dataset!r} from {path}"):
-        with open_file(path) as f:
-            item = dataset_of(f, dataset, path)
-            check_rows(item.shape[0], f"{path}:{dataset}")
-            start, stop = shard_range(item.shape[0])
-            return rank_rows(item[start:stop])
+    return blocks.read_rank_block(path, dataset, open_file, dataset_of)

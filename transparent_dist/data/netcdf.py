@@ -14,9 +14,7 @@ from typing import Any
 import numpy as np
 
 from transparent_dist.core import world
-from transparent_dist.core.errors import together
-from transparent_dist.core.sharding import rank_rows, shard_range
-from transparent_dist.data.hdf5 import check_rows
+from transparent_dist.data import blocks
 
 __all__ = ["open_file", "read_netcdf", "variable_of"]
 
@@ -53,9 +51,4 @@ def variable_of(file: Any, name: str, path: str) -> Any:
 def read_netcdf(path: str, variable: str) -> np.ndarray:
     """This rank's contiguous block of records (first dimension, usually the
     unlimited one) of `variable`."""
-    with together(f"reading {variable!r} from {path}"):
-        with open_file(path) as f:
-            var = variable_of(f, variable, path)
-            check_rows(var.shape[0], f"{path}:{variable}")
-            start, stop = shard_range(var.shape[0])
-            return rank_rows(var[start:stop])
+    return blocks.read_rank_block(path, variable, open_file, variable_of)
