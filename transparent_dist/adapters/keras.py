@@ -167,7 +167,7 @@ def _turn_off_xla(fw: Framework, model: Any) -> None:
         )
 
 
-def _pass_through(fw: Framework, arguments: dict, fit: bool = False) -> bool:
+def _pass_through(arguments: dict, fit: bool = False) -> bool:
     """Whether a call goes straight to Keras: one process with data plain
     Keras takes (file-backed data, and checkpointing in fit, need the plugin
     even then)."""
@@ -176,7 +176,7 @@ def _pass_through(fw: Framework, arguments: dict, fit: bool = False) -> bool:
     return not _distributed() and not tf_inputs.is_file_backed(arguments["x"])
 
 
-def _sharded(fw: Framework, data: tf_inputs.Data, batch_size: Any, shuffle: Any, what: str):
+def _sharded(data: tf_inputs.Data, batch_size: Any, shuffle: Any, what: str) -> tuple:
     plan = tf_inputs.plan_for(batch_size, shuffle and data.in_pipeline)
     return tf_inputs.for_training(data, plan, what, batch_size)
 
@@ -188,7 +188,7 @@ def _shard_validation(fw: Framework, a: dict, batch_size: Any) -> None:
     vx, vy, vw = fw.unpack(tuple(vd)) if isinstance(vd, (tuple, list)) else (vd, None, None)
     data = tf_inputs.classify(vx, vy, vw, fw.arrays)
     vbatch = a["validation_batch_size"] or batch_size
-    vx, vy, vw, vbatch = _sharded(fw, data, vbatch, False, "the validation data")
+    vx, vy, vw, vbatch = _sharded(data, vbatch, False, "the validation data")
     a["validation_data"] = vx if vy is None and vw is None else (vx, vy, vw)
     a["validation_batch_size"] = vbatch
 
@@ -235,7 +235,7 @@ def wrap_fit(fw: Framework) -> Callable[[Any], Any]:
             if fitting():
                 return original(self, *args, **kwargs)
             a = common.bind(original, self, args, kwargs)
-            if _pass_through(fw, a, fit=True):
+            if _pass_through(a, fit=True):
                 return original(self, *args, **kwargs)
             common.enter_phase("fit", a)
             common.agree_on_compile(self)
@@ -252,7 +252,7 @@ def wrap_fit(fw: Framework) -> Callable[[Any], Any]:
                 data = tf_inputs.classify(x, y, sample_weight, fw.arrays)
             unit = data.progress_unit(batch_size)
             a["x"], a["y"], a["sample_weight"], a["batch_size"] = _sharded(
-                fw, data, batch_size, a["shuffle"], "the training data"
+                data, batch_size, a["shuffle"], "the training data"
             )
             if data.in_pipeline:
                 a["shuffle"] = False  # done already, by our pipeline
@@ -265,9 +265,13 @@ def wrap_fit(fw: Framework) -> Callable[[Any], Any]:
             resuming = checkpointer is not None and checkpointer.skip is not None
             with (
                 common.flag("fitting"),
-                common.flag("own_train_step") if fw.own_train_step(self) else _nothing(),
-                fw.exact_epochs_after_resume() if resuming else _nothing(),
-                preemption.handling_signals() if checkpointer is not None else _nothing(),
+                common.flag("own_train_step")
+                if fw.own_train_step(self)
+                else contextlib.nullcontext(),
+                fw.exact_epochs_after_resume() if resuming else contextlib.nullcontext(),
+                preemption.handling_signals()
+                if checkpointer is not None
+                else contextlib.nullcontext(),
             ):
                 return common.call(original, a)
 
@@ -276,23 +280,19 @@ def wrap_fit(fw: Framework) -> Callable[[Any], Any]:
     return wrap
 
 
-def _nothing() -> Any:
-    return contextlib.nullcontext()
-
-
 def wrap_evaluate(fw: Framework) -> Callable[[Any], Any]:
     def wrap(original: Any) -> Any:
         def evaluate(self, *args, **kwargs):
             if fitting() or kwargs.get("_use_cached_eval_dataset"):
                 return original(self, *args, **kwargs)
             a = common.bind(original, self, args, kwargs)
-            if _pass_through(fw, a):
+            if _pass_through(a):
                 return original(self, *args, **kwargs)
             common.enter_phase("evaluate", a)
             _turn_off_xla(fw, self)
             data = tf_inputs.classify(a["x"], a["y"], a["sample_weight"], fw.arrays)
             a["x"], a["y"], a["sample_weight"], a["batch_size"] = _sharded(
-                fw, data, a["batch_size"], False, "the evaluation data"
+                data, a["batch_size"], False, "the evaluation data"
             )
             made = keras_callbacks.for_framework(fw)
             common.output_on_root_only(a, made.for_this_rank(a["callbacks"]))
@@ -308,7 +308,7 @@ def wrap_predict(fw: Framework) -> Callable[[Any], Any]:
     def wrap(original: Any) -> Any:
         def predict(self, *args, **kwargs):
             a = common.bind(original, self, args, kwargs)
-            if _pass_through(fw, a):
+            if _pass_through(a):
                 return original(self, *args, **kwargs)
             common.enter_phase("predict", a)
             _turn_off_xla(fw, self)

@@ -171,16 +171,6 @@ class Service:
         self._last_save = time.monotonic()
 
 
-def exit_now(status: int = PREEMPTED_STATUS) -> None:
-    """Ends this process with `status` from code TensorFlow runs (a
-    `tf.py_function`), where a raised SystemExit would become an op error."""
-    import os
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
-
-
 def values(variables: list[Any]) -> list[np.ndarray]:
     """The values of `variables` (TF variables, eagerly) as numpy arrays."""
     return [np.asarray(v.numpy()) for v in variables]
