@@ -30,10 +30,16 @@ __all__ = [
     "gathered_rows",
     "is_set",
     "metric_variables",
+    "no_op",
     "output_on_root_only",
 ]
 
 _LOCAL = threading.local()
+
+
+def no_op(*args: Any, **kwargs: Any) -> None:
+    """Stands in for a callback method that must not act on this rank."""
+    return None
 
 
 def distributed() -> bool:

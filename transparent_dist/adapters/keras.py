@@ -280,6 +280,14 @@ def wrap_fit(fw: Framework) -> Callable[[Any], Any]:
     return wrap
 
 
+def _call_on_this_rank(fw: Framework, original: Any, a: dict) -> Any:
+    """`evaluate` / `predict` with this rank's callbacks and output."""
+    made = keras_callbacks.for_framework(fw)
+    common.output_on_root_only(a, made.for_this_rank(a["callbacks"]))
+    with common.flag("keras_call"):
+        return common.call(original, a)
+
+
 def wrap_evaluate(fw: Framework) -> Callable[[Any], Any]:
     def wrap(original: Any) -> Any:
         def evaluate(self, *args, **kwargs):
@@ -294,10 +302,7 @@ def wrap_evaluate(fw: Framework) -> Callable[[Any], Any]:
             a["x"], a["y"], a["sample_weight"], a["batch_size"] = _sharded(
                 data, a["batch_size"], False, "the evaluation data"
             )
-            made = keras_callbacks.for_framework(fw)
-            common.output_on_root_only(a, made.for_this_rank(a["callbacks"]))
-            with common.flag("keras_call"):
-                return common.call(original, a)
+            return _call_on_this_rank(fw, original, a)
 
         return evaluate
 
@@ -317,10 +322,7 @@ def wrap_predict(fw: Framework) -> Callable[[Any], Any]:
             a["x"], gather = tf_inputs.for_prediction(data, plan, "the data to predict")
             if data.kind == "file":
                 a["batch_size"] = None
-            made = keras_callbacks.for_framework(fw)
-            common.output_on_root_only(a, made.for_this_rank(a["callbacks"]))
-            with common.flag("keras_call"):
-                outputs = common.call(original, a)
+            outputs = _call_on_this_rank(fw, original, a)
             if not gather:
                 return outputs
             return common.gathered_rows(outputs)

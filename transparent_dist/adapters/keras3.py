@@ -101,13 +101,9 @@ def _learning_rate(optimizer: Any) -> Any:
     return rate if isinstance(rate, keras_module.Variable) else None
 
 
-def _no_op(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
 def _silence_backup(callback: Any) -> None:
-    callback._save_model = _no_op
-    callback.on_train_end = _no_op
+    callback._save_model = common.no_op
+    callback.on_train_end = common.no_op
 
 
 def _build_before_training(model: Any, data: Any) -> None:

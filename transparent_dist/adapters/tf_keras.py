@@ -83,13 +83,9 @@ def _learning_rate(optimizer: Any) -> Any:
     return rate if isinstance(rate, tf.Variable) else None
 
 
-def _no_op(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
 def _silence_backup(callback: Any) -> None:
     # It restores in on_train_begin; it writes and deletes in these.
-    callback.on_epoch_end = callback.on_train_end = callback.on_train_batch_end = _no_op
+    callback.on_epoch_end = callback.on_train_end = callback.on_train_batch_end = common.no_op
 
 
 @contextlib.contextmanager

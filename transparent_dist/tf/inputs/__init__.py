@@ -36,6 +36,7 @@ import tensorflow as tf
 
 from transparent_dist.core import log, sharding, world
 from transparent_dist.tf.inputs import pipelines, seeds
+from transparent_dist.tf.inputs.pipelines import is_file_backed
 from transparent_dist.tf.inputs.plan import ShardPlan, global_batch
 
 __all__ = [
@@ -136,10 +137,6 @@ class Data:
         if self.kind in ("dataset", "sequence", "generator"):
             return ("batches", world.get().size)
         return None
-
-
-def is_file_backed(x: Any) -> bool:
-    return pipelines.is_file_backed(x)
 
 
 def classify(x: Any, y: Any, sample_weight: Any, fmt: ArrayFormat = PLAIN_ARRAYS) -> Data:
