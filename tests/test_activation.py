@@ -6,6 +6,7 @@ import json
 import subprocess
 
 import numpy as np
+import pytest
 from conftest import JOBS, PYTHON, ROOT, job_env, load_ranks, run
 
 
@@ -13,6 +14,7 @@ def _weights(directory, tag, ranks):
     return [np.asarray(r["weights"]) for r in load_ranks(directory, tag, ranks)]
 
 
+@pytest.mark.mpi
 def test_three_activation_forms_match_one_process(tmp_path):
     run([str(JOBS / "tiny_plain.py"), str(tmp_path), "reference", "40"]).check()
     reference = _weights(tmp_path, "reference", 1)[0]
@@ -84,6 +86,7 @@ def _start_up_writers(stderr: str) -> set[str]:
     }
 
 
+@pytest.mark.mpi
 def test_tensorflow_start_up_lines_come_from_rank_0_only():
     env = job_env()
     del env["TF_CPP_MIN_LOG_LEVEL"]  # as a user's shell has it

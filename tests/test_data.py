@@ -13,6 +13,8 @@ from conftest import JOBS, load_ranks, run
 
 from transparent_dist.core.sharding import shard_range
 
+pytestmark = pytest.mark.mpi  # every test here reads what mpiexec jobs wrote
+
 ROWS, COLS = 20000, 64
 
 
@@ -51,6 +53,20 @@ def files(tmp_path_factory):
     nonnumeric = list(text[:3000])
     nonnumeric[2345] = "2344,2344,0.1,abc,0.3"  # file line 2346, column 'b'
     (directory / "nonnumeric.csv").write_text("\n".join(nonnumeric) + "\n")
+    # Missing values in the last rank's rows, whatever the job size: the
+    # last line, row, record.
+    gap = list(text[:3000])
+    gap[-1] = "2998,NA,0.1,0.2,0.3"  # file line 3000, column 'mixed'
+    (directory / "missing.csv").write_text("\n".join(gap) + "\n")
+    with h5py.File(directory / "missing.h5", "w") as f:
+        f["x"] = x[:3000, :4]
+        f["x"][2999, 3] = np.nan
+    with netCDF4.Dataset(directory / "missing.nc", "w") as nc:
+        nc.createDimension("time", None)
+        t = nc.createVariable("t", "f4", ("time",), fill_value=-999.0)
+        t[:] = np.append(y[:2999], -999.0)
+        flags = nc.createVariable("flags", "i2", ("time",), fill_value=-1)
+        flags[:] = np.append(np.ones(2999, "int16"), -1)
     (directory / "empty.csv").write_text("")
     (directory / "tiny.csv").write_text("id,label\n1,2\n")
     return directory
@@ -147,6 +163,35 @@ EXPECTED_ERRORS = {
 }
 
 
+MISSING = "; pass allow_nan=True (or set TD_ALLOW_NAN=1) to read missing values as NaN"
+MISSING_ERRORS = {
+    "missing_csv_cell": "missing.csv, line 3000, column 'mixed': missing value ('NA')" + MISSING,
+    "missing_hdf5_value": "missing.h5: dataset 'x', row 2999 (element [2999, 3]): "
+    "missing value (NaN)" + MISSING,
+    "missing_netcdf_value": "missing.nc: variable 't', row 2999: missing value "
+    "(masked, stored as -999.0)" + MISSING,
+}
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+@pytest.mark.parametrize("case", sorted(MISSING_ERRORS))
+def test_missing_value_on_the_last_rank_is_every_ranks_error(results, files, ranks, case):
+    messages = [r["errors"][case] for r in results[ranks]]
+    suffix = "" if ranks == 1 else f" (on rank {ranks - 1})"
+    assert messages[0] == f"transparent_dist: {files}/{MISSING_ERRORS[case]}{suffix}"
+    assert messages == [messages[0]] * ranks
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_missing_values_allowed_are_nan_with_one_dtype(results, ranks):
+    for key in ("csv_id", "netcdf_flags"):
+        # The integer column/variable has a gap on the last rank only:
+        # every rank still gets float64, and the gap is one NaN.
+        assert {r["allowed"][key]["dtype"] for r in results[ranks]} == {"float64"}
+        assert sum(r["allowed"][key]["nan"] for r in results[ranks]) == 1
+        assert sum(r["allowed"][key]["rows"] for r in results[ranks]) == 2999 + (key != "csv_id")
+
+
 @pytest.mark.parametrize("case", sorted(EXPECTED_ERRORS))
 def test_bad_input_raises_the_same_clear_error_on_all_ranks(results, case):
     messages = [r["errors"][case] for r in results[2]]
@@ -180,6 +225,18 @@ def test_lazy_h5py_fit_equals_in_memory(results, ranks):
     # Across job sizes too: N ranks x 128 equals one process x N*128 ...
     # (checked for arrays in test_keras_core); here one process works at all.
     assert results[1][0]["lazy"]["weights"]
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_missing_value_on_the_last_rank_ends_the_job_promptly(files, ranks):
+    code = (
+        "import transparent_dist.data as d; "
+        f"d.read_csv({str(files / 'missing.csv')!r}, label='label')"
+    )
+    job = run(["-m", "transparent_dist", "-c", code], ranks=ranks, timeout=120)
+    assert job.returncode != 0 and job.seconds < 30, (job.returncode, job.seconds)
+    said = f"missing.csv, line 3000, column 'mixed': missing value ('NA'){MISSING}"
+    assert job.stderr.count(said) == 1, job.stderr[-3000:]  # said once, by rank 0
 
 
 def test_lazy_fit_memory_stays_bounded(tmp_path):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from conftest import ROOT, run
+
+pytestmark = pytest.mark.mpi
 
 
 def _final(stdout: str) -> dict[str, float]:

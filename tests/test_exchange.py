@@ -4,10 +4,14 @@ and the end-of-fit summary and the timeline say where the time went."""
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 
 import numpy as np
 import pytest
-from conftest import JOBS, ROOT, job_env, load_ranks, run
+from conftest import JOBS, PYTHON, ROOT, job_env, load_ranks, run
+
+pytestmark = pytest.mark.mpi
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +125,19 @@ def test_a_node_without_a_compiler_uses_the_op_built_elsewhere():
     env = job_env(CXX="/no/such/compiler", TD_NATIVE="on")
     job = run(["-m", "transparent_dist", "doctor"], ranks=2, env=env).check()
     assert "gradient exchange: native op (" in job.stdout
+
+
+def test_the_op_build_says_what_it_does_and_how_long_it_took(tmp_path):
+    """A first build is announced and timed (the ~10 s a new user otherwise
+    sees as silence inside epoch 1)."""
+    proc = subprocess.run(
+        [PYTHON, "-m", "transparent_dist", "build"],
+        env=job_env(TD_CACHE_DIR=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "building the native gradient exchange (once for this TensorFlow" in proc.stderr
+    assert re.search(r"native gradient exchange built in \d+\.\d s", proc.stderr)
+    assert list(tmp_path.glob("exchange_op-*.so"))

@@ -15,9 +15,10 @@ import pytest
 from conftest import JOBS, PYTHON, job_env, load_ranks, run
 from netns_cluster import Cluster
 
-pytestmark = pytest.mark.skipif(
-    Cluster.unavailable() is not None, reason=str(Cluster.unavailable())
-)
+pytestmark = [
+    pytest.mark.mpi,
+    pytest.mark.skipif(Cluster.unavailable() is not None, reason=str(Cluster.unavailable())),
+]
 
 PREEMPTIBLE = str(JOBS / "preemptible.py")
 # One global batch at any rank count, no dropout: numbers independent of N.

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from conftest import JOBS, load_ranks, run
 
+pytestmark = pytest.mark.mpi
+
 SCRIPT = str(JOBS / "keras_core.py")
 EQUIVALENT = [
     "arrays",
@@ -178,6 +180,41 @@ def test_linear_lr_scaling_with_warmup(jobs, ranks):
 def test_xla_is_turned_off_and_said_once(jobs, ranks):
     assert all(r["xla"]["jit_compile"] is False for r in jobs[ranks]["ranks"])
     assert jobs[ranks]["job"].stderr.count("jit_compile (XLA) is turned off") == 1
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_predict_and_evaluate_of_fewer_rows_than_ranks_equal_one_process(jobs, ranks):
+    """1 row (fewer than the ranks) and 5 (not divisible by 2 or 3), as
+    arrays, a dict of arrays, arrays into Conv1D and LSTM layers, datasets
+    of known and unknown length, a PyDataset and (evaluate) a generator:
+    every rank returns exactly what one process returns, rows in order."""
+    reference = jobs[ranks]["reference"]["few_rows"]
+    assert len(reference) == 26 and len(reference["predict_dict_1"]) == 1
+    for rank, result in enumerate(jobs[ranks]["ranks"]):
+        got = result["few_rows"]
+        assert got.keys() == reference.keys()
+        for key, want in reference.items():
+            assert np.shape(got[key]) == np.shape(want), f"{key}, rank {rank} of {ranks}"
+            np.testing.assert_allclose(
+                got[key], want, rtol=1e-5, atol=1e-6, err_msg=f"{key}, rank {rank} of {ranks}"
+            )
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("kind", ["unknown", "known"])
+def test_a_tracker_counts_the_last_partial_round_as_one_process(jobs, ranks, kind):
+    """A custom train_step's `Mean` of each batch's loss (issue #25): the
+    epoch's last round, split unevenly over the ranks, counts as one
+    process's last batch, whether the dataset's length is known or it runs
+    out (unknown length)."""
+    reference = jobs[ranks]["reference"]["tracker_tail"][kind]
+    for rank, result in enumerate(jobs[ranks]["ranks"]):
+        got = result["tracker_tail"][kind]
+        what = f"{kind}, rank {rank} of {ranks}"
+        np.testing.assert_allclose(got["weights"], reference["weights"], atol=1e-5, err_msg=what)
+        np.testing.assert_allclose(
+            got["history"]["loss"], reference["history"]["loss"], rtol=1e-5, err_msg=what
+        )
 
 
 def test_only_rank_zero_prints(tmp_path):

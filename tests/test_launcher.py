@@ -8,6 +8,7 @@ import sys
 import types
 from pathlib import Path
 
+import pytest
 from conftest import JOBS, ROOT, job_env, load_ranks, run
 
 from transparent_dist.core import world
@@ -43,6 +44,7 @@ def test_inside_slurm_it_uses_srun(tmp_path):
     assert launcher.find_launcher("auto", {"PATH": str(tmp_path)})[0] == "mpiexec"  # no job
 
 
+@pytest.mark.mpi
 def test_tdrun_runs_the_script_on_n_ranks(tmp_path):
     job = run([TDRUN, "-n", "2", str(JOBS / "show_context.py"), str(tmp_path), "0"], env=job_env())
     assert job.returncode == 0
@@ -50,6 +52,7 @@ def test_tdrun_runs_the_script_on_n_ranks(tmp_path):
         assert context["argv"] == [str(JOBS / "show_context.py"), str(tmp_path), "0"]
 
 
+@pytest.mark.mpi
 def test_doctor_inside_a_job():
     env = job_env()
     env.pop("TF_NUM_INTRAOP_THREADS")  # let the placement choose

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from conftest import JOBS, load_ranks, run
 
+pytestmark = pytest.mark.mpi
+
 SCRIPT = str(JOBS / "loops.py")
 
 

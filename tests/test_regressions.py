@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from conftest import JOBS, job_env, load_ranks, run
 
+pytestmark = pytest.mark.mpi
+
 SCRIPT = str(JOBS / "regressions.py")
 ACCOUNTED = ["dataset_shuffled", "dataset_unknown_length", "pydataset", "generator"]
 TINY_TAIL = "arrays_tiny_tail"
@@ -137,3 +139,44 @@ def test_too_few_samples_for_the_ranks_ends_the_job_with_the_reason():
     assert job.returncode != 0
     assert "the last 1 sample(s) of the epoch cannot be spread over 2 ranks" in job.stderr
     assert job.seconds < 60
+
+
+LOOKUP_TABLES = ["token", "position", "segment"]
+
+
+def _one_process(jobs, name):
+    """A reference of the lookups scenario (the control job's ranks share them)."""
+    return next(r["lookups"][name] for r in jobs["control"]["ranks"] if name in r["lookups"])
+
+
+def _lookup_gaps(trained, reference):
+    """The largest difference from one process, by table."""
+    gaps = {t: np.max(np.abs(np.subtract(trained[t], reference[t]))) for t in LOOKUP_TABLES}
+    gaps["dense"] = max(
+        np.max(np.abs(np.subtract(a, b)))
+        for a, b in zip(trained["dense"], reference["dense"], strict=True)
+    )
+    return gaps
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("optimizer", ["adam", "rmsprop"])
+def test_lookups_per_sample_and_shared_by_the_batch_train_as_one_process(jobs, ranks, optimizer):
+    # Token rows are gathered; position rows (arange(maxlen), the same on
+    # every rank) and the segment table's constant row are summed; segment
+    # ids 0 in every sample (the same on every rank, but from the data) are
+    # gathered. Adam and RMSprop square each row, so any other choice shows
+    # (the other choices' controls: /work/notes/sparse-rule.md).
+    reference = _one_process(jobs, f"{optimizer}_one_process_{ranks}")
+    for rank, result in enumerate(jobs[ranks]["ranks"]):
+        gaps = _lookup_gaps(result["lookups"][optimizer], reference)
+        assert max(gaps.values()) <= 1e-5, f"rank {rank}: {gaps}"
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_control_lookups_all_gathered_differ_in_the_position_table(jobs, ranks):
+    # Before the fix every row was gathered: a position's (g0 + g1)^2 became
+    # g0^2 + g1^2 in Adam's second moment.
+    reference = _one_process(jobs, f"adam_one_process_{ranks}")
+    gaps = _lookup_gaps(jobs[ranks]["ranks"][0]["lookups"]["adam_all_gathered"], reference)
+    assert gaps["position"] > 1e-3, gaps

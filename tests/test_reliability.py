@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -20,6 +21,7 @@ FAULTS = str(JOBS / "faults.py")
 PREEMPTIBLE = str(JOBS / "preemptible.py")
 
 
+@pytest.mark.mpi
 @pytest.mark.parametrize(
     "mode,limit,expected",
     [
@@ -106,6 +108,7 @@ def _alive(marker: str) -> list[int]:
     return alive
 
 
+@pytest.mark.mpi
 def test_a_rank_that_stops_training_stops_every_rank(tmp_path):
     """model.stop_training set on one rank (EarlyStopping on its own numbers
     at an epoch's end; a time budget mid-epoch): every rank stops at the same
@@ -124,6 +127,7 @@ def test_a_rank_that_stops_training_stops_every_rank(tmp_path):
         assert open(f"{marker}-rank{rank}").read().split() == ["[1,", "1]", "64"]
 
 
+@pytest.mark.mpi
 def test_sigterm_to_a_rank_blocked_in_a_collective_ends_the_job(tmp_path):
     """Rank 1 is busy in a callback for 120 s; rank 0 waits in a collective,
     where Python cannot run its signal handler: the listener thread ends the
@@ -146,6 +150,7 @@ def test_sigterm_to_a_rank_blocked_in_a_collective_ends_the_job(tmp_path):
     assert not _leftovers(marker)
 
 
+@pytest.mark.mpi
 def test_a_stopped_rank_0_is_named_by_the_other_watcher_and_the_job_ends(tmp_path):
     """SIGSTOP on rank 0 (the first watcher) mid-epoch: the last rank names
     it, prints its own stack, and ends the job after TD_STALL_ABORT."""
@@ -165,6 +170,7 @@ def test_a_stopped_rank_0_is_named_by_the_other_watcher_and_the_job_ends(tmp_pat
     assert not _leftovers(marker)
 
 
+@pytest.mark.mpi
 def test_stalled_rank_is_named_and_optionally_aborted():
     job = run(
         ["-m", "transparent_dist", FAULTS, "stall"],
@@ -217,6 +223,7 @@ def uninterrupted(tmp_path_factory):
     return _weights(out, "full")
 
 
+@pytest.mark.mpi
 def test_sigterm_checkpoints_then_the_rerun_resumes_to_the_same_weights(tmp_path, uninterrupted):
     ckpt = tmp_path / "ckpt"
     job = _start(tmp_path, "run", TD_CHECKPOINT_DIR=str(ckpt))
@@ -241,6 +248,7 @@ def test_sigterm_checkpoints_then_the_rerun_resumes_to_the_same_weights(tmp_path
         np.testing.assert_allclose(_weights(tmp_path, "run", rank), uninterrupted, atol=1e-5)
 
 
+@pytest.mark.mpi
 def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path, uninterrupted):
     ckpt = tmp_path / "ckpt"
     job = _start(
@@ -285,6 +293,7 @@ def test_periodic_checkpoints_keep_the_last_k(tmp_path):
         config.parse_every("often")
 
 
+@pytest.mark.mpi
 def test_keras_backup_and_restore_and_initial_epoch_keep_working(tmp_path):
     script = str(JOBS / "backup_restore.py")
     for phase in ("1", "2", "3"):
@@ -328,6 +337,7 @@ def _preempt(out, ranks, lines, **env):
     assert job.returncode == preemption.PREEMPTED_STATUS, stderr[-3000:]
 
 
+@pytest.mark.mpi
 @pytest.mark.parametrize("before,after", [(2, 3), (3, 2)])
 def test_resume_at_another_rank_count_continues_at_the_exact_sample(
     tmp_path, uninterrupted_global, before, after
@@ -387,10 +397,17 @@ def test_corrupt_checkpoints_are_skipped_naming_the_file(tmp_path):
     assert meta["global_step"] == 1 and arrays[0].tolist() == [1, 1, 1]
     assert f"{newest}/meta.json holds 9 bytes" in skipped[0]
     assert f"{middle}/arrays.npz holds 10 bytes" in skipped[1]
-    (tmp_path / "ckpt-000000000001" / "manifest.json").unlink()  # an older format, now broken
-    os.truncate(tmp_path / "ckpt-000000000001" / "arrays.npz", 10)
+    oldest = tmp_path / "ckpt-000000000001"
+    (oldest / "arrays.npz").write_bytes(b"garbage, with a manifest made to match")
+    manifest = json.loads((oldest / "manifest.json").read_text())
+    size, digest = checkpoint._file_digest(str(oldest / "arrays.npz"))
+    manifest["arrays.npz"] = {"size": size, "sha256": digest}
+    (oldest / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(checkpoint.CheckpointError, match="arrays.npz is not a readable array"):
-        checkpoint.load(str(tmp_path / "ckpt-000000000001"))
+        checkpoint.load(str(oldest))
+    (oldest / "manifest.json").unlink()  # no manifest: not a checkpoint of the plugin's
+    with pytest.raises(checkpoint.CheckpointError, match="has no manifest.json"):
+        checkpoint.load(str(oldest))
     assert checkpoint.load_latest(str(tmp_path)) is None
 
 
@@ -422,6 +439,7 @@ def test_failed_checkpoint_write_leaves_no_partial_files(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.mpi
 def test_an_unwritable_checkpoint_dir_fails_at_the_start_of_fit(tmp_path):
     bad = tmp_path / "read-only"
     bad.mkdir(mode=0o555)
@@ -440,12 +458,13 @@ def test_an_unwritable_checkpoint_dir_fails_at_the_start_of_fit(tmp_path):
     assert not (tmp_path / "progress-rank0").exists()  # before the first step
 
 
+@pytest.mark.mpi
 def test_sigterm_after_fit_ends_the_job_as_without_the_plugin(tmp_path):
     """The checkpoint handler is gone once fit returns: SIGTERM in the
     script's next phase ends the job with 143 at once, writing nothing."""
     ckpt = tmp_path / "ckpt"
     job = _start(tmp_path, "run", TD_CHECKPOINT_DIR=str(ckpt), AFTER_FIT="1")
-    _wait_for(tmp_path / "fit-done")
+    _wait_for(tmp_path / "fit-done-rank1")  # the rank signalled is out of its fit
     os.kill(int((tmp_path / "pid-rank1").read_text()), signal.SIGTERM)
     sent = time.monotonic()
     _, stderr = job.communicate(timeout=60)
@@ -474,7 +493,7 @@ def test_the_native_op_cache_refuses_planted_libraries(tmp_path):
     assert "a symbolic link there is refused, never followed" in results["lock_symlink"]
     assert results["victim"] == "precious\n"
     assert "compiling exchange_op.cc failed" in results["first_failure"]
-    assert "an earlier build failed" in results["second_failure"]
+    assert "its build failed before, and the failure is remembered" in results["second_failure"]
     assert "no-such-compiler" in results["retry"]  # `build` tries again
     assert not [name for name in results["leftovers"] if name.endswith(".so")]
 
@@ -484,6 +503,7 @@ def test_the_native_op_cache_refuses_planted_libraries(tmp_path):
 KINDS = str(JOBS / "preemptible_kinds.py")
 
 
+@pytest.mark.mpi
 @pytest.mark.parametrize("kind", ["tf_keras", "loop", "tf1"])
 def test_every_kind_of_script_survives_the_walltime(tmp_path, kind):
     """tf_keras's fit, a tf.function GradientTape loop and a TF1 session
@@ -513,3 +533,305 @@ def test_every_kind_of_script_survives_the_walltime(tmp_path, kind):
     assert "ran out of data" not in resumed.stderr
     for rank in (0, 1):
         np.testing.assert_allclose(_weights(out, "run", rank), _weights(full, "full"), atol=1e-5)
+    if kind == "tf_keras":  # its callbacks' state resumed: same rates, same stop, all CSV rows
+        expected, resumed = _results(full, "full", 0), _results(out, "run", 0)
+        assert expected["stopped_epoch"] == resumed["stopped_epoch"] == 2
+        assert expected["history"].keys() == resumed["history"].keys()
+        for key, values in expected["history"].items():
+            np.testing.assert_allclose(resumed["history"][key], values, rtol=1e-5, err_msg=key)
+        np.testing.assert_allclose(expected["history"]["lr"], [9e-3, 8.1e-4, 7.29e-5], rtol=1e-5)
+        np.testing.assert_allclose(_csv_values(resumed["csv"]), _csv_values(expected["csv"]), 1e-5)
+
+
+# ------------------------------------------------ checkpoints of this run and this user
+
+
+def _genuine(directory, steps=(2,)):
+    for step in steps:
+        checkpoint.save(
+            str(directory), [np.full(3, step)], {"epoch": 0, "step": step, "global_step": step}
+        )
+
+
+def test_pruning_touches_only_the_plugins_own_checkpoints_in_number_order(tmp_path):
+    """A ModelCheckpoint's ckpt-NN.keras files, folders another tool made
+    under ckpt-* names (one numbered past ours, without a manifest), a link:
+    never pruned, read or counted. The plugin's own go oldest first by
+    number, and the one just written stays even when it is not the newest."""
+    planted_files = ["ckpt-01.keras", "ckpt-000000000099.keras"]
+    for name in planted_files:
+        (tmp_path / name).write_text("a model")
+    planted_dirs = ["ckpt-zzz", "ckpt-999999999999", "ckpt-1", "ckpt-0000000000123"]
+    for name in planted_dirs:
+        (tmp_path / name).mkdir()
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    _genuine(elsewhere, steps=(500,))
+    os.symlink(elsewhere / "ckpt-000000000500", tmp_path / "ckpt-000000000500")
+    _genuine(tmp_path, steps=(3, 12, 100))
+    for name in planted_files + planted_dirs:
+        assert (tmp_path / name).exists(), name
+    assert os.path.islink(tmp_path / "ckpt-000000000500")
+    assert checkpoint._complete(str(tmp_path)) == [f"ckpt-{s:012d}" for s in (100, 12, 3)]
+    assert checkpoint.load_latest(str(tmp_path))[1]["global_step"] == 100
+    # A run resumed from an earlier checkpoint writes a lower number: it stays.
+    checkpoint.save(str(tmp_path), [np.zeros(1)], {"epoch": 0, "step": 7, "global_step": 7}, 1)
+    assert checkpoint._complete(str(tmp_path)) == ["ckpt-000000000007"]
+    assert checkpoint.load_latest(str(tmp_path))[1]["global_step"] == 7
+    for name in planted_files + planted_dirs:
+        assert (tmp_path / name).exists(), name
+
+
+def test_a_checkpoint_directory_not_this_users_alone_is_refused(tmp_path):
+    """Writable by others, a link, another user's, or in a directory anyone
+    can rename it in: nothing there is read, written or resumed, and the
+    refusal names the directory and why. A private one works (the control)."""
+    private = tmp_path / "private"
+    _genuine(private)
+    assert checkpoint.load_latest(str(private))[1]["global_step"] == 2
+    checkpoint.probe(str(private))
+
+    loose = tmp_path / "loose"
+    shutil.copytree(private, loose)
+    os.chmod(loose, 0o777)
+    link = tmp_path / "link"
+    os.symlink(private, link)
+    cases = {loose: "is writable by group or others (mode 777)", link: "is a symbolic link"}
+    if os.getuid() == 0:
+        other = tmp_path / "other"
+        shutil.copytree(private, other)
+        os.chown(other, 65534, 65534)
+        cases[other] = "is owned by uid 65534, not by this user"
+    for directory, reason in cases.items():
+        expected = f"refusing the checkpoint directory {directory} (TD_CHECKPOINT_DIR): it {reason}"
+        for attempt in (checkpoint.load_latest, checkpoint.peek, checkpoint.probe, _genuine):
+            with pytest.raises(checkpoint.CheckpointError) as caught:
+                attempt(str(directory))
+            assert expected in str(caught.value)
+    assert sorted(os.listdir(loose)) == ["ckpt-000000000002", "latest"]  # as copied
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)  # no sticky bit: anyone can rename what is in it
+    with pytest.raises(checkpoint.CheckpointError, match="where anyone can rename it"):
+        checkpoint.probe(str(shared / "ckpt"))
+    os.chmod(shared, 0o1777)  # /tmp's mode: ours stays ours
+    checkpoint.probe(str(shared / "ckpt2"))
+    assert oct(os.stat(shared / "ckpt2").st_mode & 0o777) == "0o755"
+
+
+def _meta(tmp_path, **changes):
+    meta = {
+        "global_step": 12,
+        "epoch": 1,
+        "step": 2,
+        "world_size": 2,
+        "unit": "samples",
+        "per_step": 48,
+        "consumed": 96,
+        "state_arrays": 3,
+        "metric_arrays": 1,
+        "stopped": False,
+        "callbacks": {"1": {"class": "EarlyStopping", "stopped_epoch": 0, "arrays": {"w": [4, 1]}}},
+        "path": str(tmp_path / "ckpt-000000000012"),
+    }
+    meta.update(changes)
+    return meta
+
+
+@pytest.mark.parametrize(
+    "changes,expected",
+    [
+        (
+            {"epoch": 10**18},
+            "epoch=1000000000000000000 is not a whole number from 0 to 3 (this fit",
+        ),
+        ({"epoch": -1}, "epoch=-1 is not a whole number"),
+        ({"epoch": 1.0}, "epoch=1.0 is not a whole number"),
+        ({"epoch": "1"}, "epoch='1' is not a whole number"),
+        ({"step": 2**70}, "step=1180591620717411303424 is not a whole number"),
+        ({"global_step": 13}, "global_step=13, but the checkpoint is named ckpt-000000000012"),
+        ({"global_step": True}, "global_step=True is not a whole number"),
+        ({"world_size": 0}, "world_size=0 is not a whole number from 1"),
+        ({"consumed": 95}, "consumed=95 is not step x per_step (2 x 48)"),
+        ({"step": 20, "consumed": 960}, "consumed=960 is not a whole number from 0 to 240 (this"),
+        ({"unit": "rows"}, "unit='rows' is neither samples nor batches"),
+        ({"state_arrays": 9}, "state_arrays=9 is not a whole number from 0 to 5"),
+        ({"metric_arrays": 3}, "metric_arrays=3 is not a whole number from 0 to 2"),
+        ({"stopped": "yes"}, "stopped='yes' is not true or false"),
+        (
+            {"callbacks": {"1": {"class": "EarlyStopping", "stopped_epoch": 10**12}}},
+            "callbacks[1].stopped_epoch=1000000000000 is not a whole number from -1 to 3",
+        ),
+        (
+            {"callbacks": {"1": {"class": "EarlyStopping", "arrays": {"w": [4, 9]}}}},
+            "callbacks[1].arrays.w[1]=9 is not a whole number from 0 to 1",
+        ),
+        ({"callbacks": {"x": {"class": "History"}}}, "callbacks[x] is not a callback's position"),
+        (
+            {"history": {"epoch": [0, 1, 7]}},
+            "history.epoch[2]=7 is not a whole number from -1 to 3",
+        ),
+        ({"unsaved": [3]}, "unsaved is not a list of callback names"),
+    ],
+)
+def test_numbers_read_from_a_checkpoint_are_bounded(tmp_path, changes, expected):
+    limits = {"epochs": 3, "samples": 240}
+    checkpoint.validate(_meta(tmp_path), 5, limits)  # the control: as written
+    with pytest.raises(checkpoint.CheckpointError) as caught:
+        checkpoint.validate(_meta(tmp_path, **changes), 5, limits)
+    assert str(caught.value).startswith(f"{tmp_path}/ckpt-000000000012/meta.json: ")
+    assert expected in str(caught.value)
+
+
+def test_run_identity_names_what_differs():
+    from transparent_dist.core import run_identity
+
+    saved = {"compile": {"optimizer": {"learning_rate": 0.009999999776482582}}, "model": [1, 2]}
+    assert run_identity.differences(saved, saved) == []
+    assert run_identity.differences(None, saved) == []  # written without one: not checked
+    now = {"compile": {"optimizer": {"learning_rate": 0.05}}, "model": [1, 2, 3], "data": {}}
+    assert run_identity.differences(saved, now) == [
+        "compile.optimizer.learning_rate is 0.01 in the checkpoint, 0.05 in this run",
+        "data is new in this run ({})",
+        "model has 2 entries in the checkpoint, 3 here",
+    ]
+
+
+def _results(out, tag, rank):
+    return json.loads((out / f"{tag}-rank{rank}.json").read_text())
+
+
+def _saved_models(directory):
+    """The weights in each `.keras` file ModelCheckpoint wrote in `directory`
+    (read with h5py from the zip: no Keras in the test process)."""
+    import io
+    import zipfile
+
+    import h5py
+
+    found = {}
+    for path in sorted(directory.glob("*.keras")):
+        with zipfile.ZipFile(path) as archive:
+            data = io.BytesIO(archive.read("model.weights.h5"))
+        with h5py.File(data, "r") as f:
+            arrays = {}
+            f.visititems(
+                lambda name, item, arrays=arrays: (
+                    arrays.update({name: item[()]}) if isinstance(item, h5py.Dataset) else None
+                )
+            )
+        found[path.name] = arrays
+    return found
+
+
+@pytest.mark.mpi
+def test_every_stateful_keras_callback_resumes_as_if_uninterrupted(tmp_path):
+    """EarlyStopping (restoring its best weights), ReduceLROnPlateau,
+    ModelCheckpoint (best only, writing ckpt-NN.keras into the checkpoint
+    directory itself, beside folders planted there), LearningRateScheduler,
+    CSVLogger, BackupAndRestore, TerminateOnNaN and History, all in one
+    script. SIGTERM on 2 ranks at a step drawn at random (mid-epoch), resumed
+    on 3 ranks and SIGTERM again at the last step of the epoch in which
+    EarlyStopping stops (the checkpoint is written once that epoch's
+    callbacks ran, and says training stopped), resumed on 2 ranks: everything
+    ends as in the uninterrupted run: stop epoch, best epoch, learning rate,
+    weights, history, CSV rows, saved models. A callback of the script's own
+    whose state changed is named once at each resume."""
+    script = str(JOBS / "preemptible_callbacks.py")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    planted = ["ckpt-zzz", "ckpt-999999999999", "ckpt-1"]
+    for name in planted:
+        (ckpt / name).mkdir()
+    written = []
+    for ranks, phase, kill_at in [(2, "first", "random:1"), (3, "resume", "stop")]:
+        env = job_env(TD_CHECKPOINT_DIR=str(ckpt), TD_BATCH_SIZE="global", KILL_AT=kill_at)
+        job = run(["-m", "transparent_dist", script, str(tmp_path), phase], ranks=ranks, env=env)
+        assert job.returncode == preemption.PREEMPTED_STATUS, job.stderr[-3000:]
+        written.append(checkpoint.path_for(str(ckpt), int((tmp_path / "kill_at").read_text())))
+        assert f"checkpoint written to {written[-1]}; exiting with status 75" in job.stderr
+        assert checkpoint.peek(str(ckpt))["path"] == written[-1]  # the newest, not pruned
+        if phase == "resume":
+            assert f"resumed from {written[0]}: epoch 2, after step 2" in job.stderr
+            assert job.stderr.count("the state of callback(s) StepCounter (seen) changed") == 1
+    env = job_env(TD_CHECKPOINT_DIR=str(ckpt), TD_BATCH_SIZE="global")
+    job = run(["-m", "transparent_dist", script, str(tmp_path), "resume"], ranks=2, env=env)
+    job.check()
+    assert f"resumed from {written[1]}: training had stopped after epoch 9" in job.stderr
+    assert job.stderr.count("the state of callback(s) StepCounter (seen) changed") == 1
+
+    reference = _results(tmp_path, "ref", 0)
+    assert reference["stopped_epoch"] == 8 and reference["best_epoch"] == 5  # the plateau
+    assert reference["learning_rate"] < 0.003 and not reference["backup_left"]
+    for rank in range(2):
+        result = _results(tmp_path, "run", rank)
+        np.testing.assert_allclose(result["weights"], reference["weights"], atol=1e-5)
+        assert result["epoch"] == reference["epoch"]
+        assert result["history"].keys() == reference["history"].keys()
+        for key, values in reference["history"].items():
+            np.testing.assert_allclose(result["history"][key], values, rtol=1e-5, err_msg=key)
+        assert result["stopped_epoch"] == reference["stopped_epoch"]
+        assert result["best_epoch"] == reference["best_epoch"]
+        np.testing.assert_allclose(result["learning_rate"], reference["learning_rate"], rtol=1e-6)
+    result = _results(tmp_path, "run", 0)
+    assert not result["backup_left"]
+    assert result["csv"].startswith("epoch,learning_rate,loss,val_loss\n")
+    np.testing.assert_allclose(_csv_values(result["csv"]), _csv_values(reference["csv"]), 1e-5)
+    saved, expected = _saved_models(ckpt), _saved_models(tmp_path / "ref")
+    assert sorted(saved) == sorted(expected) == [f"ckpt-{e:02d}.keras" for e in (1, 3, 4, 5, 6)]
+    for name, arrays in expected.items():
+        assert saved[name].keys() == arrays.keys()
+        for key, value in arrays.items():
+            np.testing.assert_allclose(saved[name][key], value, atol=1e-5, err_msg=name + key)
+    for name in planted:
+        assert (ckpt / name).is_dir()
+
+
+def _csv_values(text):
+    """The numbers of a CSVLogger file (NA as NaN), its header once and first."""
+    lines = text.strip().splitlines()
+    assert lines.count(lines[0]) == 1 and lines[0].startswith("epoch,")
+    return np.array(
+        [[float("nan" if v == "NA" else v) for v in line.split(",")] for line in lines[1:]]
+    )
+
+
+@pytest.mark.mpi
+def test_a_checkpoint_of_another_run_or_user_is_refused(tmp_path):
+    """One job, 2 ranks: a genuine checkpoint copied into a directory anyone
+    can write, another user's, a link, or with its epoch forged to 10^18 (its
+    manifest made to match) is refused before training, naming why; run B
+    (another learning rate and data) is refused run A's checkpoint, naming
+    both differences, unless TD_RESUME=force (resumes) or fresh (sets A's
+    aside, trains afresh; its own checkpoints then resume). Run A resumes its
+    own (the control). The last refusal, not caught, ends the job."""
+    job = run(
+        ["-m", "transparent_dist", str(JOBS / "preemptible_refusals.py"), str(tmp_path)],
+        ranks=2,
+        timeout=300,
+    )
+    assert job.returncode == 1 and "finished" not in job.stdout
+    assert f"refusing the checkpoint directory {tmp_path}/loose" in job.stderr
+    found = json.loads((tmp_path / "refusals.json").read_text())
+    results, trained = found["results"], found["trained"]
+    assert "it is writable by group or others (mode 777)" in results["loose"]
+    assert "it is a symbolic link" in results["symlink"]
+    if os.getuid() == 0:
+        assert "it is owned by uid 65534, not by this user" in results["other_owner"]
+    assert (
+        f"{tmp_path}/forged/ckpt-000000000010/meta.json: epoch=1000000000000000000 is not a "
+        "whole number from 0 to 2 (this fit has epochs=2)"
+    ) in results["forged_epoch"]
+    assert results["same"] == "" and trained["same"] == 5
+    other = results["other_run"]
+    assert f"the checkpoint {tmp_path}/a/ckpt-000000000010 is of another run: " in other
+    assert "compile.optimizer.config.learning_rate is 0.01 in the checkpoint, 0.05 in" in other
+    assert "data.x[0].rows_sha256 is" in other and "Resume it anyway with TD_RESUME=force" in other
+    assert results["force"] == "" and trained["force"] == 5
+    assert "resuming it anyway (TD_RESUME=force)" in job.stderr
+    assert results["fresh"] == "" and trained["fresh"] == 10
+    assert "TD_RESUME=fresh: training starts afresh, the checkpoints there moved to" in job.stderr
+    superseded = [n for n in results["fresh_listing"] if n.startswith("superseded-")]
+    assert len(superseded) == 1
+    assert sorted(os.listdir(tmp_path / "fresh" / superseded[0])) == ["ckpt-000000000005"]
+    assert results["fresh_again"] == "" and trained["fresh_again"] == 0  # its own: resumed

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import JOBS, load_ranks, run
+
+pytestmark = pytest.mark.mpi
 
 SCRIPT = str(JOBS / "show_context.py")
 

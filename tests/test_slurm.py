@@ -16,11 +16,14 @@ import pytest
 from conftest import JOBS, job_env, load_ranks, run
 
 DAEMONS = [shutil.which(name) for name in ("slurmctld", "slurmd", "sbatch", "munged")]
-pytestmark = pytest.mark.skipif(
-    not all(DAEMONS) or os.geteuid() != 0,
-    reason="Slurm is not installed (apt-get install slurm-wlm munge; .ci/run does it) "
-    "or this is not root (slurmd needs root)",
-)
+pytestmark = [
+    pytest.mark.mpi,
+    pytest.mark.skipif(
+        not all(DAEMONS) or os.geteuid() != 0,
+        reason="Slurm is not installed (apt-get install slurm-wlm munge; .ci/run does it) "
+        "or this is not root (slurmd needs root)",
+    ),
+]
 
 
 def _port() -> int:

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from conftest import JOBS, job_env, load_ranks, run
 
+pytestmark = pytest.mark.mpi
+
 SCRIPT = str(JOBS / "tf_keras_fit.py")
 
 

@@ -81,6 +81,10 @@ errors = {
     "empty_dataset": lambda: read_hdf5(path("data.h5"), "empty"),
     "empty_csv": lambda: read_csv(path("empty.csv")),
     "too_few_csv_rows": lambda: read_csv(path("tiny.csv")),
+    # A missing value on the last rank's rows only.
+    "missing_csv_cell": lambda: read_csv(path("missing.csv"), label="label"),
+    "missing_hdf5_value": lambda: read_hdf5(path("missing.h5"), "x"),
+    "missing_netcdf_value": lambda: read_netcdf(path("missing.nc"), "t"),
 }
 out["errors"] = {}
 for name, call in errors.items():
@@ -89,6 +93,18 @@ for name, call in errors.items():
         out["errors"][name] = None
     except DataError as error:
         out["errors"][name] = str(error)
+
+
+def nan_summary(array):
+    return {"dtype": str(array.dtype), "nan": int(np.isnan(array).sum()), "rows": len(array)}
+
+
+out["allowed"] = {
+    "csv_id": nan_summary(
+        read_csv(path("missing.csv"), columns=["mixed"], dtype=None, allow_nan=True)
+    ),
+    "netcdf_flags": nan_summary(read_netcdf(path("missing.nc"), "flags", allow_nan=True)),
+}
 
 # Transparent fit on h5py datasets against the same arrays in memory.
 import keras  # noqa: E402

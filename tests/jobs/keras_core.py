@@ -284,6 +284,102 @@ def scenario_mixed_precision():
     }
 
 
+class OneBatch(keras.utils.PyDataset):
+    def __init__(self, n):
+        super().__init__()
+        self.n = n
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        return X[: self.n], Y[: self.n]
+
+
+def scenario_few_rows():
+    # predict / evaluate of fewer rows than ranks (keras-io's VAE decodes
+    # one latent point per call: 1) and of a row count neither 2 nor 3
+    # divides (5), for every kind of input; a fixed batch of 4 in every mode.
+    # (Evaluation of 1 row used to leave a rank an empty batch.)
+    model = mlp()
+    keras.utils.set_random_seed(5)
+    a, b = keras.Input((5,), name="a"), keras.Input((3,), name="b")
+    hidden = keras.layers.Dense(4, activation="tanh")(keras.layers.Concatenate()([a, b]))
+    two_inputs = keras.Model({"a": a, "b": b}, keras.layers.Dense(1)(hidden))
+    two_inputs.compile(optimizer="sgd", loss="mse", metrics=["mae"])
+    # Conv1D and LSTM fail on an empty batch: no rank may be given one.
+    keras.utils.set_random_seed(6)
+    sequences = keras.Sequential(
+        [
+            keras.Input((8, 1)),
+            keras.layers.Conv1D(4, 3, padding="same"),
+            keras.layers.LSTM(4),
+            keras.layers.Dense(1),
+        ]
+    )
+    sequences.compile(optimizer="sgd", loss="mse", metrics=["mae"])
+    out = {}
+    for n in (1, 5):
+        x, y = X[:n], Y[:n]
+        unknown = tf.data.Dataset.from_tensor_slices((x, y)).filter(lambda *_: True).batch(4)
+        calls = {
+            "arrays": (model, x, y),
+            "dict": (two_inputs, {"a": x[:, :5], "b": x[:, 5:]}, y),
+            "conv_lstm": (sequences, x[:, :, None], y),
+            "dataset": (model, tf.data.Dataset.from_tensor_slices((x, y)).batch(4), None),
+            "unknown_length": (model, unknown, None),
+            "pydataset": (model, OneBatch(n), None),
+        }
+        for kind, (m, data, target) in calls.items():
+            size = {"batch_size": 4} if target is not None else {}
+            out[f"predict_{kind}_{n}"] = m.predict(data, verbose=0, **size).ravel().tolist()
+            out[f"evaluate_{kind}_{n}"] = m.evaluate(data, target, verbose=0, **size)
+        batches = ((x[i : i + 4], y[i : i + 4]) for i in range(0, n, 4))
+        out[f"evaluate_generator_{n}"] = model.evaluate(batches, verbose=0)
+    return out
+
+
+class TrackedModel(keras.Model):
+    """keras-io's custom train_step: the loss of each batch in a `Mean`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = keras.ops.mean(keras.ops.square(self(x, training=True) - y))
+        grads = tape.gradient(loss, self.trainable_variables)
+        self.optimizer.apply_gradients(zip(grads, self.trainable_variables, strict=True))
+        self.loss_tracker.update_state(loss)
+        return {"loss": self.loss_tracker.result()}
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker]
+
+
+def scenario_tracker_tail():
+    # 500 samples leave a last round of 20 rows, split 16/4 on 2 ranks and
+    # 8/8/4 on 3: the tracker must count it as one process counts its last
+    # batch, for a dataset of unknown length (which runs out mid-epoch) and
+    # of known length alike.
+    out = {}
+    for kind in ("unknown", "known"):
+        keras.utils.set_random_seed(1)
+        inputs = keras.Input((8,))
+        hidden = keras.layers.Dense(16, activation="tanh")(inputs)
+        model = TrackedModel(inputs, keras.layers.Dense(1)(hidden))
+        model.compile(optimizer=keras.optimizers.SGD(0.05))
+        ds = tf.data.Dataset.from_tensor_slices((X, Y))
+        if kind == "unknown":
+            ds = ds.filter(lambda *_: True)
+        history = model.fit(ds.batch(B if MODE != "reference" else GLOBAL_B), epochs=2, verbose=0)
+        out[kind] = {"weights": weights(model), "history": history.history}
+    return out
+
+
 SCENARIOS = {
     "arrays": lambda: scenario_arrays(False),
     "arrays_shuffled": lambda: scenario_arrays(True),
@@ -300,13 +396,15 @@ SCENARIOS = {
     "lr_scaling": scenario_lr_scaling,
     "xla": scenario_xla,
     "mixed_precision": scenario_mixed_precision,
+    "few_rows": scenario_few_rows,
+    "tracker_tail": scenario_tracker_tail,
 }
 ONLY = os.environ.get("SCENARIOS")
 results = {}
 for name, run in SCENARIOS.items():
     if ONLY and name not in ONLY.split(","):
         continue
-    if MODE == "control" and name in ("files", "lr_scaling"):
+    if MODE == "control" and name in ("files", "lr_scaling", "few_rows", "tracker_tail"):
         continue
     results[name] = run()
 with open(os.path.join(OUT, f"{MODE}-{EMULATED}-rank{RANK}.json"), "w") as f:

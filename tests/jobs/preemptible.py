@@ -8,7 +8,8 @@ With SLOW_WRITE=1, rank 0's second checkpoint write stalls half-way (after
 writing OUT/writing) so that the test can kill it there. BATCH (16) is the
 batch_size argument; DROPOUT=0 leaves dropout out (its masks are drawn per
 rank, so runs at different rank counts differ); AFTER_FIT=1 writes
-OUT/fit-done and waits 60 s once fit has returned (a script's next phase).
+OUT/fit-done-rank<r> and waits 60 s once fit has returned (a script's next
+phase).
 """
 
 import json
@@ -76,5 +77,5 @@ weights = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
 with open(os.path.join(out, f"{tag}-rank{rank}.json"), "w") as f:
     json.dump({"weights": weights.tolist(), "epochs": len(history.history["loss"])}, f)
 if os.environ.get("AFTER_FIT"):
-    open(os.path.join(out, "fit-done"), "w").close()
+    open(os.path.join(out, f"fit-done-rank{rank}"), "w").close()
     time.sleep(60)

@@ -1,5 +1,7 @@
 """Three training scripts the way users write them, beyond Keras 3's fit,
-slow enough to be interrupted: KIND=tf_keras (`fit` in Keras 2), loop (a
+slow enough to be interrupted: KIND=tf_keras (`fit` in Keras 2, with
+EarlyStopping, ReduceLROnPlateau, LearningRateScheduler and CSVLogger,
+whose numbers and OUT/log.csv also go to the JSON), loop (a
 Keras 3 model trained by a `tf.function` GradientTape loop), tf1 (a
 `tf.compat.v1` session loop). Writes OUT/pid-rank<r>, OUT/progress-rank<r>
 (one line per step) and OUT/<tag>-rank<r>.json (the final weights).
@@ -15,6 +17,7 @@ import time
 import numpy as np
 
 kind = os.environ["KIND"]
+extra = {}
 if kind == "tf_keras":
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
@@ -51,10 +54,29 @@ if kind == "tf_keras":
         [keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)]
     )
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
-    model.fit(
-        x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0, callbacks=[Progress()]
+    # Stateful callbacks, resumed too: no epoch improves the loss by 10, so
+    # the rate halves after each epoch but the first and training stops
+    # after the third; the CSV log is rewritten (append=False) by each run.
+    early = keras.callbacks.EarlyStopping(monitor="loss", min_delta=10, patience=2)
+    history = model.fit(
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=EPOCHS,
+        shuffle=False,
+        verbose=0,
+        callbacks=[
+            Progress(),
+            early,
+            keras.callbacks.ReduceLROnPlateau(monitor="loss", min_delta=10, patience=1),
+            keras.callbacks.LearningRateScheduler(lambda epoch, lr: lr * 0.9),
+            keras.callbacks.CSVLogger(os.path.join(out, "log.csv")),
+        ],
     )
     weights = [v.numpy() for v in model.trainable_variables]
+    extra = {"history": history.history, "stopped_epoch": early.stopped_epoch}
+    if rank == 0:
+        extra["csv"] = open(os.path.join(out, "log.csv")).read()
 
 elif kind == "loop":
     import keras
@@ -106,4 +128,4 @@ else:  # tf1
 
 flat = np.concatenate([np.asarray(w).ravel() for w in weights])
 with open(os.path.join(out, f"{tag}-rank{rank}.json"), "w") as f:
-    json.dump({"weights": flat.tolist()}, f)
+    json.dump({"weights": flat.tolist(), **extra}, f, default=float)

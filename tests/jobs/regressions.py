@@ -1,6 +1,7 @@
 """Scenarios for the failures real scripts hit (uneven batch counts,
 tf.train.Checkpoint, the plugin's readers given to fit, random draws in a
-step), all in one process per rank.
+step, sparse gradients of lookups per sample and shared by the batch), all
+in one process per rank.
 
     mpiexec -n N python -m transparent_dist regressions.py OUT plugin
     mpiexec -n N python regressions.py OUT control      # TD_DISABLE=1
@@ -211,6 +212,97 @@ noisy.fit(
     np.ones((6 * SIZE, 3), "float32"), np.ones((6 * SIZE, 1), "float32"), batch_size=2, verbose=0
 )
 result["draws"] = noisy.draws
+
+
+# ---------------------------------------------------------------- lookups
+# Sparse gradients of lookups per sample and of lookups shared by the batch,
+# in one model: keras-io's TokenAndPositionEmbedding (tokens from the data,
+# positions `arange(maxlen)`) plus a "segment" table looked up per sample
+# with ids that are 0 in every sample (the same indices on every rank) and
+# once more with a constant id (a row shared by the batch, in the same
+# table). Final weights by table; control mode trains one process at the
+# global batch of 2 and 3 ranks.
+MAXLEN, VOCAB, DIM, LOOKUP_B = 12, 30, 4, 8
+
+
+class TokenAndPositionEmbedding(keras.layers.Layer):
+    def __init__(self):
+        super().__init__()
+        self.token_emb = keras.layers.Embedding(VOCAB, DIM)
+        self.pos_emb = keras.layers.Embedding(MAXLEN, DIM)
+
+    def call(self, x):
+        positions = keras.ops.arange(start=0, stop=keras.ops.shape(x)[-1], step=1)
+        return self.token_emb(x) + self.pos_emb(positions)
+
+
+class Segments(keras.layers.Layer):
+    def __init__(self):
+        super().__init__()
+        self.table = keras.layers.Embedding(2, DIM)
+
+    def call(self, ids):
+        shared_row = self.table(keras.ops.ones((1,), "int32"))
+        return self.table(ids) + shared_row
+
+
+def lookups(optimizer, batch_size):
+    keras.utils.set_random_seed(5)
+    tokens = keras.Input((MAXLEN,), dtype="int32")
+    segments = keras.Input((MAXLEN,), dtype="int32")
+    embedded = TokenAndPositionEmbedding()
+    segment = Segments()
+    h = embedded(tokens) + segment(segments)
+    out = keras.layers.Dense(1)(keras.layers.GlobalAveragePooling1D()(h))
+    model = keras.Model([tokens, segments], out)
+    model.compile(optimizer, "mse")
+    rng = np.random.default_rng(6)
+    # 203 samples: a last global batch of 11, split 6/5 and 4/4/3.
+    x = rng.integers(0, VOCAB, (203, MAXLEN)).astype("int32")
+    y = (x.mean(axis=1, keepdims=True) / VOCAB).astype("float32")
+    weights = rng.random(203).astype("float32")
+    model.fit(
+        [x, np.zeros_like(x)],
+        y,
+        sample_weight=weights,
+        batch_size=batch_size,
+        epochs=2,
+        verbose=0,
+        shuffle=False,
+    )
+    tables = {
+        "token": embedded.token_emb.embeddings,
+        "position": embedded.pos_emb.embeddings,
+        "segment": segment.table.embeddings,
+    }
+    result = {name: np.asarray(v.numpy()).tolist() for name, v in tables.items()}
+    result["dense"] = [np.asarray(w).tolist() for w in model.layers[-1].get_weights()]
+    return result
+
+
+if MODE == "plugin":
+    from transparent_dist.tf import exchange, sparse
+
+    trained = {"adam": lookups("adam", LOOKUP_B)}
+    # RMSprop through the numpy exchange (the loss not divided by N first).
+    native_path = exchange.uses_native()
+    exchange._PATH["native"] = False
+    trained["rmsprop"] = lookups("rmsprop", LOOKUP_B)
+    exchange._PATH["native"] = native_path
+    # The control: every row gathered, as before the fix.
+    rule = sparse._depends_on_batch
+    sparse._depends_on_batch = lambda indices: True
+    trained["adam_all_gathered"] = lookups("adam", LOOKUP_B)
+    sparse._depends_on_batch = rule
+else:
+    # One process at the global batch of 2 and 3 ranks: rank r of the
+    # control job trains the references of every SIZE-th rank count.
+    trained = {
+        f"{optimizer}_one_process_{ranks}": lookups(optimizer, LOOKUP_B * ranks)
+        for ranks in [2, 3][RANK::SIZE]
+        for optimizer in ("adam", "rmsprop")
+    }
+result["lookups"] = trained
 
 with open(os.path.join(OUT, f"{MODE}-rank{RANK}.json"), "w") as f:
     json.dump(result, f)

@@ -20,6 +20,8 @@ its train step. Everything else is written here once:
   per rank (`keras_callbacks`), XLA turned off for the steps that
   exchange, a checkpoint-enabled fit resumed and preempted
   (`core.preemption`), and `predict` gathers all rows on every rank;
+  `predict` and `evaluate` of fewer samples than ranks run whole on every
+  rank (`tf.inputs.fewer_than_ranks`), as one process runs them;
 - the loss of an empty local batch is 0, not NaN (`wrap_compute_loss`).
 
 In a world of size 1 every patch calls straight through to Keras.
@@ -32,7 +34,13 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from transparent_dist.adapters import common, custom_loops, keras_callbacks
+from transparent_dist.adapters import (
+    common,
+    custom_loops,
+    keras_callbacks,
+    keras_identity,
+    step_counts,
+)
 from transparent_dist.core import checkpoint, config, log, output, patching, preemption, world
 from transparent_dist.tf import broadcast, exchange
 from transparent_dist.tf import inputs as tf_inputs
@@ -69,6 +77,9 @@ class Framework:
         build_before_training: `(model, dataset)` builds a lazy model.
         exact_epochs_after_resume: a context that makes the epoch loop take
             the resumed epoch's length from `resumable`'s marks.
+        root_counts: a context in which only rank 0's metric states count
+            (every rank evaluates the same data whole), or None: then data
+            with fewer samples than ranks cannot be evaluated.
     """
 
     name: str
@@ -86,6 +97,7 @@ class Framework:
     silence_backup: Callable[[Any], None]
     build_before_training: Callable[[Any, Any], None] = lambda model, data: None
     exact_epochs_after_resume: Callable[[], Any] = contextlib.nullcontext
+    root_counts: Callable[[], Any] | None = None
 
     @staticmethod
     def fitting() -> bool:
@@ -181,16 +193,33 @@ def _sharded(data: tf_inputs.Data, batch_size: Any, shuffle: Any, what: str) -> 
     return tf_inputs.for_training(data, plan, what, batch_size)
 
 
-def _shard_validation(fw: Framework, a: dict, batch_size: Any) -> None:
+def _for_evaluation(fw: Framework, data: tf_inputs.Data, batch_size: Any, what: str) -> tuple:
+    """`((x, y, sample_weight, batch_size), whole)` for evaluating `data` on
+    this rank. Data with fewer samples (or batches) than ranks is not split
+    (no rank may get an empty batch, which layers such as Conv1D and LSTM
+    cannot take): every rank evaluates all of it in one process's batches,
+    and `whole` says that only rank 0's metric states must count."""
+    if fw.root_counts is not None:
+        data, small = tf_inputs.fewer_than_ranks(data, what)
+        if small:
+            plan = tf_inputs.whole_plan(batch_size)
+            return tf_inputs.for_training(data, plan, what, batch_size), True
+    return _sharded(data, batch_size, False, what), False
+
+
+def _shard_validation(fw: Framework, a: dict, batch_size: Any) -> bool:
+    """Shards fit's validation data in `a`; True if every rank takes it
+    whole (`_for_evaluation`)."""
     vd = a["validation_data"]
     if vd is None:
-        return
+        return False
     vx, vy, vw = fw.unpack(tuple(vd)) if isinstance(vd, (tuple, list)) else (vd, None, None)
     data = tf_inputs.classify(vx, vy, vw, fw.arrays)
     vbatch = a["validation_batch_size"] or batch_size
-    vx, vy, vw, vbatch = _sharded(data, vbatch, False, "the validation data")
+    (vx, vy, vw, vbatch), whole = _for_evaluation(fw, data, vbatch, "the validation data")
     a["validation_data"] = vx if vy is None and vw is None else (vx, vy, vw)
     a["validation_batch_size"] = vbatch
+    return whole
 
 
 def _skip_first(dataset: Any, skip: Any) -> Any:
@@ -207,14 +236,16 @@ def _skip_first(dataset: Any, skip: Any) -> Any:
     return resumed
 
 
-def _checkpointing(fw: Framework, a: dict, unit: tuple[str, int] | None) -> Any:
+def _checkpointing(
+    fw: Framework, a: dict, unit: tuple[str, int] | None, data: tf_inputs.Data
+) -> Any:
     """The CheckpointAndResume callback for this fit (TD_CHECKPOINT_DIR):
     the service proves the directory writable and picks the checkpoint all
     ranks resume from; the resumed epoch's data skips what was done."""
     import tensorflow as tf
 
     service = preemption.Service.from_settings()
-    state = service.resume()
+    state = service.resume(*keras_identity.of_fit(fw, a["self"], data, a["epochs"]))
     skip = None
     if state is not None:
         meta = state[1]
@@ -256,9 +287,13 @@ def wrap_fit(fw: Framework) -> Callable[[Any], Any]:
             )
             if data.in_pipeline:
                 a["shuffle"] = False  # done already, by our pipeline
-            _shard_validation(fw, a, batch_size)
+            passes = step_counts.before_validation_is_sharded(fw, a, data, batch_size)
+            whole_validation = _shard_validation(fw, a, batch_size)
+            step_counts.adjust(a, passes)
             fw.build_before_training(self, a["x"])
-            checkpointer = _checkpointing(fw, a, unit) if config.SETTINGS.checkpoint_dir else None
+            checkpointer = (
+                _checkpointing(fw, a, unit, data) if config.SETTINGS.checkpoint_dir else None
+            )
             made = keras_callbacks.for_framework(fw)
             extra = () if checkpointer is None else (checkpointer,)
             common.output_on_root_only(a, made.for_this_rank(a["callbacks"], True, extra))
@@ -269,6 +304,7 @@ def wrap_fit(fw: Framework) -> Callable[[Any], Any]:
                 if fw.own_train_step(self)
                 else contextlib.nullcontext(),
                 fw.exact_epochs_after_resume() if resuming else contextlib.nullcontext(),
+                common.flag("whole_validation") if whole_validation else contextlib.nullcontext(),
                 preemption.handling_signals()
                 if checkpointer is not None
                 else contextlib.nullcontext(),
@@ -292,17 +328,21 @@ def wrap_evaluate(fw: Framework) -> Callable[[Any], Any]:
     def wrap(original: Any) -> Any:
         def evaluate(self, *args, **kwargs):
             if fitting() or kwargs.get("_use_cached_eval_dataset"):
-                return original(self, *args, **kwargs)
+                # fit's validation, taken whole by every rank: rank 0's states.
+                whole = kwargs.get("_use_cached_eval_dataset") and common.is_set("whole_validation")
+                with fw.root_counts() if whole else contextlib.nullcontext():
+                    return original(self, *args, **kwargs)
             a = common.bind(original, self, args, kwargs)
             if _pass_through(a):
                 return original(self, *args, **kwargs)
             common.enter_phase("evaluate", a)
             _turn_off_xla(fw, self)
             data = tf_inputs.classify(a["x"], a["y"], a["sample_weight"], fw.arrays)
-            a["x"], a["y"], a["sample_weight"], a["batch_size"] = _sharded(
-                data, a["batch_size"], False, "the evaluation data"
+            (a["x"], a["y"], a["sample_weight"], a["batch_size"]), whole = _for_evaluation(
+                fw, data, a["batch_size"], "the evaluation data"
             )
-            return _call_on_this_rank(fw, original, a)
+            with fw.root_counts() if whole else contextlib.nullcontext():
+                return _call_on_this_rank(fw, original, a)
 
         return evaluate
 

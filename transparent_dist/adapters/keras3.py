@@ -175,6 +175,7 @@ FRAMEWORK = adapter.Framework(
     silence_backup=_silence_backup,
     build_before_training=_build_before_training,
     exact_epochs_after_resume=_exact_epochs_after_resume,
+    root_counts=keras_steps.counted_on_root_only,
 )
 
 

@@ -26,8 +26,12 @@ import types
 import weakref
 from typing import Any
 
+import numpy as np
+import tensorflow as tf
+
+from transparent_dist.adapters import common, keras_callback_state
 from transparent_dist.core import checkpoint, config, log, preemption, sequence, timeline, world
-from transparent_dist.tf import broadcast
+from transparent_dist.tf import broadcast, exchange
 
 __all__ = [
     "AgreeToStop",
@@ -119,19 +123,22 @@ class LinearScalingWarmup:
         rate.assign(_BASE_RATES[optimizer] * (1 + (size - 1) * done))
 
 
-# Callback attributes that carry training state worth resuming.
-_CALLBACK_STATE = ("wait", "best", "stopped_epoch", "cooldown_counter", "best_epoch")
-
-
 class CheckpointAndResume:
     """`TD_CHECKPOINT_DIR` in `fit`: the Keras face of `preemption.Service`.
-    Resumes from the checkpoint the service chose when training begins;
-    after each step (once the ranks agreed, `AgreeToStop`) lets the service
-    write one when due or asked for by a signal, and exit.
+
+    Resumes from the checkpoint the service chose once every callback's own
+    `on_train_begin` has run (`restore`, called by `AgreeToStop`): their
+    resets come first, the saved state after. After each step the ranks
+    agree (`AgreeToStop`) whether a checkpoint is due or asked for by a
+    signal; it is written at the next boundary, where the state is whole:
+    the next step's start (mid-epoch), the next epoch's start (after the
+    epoch's validation and callbacks), or the end of training (then marked
+    `stopped` if a callback stopped it, so that the resume trains no more).
 
     The state saved is every model and optimizer variable (weights, optimizer
-    slots, step counter, random-seed state), the epoch and step within it,
-    the data consumed, and the counters of callbacks such as EarlyStopping."""
+    slots and learning rate, step counter, random-seed state), the epoch and
+    step within it, the data consumed, and the state of Keras's callbacks
+    (`keras_callback_state`)."""
 
     framework: Any = None
 
@@ -148,97 +155,205 @@ class CheckpointAndResume:
         self.user_callbacks = callbacks
         self.state, self.unit = state, unit
         self.epoch, self.step, self._resume_step = 0, 0, 0
+        # Flags agreed after a step, acted on at the next boundary.
+        self._pending = 0
+        # Saved epochs of model.history, restored once its on_train_begin ran.
+        self._history: dict | None = None
+        # A mid-epoch resume: the state again after the epoch's on_epoch_begin
+        # (which ran before the checkpoint, and must not act twice).
+        self._again: tuple[list, list] | None = None
+        self._watch: Any = None
+        # A mid-epoch resume: the epoch's metric states before the checkpoint.
+        self._metric_sums: list | None = None
+        self._unsaved: set[str] = set()
 
     def _state_variables(self) -> list[Any]:
-        return list(self.model.variables) + broadcast.optimizer_variables(self.model.optimizer)
-
-    def on_train_begin(self, logs: Any = None) -> None:
-        state, self.state = self.state, None
-        if state is None:
-            return
-        arrays, meta = state
-        self.framework.build_optimizer(self.model.optimizer, self.model.trainable_variables)
-        variables = self._state_variables()
-        preemption.check_shapes(arrays, variables, meta["path"])
-        for variable, value in zip(variables, arrays, strict=True):
-            variable.assign(value)
-        skipped = int(self.skip.numpy()) if self.skip is not None else meta["step"]
-        self._resume_step = skipped
-        for index, saved in meta.get("callbacks", {}).items():
-            callback = (
-                self.user_callbacks[int(index)] if int(index) < len(self.user_callbacks) else None
-            )
-            if callback is not None and type(callback).__name__ == saved.pop("class", None):
-                for name, value in saved.items():
-                    setattr(callback, name, value)
-        log.info(
-            f"resumed from {meta['path']}: epoch {meta['epoch'] + 1}, after step {skipped}",
-            once=False,
+        optimizer = self.model.optimizer
+        # tf_keras's learning rate is a variable outside its optimizer's list.
+        rate = self.framework.learning_rate(optimizer)
+        return broadcast.unique(
+            [
+                *self.model.variables,
+                *broadcast.optimizer_variables(optimizer),
+                *([] if rate is None else [rate]),
+            ]
         )
 
+    def _metric_variables(self) -> list[Any]:
+        return common.metric_variables(self.model.metrics)
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        if self.state is not None:
+            keras_callback_state.prepare(self.user_callbacks, self.state[1])
+
+    def restore(self) -> None:
+        """The checkpoint's state back, after every callback's `on_train_begin`."""
+        state, self.state = self.state, None
+        if state is not None:
+            self._restore(*state)
+        self._watch = keras_callback_state.Watch(self.user_callbacks)
+
+    def _restore(self, arrays: list, meta: dict) -> None:
+        self.framework.build_optimizer(self.model.optimizer, self.model.trainable_variables)
+        variables = self._state_variables()
+        count = meta.get("state_arrays", len(arrays))
+        preemption.check_shapes(arrays[:count], variables, meta["path"])
+        for variable, value in zip(variables, arrays[:count], strict=True):
+            variable.assign(value)
+        keras_callback_state.restore(self.user_callbacks, meta, arrays)
+        self._history = meta.get("history")
+        if getattr(self.model, "_initial_epoch", None) is not None:
+            # Keras 3's BackupAndRestore set the first epoch from its own
+            # backup, which may be older: the checkpoint's weights are the
+            # ones restored, so its epoch is the one to go on from.
+            self.model._initial_epoch = meta["epoch"]
+        skipped = int(self.skip.numpy()) if self.skip is not None else meta["step"]
+        self._resume_step = skipped
+        if skipped:
+            self._again = (variables, arrays[:count])
+            sums = arrays[count : count + meta.get("metric_arrays", 0)]
+            # The ranks' states add up to what the logs show: rank 0 adds it all.
+            self._metric_sums = sums if world.get().is_root else [np.zeros_like(a) for a in sums]
+        self._unsaved = set(meta.get("unsaved", []))
+        if self._unsaved:
+            log.info(
+                "the state of callback(s) "
+                + "; ".join(sorted(self._unsaved))
+                + " changed during training and is not in the checkpoint (the plugin saves "
+                "Keras's own callbacks only): they start afresh in the resumed run, which "
+                "may then differ from an uninterrupted one"
+            )
+        where = (
+            f"training had stopped after epoch {meta['stopped_at']}; nothing is left to train"
+            if meta.get("stopped")
+            else f"epoch {meta['epoch'] + 1}, after step {skipped}"
+        )
+        log.info(f"resumed from {meta['path']}: {where}", once=False)
+
+    def after_epoch_begin(self) -> None:
+        """After every callback's `on_epoch_begin` of a mid-epoch resume:
+        what they changed (a LearningRateScheduler's rate) is set back to
+        the checkpoint's, as in the uninterrupted run they ran once."""
+        again, self._again = self._again, None
+        if again is not None:
+            for variable, value in zip(*again, strict=True):
+                variable.assign(value)
+
+    def _restore_history(self) -> None:
+        saved, self._history = self._history, None
+        if saved is not None:
+            keras_callback_state.restore_history(self.model, saved)
+
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        self._restore_history()
+        if self._pending:  # agreed at the end of the last epoch: it is complete now
+            self.epoch, self.step = epoch, 0
+            self._act()
         self.epoch, self.step, self._resume_step = epoch, self._resume_step, 0
+
+    def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+        if self._pending:
+            self._act()
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
         self.step += 1
         self.service.global_step += 1
+        sums, self._metric_sums = self._metric_sums, None
+        if sums is not None:
+            self._add_metric_sums(sums)
 
-    def wanted(self) -> int:
-        return self.service.wanted()
-
-    def after_agreement(self, flags: int) -> None:
-        self.service.after_agreement(flags, self._snapshot)
+    def _add_metric_sums(self, sums: list) -> None:
+        """After the resumed epoch's first step: its metrics go on from the
+        steps done before the checkpoint (the epoch's logged loss is the
+        whole epoch's, as uninterrupted). Added now, not set at the epoch's
+        start: tf_keras builds its metrics in the first step."""
+        variables = self._metric_variables()
+        if [tuple(v.shape) for v in variables] != [tuple(a.shape) for a in sums]:
+            log.debug("the metrics' states do not fit the checkpoint's: counted from the resume")
+            return
+        for variable, value in zip(variables, sums, strict=True):
+            variable.assign_add(value)
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         if self.skip is not None:
             self.skip.assign(0)
 
-    def _callback_state(self) -> dict:
-        state = {}
-        for index, callback in enumerate(self.user_callbacks):
-            values = {
-                name: getattr(callback, name)
-                for name in _CALLBACK_STATE
-                if isinstance(getattr(callback, name, None), (int, float))
-            }
-            if values:
-                state[str(index)] = {"class": type(callback).__name__, **values}
-        return state
+    def on_train_end(self, logs: Any = None) -> None:
+        self._restore_history()
+        if self._pending:
+            self.epoch, self.step = self.epoch + 1, 0
+            self._act(stopped=bool(self.model.stop_training))
 
-    def _snapshot(self) -> tuple[list[Any] | None, dict]:
-        epoch, step = self.epoch, self.step
-        steps = self.params.get("steps")
-        if steps and step >= steps:  # the epoch is complete: resume with the next
-            epoch, step = epoch + 1, 0
+    def wanted(self) -> int:
+        return self.service.wanted()
+
+    def after_agreement(self, flags: int) -> None:
+        """The flags the ranks agreed on after a step or an epoch: a
+        checkpoint due or asked for is written at the next boundary."""
+        self._pending |= self.service.due(flags) & (preemption.EXIT | preemption.DUE)
+
+    def _act(self, stopped: bool = False) -> None:
+        flags, self._pending = self._pending, 0
+        self.service.act(flags, lambda: self._snapshot(stopped))
+
+    def _snapshot(self, stopped: bool = False) -> tuple[list[Any] | None, dict]:
+        is_root = world.get().is_root
+        variables = self._state_variables()
+        # Every rank takes part in the sum, rank 0 writes it.
+        metrics = [
+            np.asarray(t)
+            for t in exchange.sum_over_ranks(
+                [tf.convert_to_tensor(v) for v in self._metric_variables()]
+            )
+        ]
+        first = len(variables) + len(metrics)
+        callbacks, extra = keras_callback_state.snapshot(self.user_callbacks, first)
+        if self._watch is not None:
+            self._unsaved |= set(self._watch.changed())
         meta = {
-            "epoch": epoch,
-            "step": step,
-            "callbacks": self._callback_state(),
-            **checkpoint.progress(step, self.unit, world.get().size),
+            "epoch": self.epoch,
+            "step": self.step,
+            "stopped": stopped,
+            "state_arrays": len(variables),
+            "metric_arrays": len(metrics),
+            "callbacks": callbacks,
+            "history": keras_callback_state.snapshot_history(self.model),
+            "unsaved": sorted(self._unsaved),
+            **checkpoint.progress(self.step, self.unit, world.get().size),
         }
-        arrays = preemption.values(self._state_variables()) if world.get().is_root else None
+        arrays = preemption.values(variables) + metrics + extra if is_root else None
         return arrays, meta
 
 
 class AgreeToStop:
     """Runs last in fit: after each step and epoch the ranks agree whether
-    to stop (and, with a `checkpointer`, whether to write a checkpoint)."""
+    to stop (and, with a `checkpointer`, whether to write a checkpoint); it
+    is also where the checkpointer restores, after the other callbacks'
+    `on_train_begin` and `on_epoch_begin`."""
 
     def __init__(self, checkpointer: Any = None) -> None:
         super().__init__()
         self.checkpointer = checkpointer
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.restore()
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.after_epoch_begin()
 
     def _agree(self, where: str) -> int:
         wanted = self.checkpointer.wanted() if self.checkpointer is not None else 0
         flags = sequence.agree_to_stop(bool(self.model.stop_training), wanted, where)
         if flags & sequence.STOP:
             self.model.stop_training = True
+        if self.checkpointer is not None:
+            self.checkpointer.after_agreement(flags)
         return flags
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-        flags = self._agree(f"step {batch + 1}")
-        if self.checkpointer is not None:
-            self.checkpointer.after_agreement(flags)
+        self._agree(f"step {batch + 1}")
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         self._agree(f"the end of epoch {epoch + 1}")
@@ -255,10 +370,16 @@ class FitSummary:
 
     def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
         self._step_start = time.perf_counter()
+        self._first_step = batch
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
         timeline.add("step", self._step_start, time.perf_counter())
-        self._steps += 1
+        # With steps_per_execution = k Keras calls these once per k steps,
+        # `batch` being the first step at the beginning and the last at the
+        # end (past the epoch's end in its last call): count steps, not calls.
+        epoch_steps = (getattr(self, "params", None) or {}).get("steps")
+        last = min(batch, epoch_steps - 1) if epoch_steps else batch
+        self._steps += max(1, last - self._first_step + 1)
 
     def on_train_end(self, logs: Any = None) -> None:
         elapsed = time.perf_counter() - self._start

@@ -1,6 +1,7 @@
 """Keras 3's `PyDataset` split between the ranks: round-robin by batch
 (rank r takes batches r, r+N, ...) for training, the last partial round
-split by rows; a contiguous run of batches for `predict`.
+split by rows; a contiguous run of batches for `predict` (all of it on
+every rank when it has fewer batches than ranks, or an unknown number).
 
 ```python
 import keras
@@ -88,10 +89,13 @@ class _PyDatasetPart(keras.utils.PyDataset):
 
 def part(dataset: Any, plan: ShardPlan, contiguous: bool = False) -> Any:
     """Rank `plan.rank`'s part of a `keras.utils.PyDataset`: round-robin by
-    batch for training, a contiguous run of batches for `predict`."""
-    collectives.check_agreement(
-        "the number of batches of the PyDataset", dataset.num_batches, world.get().comm
-    )
-    if dataset.num_batches == 0:
+    batch for training, a contiguous run of batches for `predict`, or, for
+    `predict` of fewer batches than ranks (or an unknown number), the
+    dataset itself: every rank predicts all of it."""
+    total = dataset.num_batches
+    collectives.check_agreement("the number of batches of the PyDataset", total, world.get().comm)
+    if total == 0:
         raise CollectiveError("transparent_dist: the PyDataset is empty")
+    if contiguous and (total is None or total < plan.size):
+        return dataset
     return _PyDatasetPart(dataset, plan.rank, plan.size, contiguous)

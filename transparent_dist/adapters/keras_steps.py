@@ -18,6 +18,18 @@ logs = keras_steps.global_metric_results(model.metrics)   # {'loss': ..., 'mae':
   floating-point value (a raw loss tensor, say) becomes its mean over the
   ranks weighted by their sample counts, which for a per-batch mean is the
   global batch's mean. One fused allreduce per step carries both.
+- A `Mean` tracker given one value per step (keras-io's
+  `loss_tracker.update_state(loss)`, Keras's per-output loss trackers)
+  counts each rank's value once, as one process counts its global batch's
+  once. In a step whose ranks hold different numbers of samples (the last,
+  partial step of an epoch) each rank's value is weighted by its share of
+  the step's samples, so the running mean is one process's: rank values
+  m_r of n_r samples add N * sum(n_r m_r) / sum(n_r) to the summed total
+  and N to the summed count. A rank with an empty batch (a dataset that
+  yields one) adds nothing to the total, not the NaN a mean over no
+  samples is.
+- Where every rank evaluates the same data whole (fewer samples than
+  ranks), only rank 0's metric states count (`counted_on_root_only`).
 - Random draws from a `SeedGenerator` (dropout, a GAN's latent noise,
   `keras.random.*` without a seed) differ between ranks inside a step: one
   process with the global batch draws independent noise for every sample,
@@ -37,9 +49,10 @@ import tensorflow as tf
 from keras import tree
 
 from transparent_dist.adapters import common
+from transparent_dist.core import world
 from transparent_dist.tf import broadcast, exchange
 
-__all__ = ["global_metric_results", "wrap_step"]
+__all__ = ["counted_on_root_only", "global_metric_results", "wrap_step"]
 
 # ------------------------------------------------------------ metric results
 
@@ -58,12 +71,45 @@ def _result_from(metric: Any, values: list[Any]) -> Any:
         return tree.map_structure(_as_tensor, metric.result())
 
 
+_COUNTED: list[Any] = []
+
+
+def _counted() -> Any:
+    """A variable, read when a step runs: 1 where this rank's metric states
+    count, 0 on the ranks other than 0 inside `counted_on_root_only`."""
+    if not _COUNTED:
+        with tf.init_scope():
+            _COUNTED.append(tf.Variable(1.0, trainable=False, name="td_counted"))
+    return _COUNTED[0]
+
+
+def _counted_part(variable: Any, counted: Any) -> Any:
+    """What `variable` (a metric state) adds to the sum over the ranks."""
+    value = tf.convert_to_tensor(variable)
+    return value * tf.cast(counted, value.dtype)
+
+
+@contextlib.contextmanager
+def counted_on_root_only() -> Iterator[None]:
+    """Within: every rank evaluates the same data whole (fewer samples
+    than ranks, `tf.inputs.fewer_than_ranks`), so the metric results count
+    rank 0's states only: one process's, not N times them. The steps'
+    collectives stay as they are."""
+    counted = _counted()
+    counted.assign(1.0 if world.get().is_root else 0.0)
+    try:
+        yield
+    finally:
+        counted.assign(1.0)
+
+
 def global_metric_results(metrics: list[Any]) -> dict[str, Any]:
     """The results of `metrics` over the ranks' summed states, keyed as
     Keras's `get_metrics_result` keys them."""
     metrics = broadcast.unique(list(metrics))
     variables = common.metric_variables(metrics)
-    summed = exchange.sum_over_ranks([tf.convert_to_tensor(v) for v in variables])
+    counted = tf.convert_to_tensor(_counted())
+    summed = exchange.sum_over_ranks([_counted_part(v, counted) for v in variables])
     by_id = {id(v): s for v, s in zip(variables, summed, strict=True)}
     results: dict[str, Any] = {}
     for metric in metrics:
@@ -103,6 +149,54 @@ def _recording_results(metrics: list[Any]) -> Iterator[dict[int, tuple[Any, Any,
             vars(metric).pop("result", None)
 
 
+def _is_once_per_step(values: Any, sample_weight: Any) -> bool:
+    """Whether `Mean.update_state(values, sample_weight)` adds one value for
+    the whole batch: a single value, no weight. (Any weight, e.g. Keras's
+    own tracker's batch size, makes the update count samples.)"""
+    if sample_weight is not None:
+        return False
+    try:
+        shape = tf.convert_to_tensor(values).shape
+    except (TypeError, ValueError):  # ragged, sparse: per-sample values
+        return False
+    return shape.is_fully_defined() and shape.num_elements() == 1
+
+
+@contextlib.contextmanager
+def _recording_once_per_step(metrics: list[Any], count: Any) -> Iterator[dict[int, list[Any]]]:
+    """While a step is traced, remembers the values given once per step to
+    `Mean` trackers (`_is_once_per_step`): id(metric) -> [metric, values],
+    and hands them on as 0 when this rank's batch is empty. A value given
+    inside a branch or loop of the step (`tf.cond`, autograph's `if`) is
+    left as it is: the exchange after the step cannot reach it."""
+    recorded: dict[int, list[Any]] = {}
+    wrapped = []
+    for metric in broadcast.unique(list(metrics)):
+        if type(metric).update_state is not keras.metrics.Mean.update_state:
+            continue
+        if "update_state" in vars(metric):
+            continue
+        original = metric.update_state
+
+        def update_state(values, sample_weight=None, original=original, metric=metric):
+            if not _is_once_per_step(values, sample_weight):
+                return original(values, sample_weight=sample_weight)
+            value = tf.reshape(tf.cast(values, metric.dtype), [])
+            if not tf.executing_eagerly() and value.graph is not count.graph:
+                return original(values, sample_weight=sample_weight)
+            value = tf.where(count > 0, value, tf.zeros_like(value))
+            recorded.setdefault(id(metric), [metric]).append(value)
+            return original(value)
+
+        object.__setattr__(metric, "update_state", update_state)
+        wrapped.append(metric)
+    try:
+        yield recorded
+    finally:
+        for metric in wrapped:
+            vars(metric).pop("update_state", None)
+
+
 def _recorded_as(leaf: Any, recorded: dict) -> tuple[Any, int] | None:
     """(metric, index among its result's leaves) if `leaf` is a recorded
     metric result, else None."""
@@ -110,10 +204,46 @@ def _recorded_as(leaf: Any, recorded: dict) -> tuple[Any, int] | None:
     return entry[1:] if entry is not None and entry[0] is leaf else None
 
 
-def _global_logs(logs: Any, recorded: dict, count: Any) -> Any:
+def _once_per_step_terms(once: dict[int, list[Any]], n: Any) -> list[Any]:
+    """What the exchange sums for `_weigh_once_per_step`: per tracker given
+    values once per step, their sum c and n * c (n: this rank's samples);
+    then n * n and n."""
+    terms = []
+    for entry in once.values():
+        c = tf.add_n(entry[1:])
+        terms += [tf.reshape(c, [1]), tf.reshape(c * tf.cast(n, c.dtype), [1])]
+    return [*terms, tf.reshape(n * n, [1]), tf.reshape(n, [1])]
+
+
+def _weigh_once_per_step(once: dict[int, list[Any]], summed: list[Any], n: Any) -> dict[int, Any]:
+    """Weighs each rank's once-per-step values by its share n * N / T of
+    the step's T samples when the ranks' sample counts differ: corrects
+    this rank's tracker total in place, and returns id(total variable) ->
+    the correction of its sum over the ranks (`summed`: the summed
+    `_once_per_step_terms`). The counts are equal exactly when
+    N * sum(n * n) == T * T; such steps are left untouched."""
+    size = world.get().size
+    total = summed[-1][0]
+    uneven = tf.not_equal(size * summed[-2][0], total * total)
+    corrections = {}
+    for k, entry in enumerate(once.values()):
+        metric, c = entry[0], tf.add_n(entry[1:])
+        sum_c, sum_nc = summed[2 * k][0], summed[2 * k + 1][0]
+        t = tf.cast(total, c.dtype)
+        share = tf.math.divide_no_nan(tf.cast(n, c.dtype) * size, t)
+        metric.total.assign_add(tf.where(uneven, (share - 1) * c, tf.zeros_like(c)))
+        fix = tf.math.divide_no_nan(size * sum_nc - t * sum_c, t)
+        corrections[id(metric.total)] = tf.where(uneven, fix, tf.zeros_like(fix))
+    return corrections
+
+
+def _global_logs(logs: Any, recorded: dict, count: Any, once: dict | None = None) -> Any:
     """`logs` with metric results replaced by global results and other
     floating-point values by their sample-weighted mean over ranks, in one
-    fused exchange."""
+    fused exchange (which also weighs `once`, the trackers given values
+    once per step: `_weigh_once_per_step`). Where only rank 0's states
+    count (`counted_on_root_only`), the others add nothing."""
+    once = once or {}
     leaves = tree.flatten(logs)
     metrics, others = [], []
     for index, leaf in enumerate(leaves):
@@ -123,12 +253,21 @@ def _global_logs(logs: Any, recorded: dict, count: Any) -> Any:
             others.append(index)
     metrics = broadcast.unique(metrics)
     variables = common.metric_variables(metrics)
-    weight = tf.cast(count, tf.float32)
-    payload = [tf.convert_to_tensor(v) for v in variables]
-    payload += [tf.cast(leaves[i], tf.float32) * weight for i in others]
-    summed = exchange.sum_over_ranks([*payload, tf.reshape(weight, [1])])
+    n = tf.cast(count, tf.float32)
+    counted = tf.convert_to_tensor(_counted())
+    weight = n * counted
+    payload = [_counted_part(v, counted) for v in variables]
+    # A rank whose batch counts for nothing adds 0, not 0 times a NaN.
+    payload += [tf.where(weight > 0, tf.cast(leaves[i], tf.float32) * weight, 0.0) for i in others]
+    terms = _once_per_step_terms(once, n) if once else []
+    summed = exchange.sum_over_ranks([*payload, *terms, tf.reshape(weight, [1])])
     total = summed[-1][0]
     by_id = {id(v): s for v, s in zip(variables, summed[: len(variables)], strict=True)}
+    if once:
+        extra = summed[len(payload) : len(payload) + len(terms)]
+        for key, fix in _weigh_once_per_step(once, extra, n).items():
+            if key in by_id:
+                by_id[key] = by_id[key] + tf.cast(fix, by_id[key].dtype)
     results = {
         id(metric): tree.flatten(_result_from(metric, [by_id[id(v)] for v in metric.variables]))
         for metric in metrics
@@ -138,7 +277,7 @@ def _global_logs(logs: Any, recorded: dict, count: Any) -> Any:
         if _recorded_as(leaf, recorded):
             metric, position = _recorded_as(leaf, recorded)
             out[index] = results[id(metric)][position]
-    for index, value in zip(others, summed[len(variables) : -1], strict=True):
+    for index, value in zip(others, summed[len(variables) : len(payload)], strict=True):
         out[index] = tf.cast(value / total, leaves[index].dtype)
     return tree.pack_sequence_as(logs, out)
 
@@ -159,8 +298,9 @@ def wrap_step(model: Any, step_function: Any) -> Any:
             exchange.step(count),
             common.flag("in_step"),
             _recording_results(model.metrics) as recorded,
+            _recording_once_per_step(model.metrics, count) as once,
         ):
             logs = step_function(data)
-        return _global_logs(logs, recorded, count)
+        return _global_logs(logs, recorded, count, once)
 
     return step

@@ -20,6 +20,14 @@ JSON) and checks the manifest first. A checkpoint that fails the check
 (truncated, garbage, half-copied) is skipped, saying which file and why, and
 the newest one that passes is used instead (the older ones are kept for
 this, `TD_CHECKPOINT_KEEP`). Rank 0 decides; every rank loads what it chose.
+
+The directory is the run's own: it must be this user's, not a link, and
+writable by no one else (`files.private_directory`), or nothing in it is
+read or written. Its checkpoints are the entries named exactly `ckpt-` and
+12 digits that are directories holding a manifest, ordered by that number;
+anything else there (a `ModelCheckpoint`'s `ckpt-01.keras`, another tool's
+folder) is never read, pruned or counted. Every number read back is checked
+against what this code could have written (`validate`) before it is used.
 """
 
 from __future__ import annotations
@@ -27,8 +35,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
+import time
 from typing import Any
 
 import numpy as np
@@ -46,17 +57,51 @@ __all__ = [
     "peek",
     "probe",
     "progress",
+    "require_private",
     "save",
+    "set_aside",
     "steps_to_skip",
+    "validate",
 ]
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
 _PAYLOAD = ("arrays.npz", "meta.json")
+_NAME = re.compile(r"ckpt-(\d{12})")
+# The largest step a checkpoint's name can hold (12 digits).
+MAX_STEP = 10**12 - 1
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used, with the file and the reason."""
+
+
+def _refusal(directory: str, reason: str) -> CheckpointError:
+    return CheckpointError(
+        f"refusing the checkpoint directory {directory} (TD_CHECKPOINT_DIR): it {reason}; a "
+        "checkpoint planted there would be resumed by this run. Use a directory only you can "
+        "write (chmod go-w, or another TD_CHECKPOINT_DIR)"
+    )
+
+
+def require_private(directory: str) -> None:
+    """Creates `directory` unless it exists (OSError if it cannot be);
+    raises CheckpointError unless it is this user's alone
+    (`files.private_directory`)."""
+    reason = files.private_directory(directory)
+    if reason:
+        raise _refusal(directory, reason)
+
+
+def _require_existing_private(directory: str) -> bool:
+    """Whether `directory` exists; raises CheckpointError if it is not this
+    user's alone. Creates nothing (loading only looks)."""
+    if not os.path.lexists(directory):
+        return False
+    reason = files.untrusted(directory, directory=True)
+    if reason:
+        raise _refusal(directory, reason)
+    return True
 
 
 def _file_digest(path: str) -> tuple[int, str]:
@@ -81,9 +126,9 @@ def _write_payload(directory: str, arrays: list[np.ndarray], meta: dict) -> None
 
 
 def save(directory: str, arrays: list[np.ndarray], meta: dict, keep: int = 3) -> str:
-    """Writes a checkpoint atomically and points `latest` at it; keeps the
-    newest `keep`. Returns its path."""
-    os.makedirs(directory, exist_ok=True)
+    """Writes a checkpoint atomically and points `latest` at it; keeps it
+    and the newest `keep - 1` others. Returns its path."""
+    require_private(directory)
     final = path_for(directory, meta["global_step"])
     name = os.path.basename(final)
     temporary = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=directory)
@@ -101,20 +146,36 @@ def save(directory: str, arrays: list[np.ndarray], meta: dict, keep: int = 3) ->
     from transparent_dist.core import log
 
     log.debug(f"checkpoint written: {final}")
-    for old in _complete(directory)[keep:]:
+    # The one just written stays even when older-numbered than others (a run
+    # resumed from an earlier checkpoint); only the plugin's own go.
+    others = [n for n in _complete(directory) if n != name]
+    for old in others[max(keep - 1, 0) :]:
         shutil.rmtree(os.path.join(directory, old), ignore_errors=True)
     return final
 
 
 def _complete(directory: str) -> list[str]:
-    """The checkpoints renamed into place, newest first."""
-    return sorted((n for n in os.listdir(directory) if n.startswith("ckpt-")), reverse=True)
+    """The checkpoints this plugin renamed into place, newest (by number)
+    first: `ckpt-` and 12 digits, a directory (not a link) with a manifest."""
+    found = []
+    for name in os.listdir(directory):
+        match = _NAME.fullmatch(name)
+        if match is None:
+            continue
+        try:
+            entry = os.lstat(os.path.join(directory, name))
+            manifest = os.lstat(os.path.join(directory, name, MANIFEST))
+        except OSError:
+            continue
+        if stat.S_ISDIR(entry.st_mode) and stat.S_ISREG(manifest.st_mode):
+            found.append((int(match.group(1)), name))
+    return [name for _, name in sorted(found, reverse=True)]
 
 
 def _candidates(directory: str) -> list[str]:
     """Checkpoints to try, best first: the one `latest` names, then the
     others, newest first."""
-    if not directory or not os.path.isdir(directory):
+    if not directory or not _require_existing_private(directory):
         return []
     names = _complete(directory)
     try:
@@ -134,7 +195,9 @@ def _verify(path: str) -> None:
         with open(os.path.join(path, MANIFEST), "rb") as f:
             manifest = json.loads(f.read())
     except FileNotFoundError:
-        return  # written before manifests existed: the zip's CRCs still check
+        raise CheckpointError(
+            f"{path} has no {MANIFEST} (not a complete checkpoint of this plugin)"
+        ) from None
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{path}: {MANIFEST} is unreadable ({error})") from None
     for name in _PAYLOAD:
@@ -231,7 +294,144 @@ def peek(directory: str) -> dict | None:
 
 def path_for(directory: str, global_step: int) -> str:
     """Where the checkpoint of `global_step` is (or will be) written."""
+    if not 0 <= int(global_step) <= MAX_STEP:
+        raise ValueError(f"global step {global_step} does not fit a checkpoint's name")
     return os.path.join(directory, f"ckpt-{int(global_step):012d}")
+
+
+def set_aside(directory: str) -> str | None:
+    """Moves this plugin's checkpoints in `directory`, and `latest`, into a
+    new folder `superseded-<UTC time>-...` there (never deleting them);
+    returns it, or None when there were none."""
+    names = _complete(directory) if _require_existing_private(directory) else []
+    if not names:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = tempfile.mkdtemp(prefix=f"superseded-{stamp}-", dir=directory)
+    for name in names:
+        os.rename(os.path.join(directory, name), os.path.join(target, name))
+    if os.path.lexists(os.path.join(directory, LATEST)):
+        os.replace(os.path.join(directory, LATEST), os.path.join(target, LATEST))
+    files.fsync_directory(directory)
+    return target
+
+
+# ------------------------------------------------------------ numbers read back
+
+# Bounds no checkpoint of a real run comes near: a world of 16 million
+# ranks, a million callbacks, a billion epochs.
+_MAX_WORLD, _MAX_CALLBACKS, _MAX_EPOCH = 2**24, 10**6, 10**9
+
+
+def _whole(file: str, key: str, value: Any, low: int, high: int, why: str = "") -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise CheckpointError(
+            f"{file}: {key}={value!r} is not a whole number from {low} to {high}{why}; "
+            "this checkpoint was not written by this run (remove it, or set TD_RESUME=fresh)"
+        )
+    return value
+
+
+def validate(meta: dict, arrays: int, limits: dict | None = None) -> None:
+    """Raises CheckpointError, naming the file, unless every number in
+    `meta` is one this plugin could have written for this run: whole
+    numbers in range, the step its name says, no epoch past this fit's
+    `limits["epochs"]`, no more samples consumed than `limits["samples"]`,
+    callback state within the `arrays` the checkpoint holds."""
+    limits = limits or {}
+    file = os.path.join(meta["path"], "meta.json")
+    epochs = limits.get("epochs")
+    global_step = _whole(file, "global_step", meta.get("global_step"), 0, MAX_STEP)
+    named = _NAME.fullmatch(os.path.basename(os.path.normpath(meta["path"])))
+    if named is not None and int(named.group(1)) != global_step:
+        raise CheckpointError(
+            f"{file}: global_step={global_step}, but the checkpoint is named "
+            f"{named.group(0)}; this checkpoint was not written by this run"
+        )
+    epoch_limit, why = (
+        (epochs, f" (this fit has epochs={epochs})") if epochs is not None else (_MAX_EPOCH, "")
+    )
+    _whole(file, "epoch", meta.get("epoch"), 0, epoch_limit, why)
+    step = _whole(file, "step", meta.get("step"), 0, MAX_STEP)
+    if "world_size" in meta:
+        _whole(file, "world_size", meta["world_size"], 1, _MAX_WORLD)
+    if meta.get("unit") is not None:
+        if meta["unit"] not in ("samples", "batches"):
+            raise CheckpointError(f"{file}: unit={meta['unit']!r} is neither samples nor batches")
+        per_step = _whole(file, "per_step", meta.get("per_step"), 1, MAX_STEP)
+        samples = limits.get("samples") if meta["unit"] == "samples" else None
+        high, why = (
+            (samples, f" (this fit's data has {samples} samples)")
+            if samples is not None
+            else (step * per_step, "")
+        )
+        consumed = _whole(file, "consumed", meta.get("consumed"), 0, high, why)
+        if consumed != step * per_step:
+            raise CheckpointError(
+                f"{file}: consumed={consumed} is not step x per_step ({step} x {per_step})"
+            )
+    state_arrays = meta.get("state_arrays", arrays)
+    _whole(file, "state_arrays", state_arrays, 0, arrays)
+    if "metric_arrays" in meta:
+        _whole(file, "metric_arrays", meta["metric_arrays"], 0, arrays - state_arrays)
+    if not isinstance(meta.get("stopped", False), bool):
+        raise CheckpointError(f"{file}: stopped={meta['stopped']!r} is not true or false")
+    _validate_callbacks(file, meta.get("callbacks", {}), arrays, epoch_limit, why)
+    history = meta.get("history")
+    if history is not None and not isinstance(history, dict):
+        raise CheckpointError(f"{file}: history is not a mapping")
+    _validate_numbers(file, "history", history, False, epoch_limit, why)
+    unsaved = meta.get("unsaved", [])
+    if not (isinstance(unsaved, list) and all(isinstance(u, str) for u in unsaved)):
+        raise CheckpointError(f"{file}: unsaved is not a list of callback names")
+
+
+def _validate_callbacks(file: str, saved: Any, arrays: int, epochs: int, why: str) -> None:
+    """The callbacks' saved state: per callback index, its class and
+    attributes; every whole number in it in range, every epoch within
+    this fit's, every array range within the checkpoint's arrays."""
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{file}: callbacks is not a mapping")
+    for index, entry in saved.items():
+        where = f"callbacks[{index}]"
+        if not (isinstance(index, str) and index.isdigit() and int(index) < _MAX_CALLBACKS):
+            raise CheckpointError(f"{file}: {where} is not a callback's position")
+        if not isinstance(entry, dict) or not isinstance(entry.get("class"), str):
+            raise CheckpointError(f"{file}: {where} names no callback class")
+        for key, value in entry.items():
+            if key == "arrays":
+                if not (
+                    isinstance(value, dict) and all(isinstance(v, list) for v in value.values())
+                ):
+                    raise CheckpointError(f"{file}: {where}.arrays is not a mapping of ranges")
+                for name, span in value.items():
+                    if len(span) != 2:
+                        raise CheckpointError(
+                            f"{file}: {where}.arrays.{name} is not [start, count]"
+                        )
+                    start = _whole(file, f"{where}.arrays.{name}[0]", span[0], 0, arrays)
+                    _whole(file, f"{where}.arrays.{name}[1]", span[1], 0, arrays - start)
+            else:
+                _validate_numbers(file, f"{where}.{key}", value, "epoch" in key, epochs, why)
+
+
+def _validate_numbers(
+    file: str, where: str, value: Any, epoch: bool, epochs: int, why: str
+) -> None:
+    if isinstance(value, bool) or value is None or isinstance(value, (float, str)):
+        return
+    if isinstance(value, int):
+        high = epochs if epoch else MAX_STEP
+        _whole(file, where, value, -1, high, why if epoch else "")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _validate_numbers(file, f"{where}[{i}]", item, epoch, epochs, why)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            inner = epoch or "epoch" in str(key)
+            _validate_numbers(file, f"{where}.{key}", item, inner, epochs, why)
+    else:
+        raise CheckpointError(f"{file}: {where} holds a {type(value).__name__}")
 
 
 def progress(step: int, unit: tuple[str, int] | None, world_size: int) -> dict:
@@ -285,10 +485,11 @@ def steps_to_skip(meta: dict, unit: tuple[str, int] | None, world_size: int) -> 
 
 
 def probe(directory: str) -> None:
-    """Proves the checkpoint directory writable the way `save` writes:
-    create, fsync, rename, delete. Raises OSError naming it otherwise."""
+    """Proves the checkpoint directory this user's alone (CheckpointError
+    otherwise) and writable the way `save` writes: create, fsync, rename,
+    delete. Raises OSError naming it otherwise."""
     try:
-        os.makedirs(directory, exist_ok=True)
+        require_private(directory)
         target = os.path.join(directory, f".probe-{os.getpid()}")
         files.write_atomically(target, b"transparent_dist write probe\n")
         os.unlink(target)

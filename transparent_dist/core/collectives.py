@@ -27,9 +27,11 @@ from transparent_dist.core import stall, timeline
 from transparent_dist.core.errors import CollectiveError
 
 __all__ = [
+    "allgather_records",
     "allgather_rows",
     "allreduce_average",
     "allreduce_sum",
+    "allreduce_sum_array",
     "any_flags",
     "broadcast",
     "check_agreement",
@@ -230,6 +232,43 @@ def allgather_rows(array: np.ndarray, comm: Any) -> np.ndarray:
     return out
 
 
+def allgather_records(record: np.ndarray, comm: Any) -> np.ndarray:
+    """Every rank's `record` (a small 1-D array, of the same length and
+    dtype on every rank) as rows of one array, in rank order: one
+    `Allgather` of raw bytes."""
+    stall.arrive("gather")
+    record = np.ascontiguousarray(record)
+    out = np.empty((comm.Get_size(), record.size), record.dtype)
+    from mpi4py import MPI
+
+    comm.Allgather([record.view(np.uint8), MPI.BYTE], [out.view(np.uint8), MPI.BYTE])
+    return out
+
+
+def allreduce_sum_array(array: np.ndarray, comm: Any) -> np.ndarray:
+    """The element-wise sum over ranks of one array, in a new array (not a
+    fusion buffer: the result may outlive later calls). 16-bit floats are
+    summed as they are; dtypes MPI cannot reduce, in float64."""
+    stall.arrive("gradient exchange")
+    from mpi4py import MPI
+
+    array = np.ascontiguousarray(array)
+    half = _half_name(array.dtype)
+    if half:
+        out = np.empty_like(array)
+        comm.Allreduce(
+            [array.view(np.uint16), MPI.SHORT], [out.view(np.uint16), MPI.SHORT], op=_half_sum(half)
+        )
+        return out
+    if array.dtype in _REDUCIBLE:
+        out = np.empty_like(array)
+        comm.Allreduce(array, out, op=MPI.SUM)
+        return out
+    wide = array.astype(np.float64)
+    comm.Allreduce(MPI.IN_PLACE, wide, op=MPI.SUM)
+    return wide.astype(array.dtype)
+
+
 def any_flags(flags: int, comm: Any) -> int:
     """The bitwise OR of every rank's `flags` (a small int), on every rank."""
     if comm is None:
@@ -242,9 +281,13 @@ def any_flags(flags: int, comm: Any) -> int:
     return int(buf[0])
 
 
-def check_agreement(what: str, value: Any, comm: Any) -> None:
+_SAME_SCRIPT = "every rank must run the same script on data of the same shape"
+
+
+def check_agreement(what: str, value: Any, comm: Any, rule: str = _SAME_SCRIPT) -> None:
     """Raises the same CollectiveError (a ValueError) on every rank unless all ranks pass an
-    equal `value` (a small, picklable description). Nothing to check
+    equal `value` (a small, picklable description); the message names what
+    differs on which ranks, and the `rule` they broke. Nothing to check
     without a communicator (a world of size 1)."""
     if comm is None:
         return
@@ -266,8 +309,7 @@ def check_agreement(what: str, value: Any, comm: Any) -> None:
     else:
         lines = [f"rank 0: {values[0]!r}"] + [f"rank {r}: {values[r]!r}" for r in differing[:3]]
     raise CollectiveError(
-        f"transparent_dist: the ranks disagree on {what}; every rank must run "
-        f"the same script on data of the same shape. " + "; ".join(lines)
+        f"transparent_dist: the ranks disagree on {what}; {rule}. " + "; ".join(lines)
     )
 
 

@@ -13,17 +13,31 @@ any point before the `fit` it should affect). The README has the table.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 
-__all__ = ["SETTINGS", "Settings", "configure", "from_environment", "parse_every"]
+__all__ = [
+    "ERRORS",
+    "PER_RANK",
+    "SETTINGS",
+    "Settings",
+    "configure",
+    "from_environment",
+    "known_names",
+    "parse_every",
+    "shared",
+    "unknown_names",
+]
 
 _CHOICES = {
     "compression": ("none", "fp16", "bf16"),
     "batch_size": ("per_rank", "global"),
+    "steps": ("batches", "global"),
     "lr_scaling": ("none", "linear"),
     "stdout": ("root", "all"),
     "mpi": ("auto", "on", "off"),
     "native": ("auto", "on", "off"),
+    "resume": ("auto", "force", "fresh"),
 }
 
 
@@ -34,6 +48,10 @@ class Settings:
     # `batch_size` passed to fit/evaluate/predict is per rank (global batch is
     # N * batch_size) or the global batch.
     batch_size: str = "per_rank"
+    # fit's `steps_per_epoch` / `validation_steps` count the script's batches
+    # (an epoch covers the data it covers in one process, in 1/N the steps;
+    # adapters/step_counts.py) or global steps of N batches.
+    steps: str = "batches"
     # Opt-in linear learning-rate scaling by N with gradual warm-up.
     lr_scaling: str = "none"
     warmup_epochs: float = 5.0
@@ -52,6 +70,10 @@ class Settings:
     checkpoint_dir: str = ""
     checkpoint_every: str = ""
     checkpoint_keep: int = 3
+    # A checkpoint of another run (other model, optimizer, data) or with
+    # numbers out of bounds: "auto" refuses it, naming what differs; "force"
+    # resumes another run's anyway; "fresh" sets it aside and starts afresh.
+    resume: str = "auto"
     # Gradient exchange: largest fused buffer (MB) before splitting into
     # buckets, optional 16-bit compression, and a Chrome-trace timeline.
     fusion_mb: float = 64.0
@@ -60,27 +82,39 @@ class Settings:
     # The compiled exchange op ("auto": used when it builds, else the numpy
     # exchange with a warning; "on": required; "off": never).
     native: str = "auto"
+    # Missing values (empty / NA cells, NaN, masked or fill entries) read by
+    # transparent_dist.data come through as NaN instead of ending the job; a
+    # reader's allow_nan= keyword wins.
+    allow_nan: bool = False
     # More messages from the plugin (on every rank).
     verbose: bool = False
     # The whole plugin off: plain Keras / TensorFlow.
     disable: bool = False
 
 
-def _validate(key: str, value: object) -> object:
+def _validate(key: str, value: object, name: str | None = None) -> object:
+    """`value` checked (and converted) for setting `key`; the error names
+    `name` (the environment variable) or the keyword of `configure()`."""
+    shown, raw = name or key, value
     choices = _CHOICES.get(key)
     if choices is not None and value not in choices:
-        raise ValueError(f"transparent_dist: {key}={value!r} is not one of {', '.join(choices)}")
+        raise ValueError(f"transparent_dist: {shown}={value!r} is not one of: {', '.join(choices)}")
     if key in ("warmup_epochs", "stall_warn", "stall_abort", "fusion_mb"):
         try:
             value = float(value)  # type: ignore[arg-type]
         except ValueError:
-            raise ValueError(f"transparent_dist: {key} must be a number, not {value!r}") from None
+            raise ValueError(
+                f"transparent_dist: {shown}={value!r} is not a number (seconds, MB or epochs)"
+            ) from None
         if value < 0:
-            raise ValueError(f"transparent_dist: {key} must be >= 0")
+            raise ValueError(f"transparent_dist: {shown}={raw!r} must be >= 0")
     if key == "checkpoint_keep":
-        value = int(value)  # type: ignore[arg-type]
+        try:
+            value = int(value)  # type: ignore[arg-type]
+        except ValueError:
+            raise ValueError(f"transparent_dist: {shown}={value!r} is not a whole number") from None
         if value < 1:
-            raise ValueError("transparent_dist: checkpoint_keep must be >= 1")
+            raise ValueError(f"transparent_dist: {shown}={raw!r} must be >= 1")
     if key == "checkpoint_every":
         parse_every(str(value))
     return value
@@ -102,30 +136,93 @@ def parse_every(value: str) -> tuple[int, float]:
         ) from None
 
 
-def from_environment(environ: os._Environ | dict | None = None) -> Settings:
-    """Reads the `TD_*` variables into a new `Settings`."""
+def from_environment(
+    environ: os._Environ | dict | None = None, errors: list[str] | None = None
+) -> Settings:
+    """Reads the `TD_*` variables into a new `Settings`. A bad value raises
+    ValueError naming the variable, or, given `errors`, is appended there
+    (one line each) and the default kept, for the caller to report."""
     env = os.environ if environ is None else environ
     settings = Settings()
     for field in dataclasses.fields(Settings):
         name = "TD_" + field.name.upper()
-        if field.type == "bool":
-            setattr(settings, field.name, _env_bool(env, name, field.default))
-        elif name in env and env[name] != "":
-            value = env[name].strip()
-            if field.name in _CHOICES:
-                value = value.lower()
-            setattr(settings, field.name, _validate(field.name, value))
+        try:
+            if field.type == "bool":
+                setattr(settings, field.name, _env_bool(env, name, field.default))
+            elif name in env and env[name] != "":
+                value = env[name].strip()
+                if field.name in _CHOICES:
+                    value = value.lower()
+                setattr(settings, field.name, _validate(field.name, value, name))
+        except ValueError as error:
+            if errors is None:
+                raise
+            errors.append(str(error))
     return settings
+
+
+# Variables with the prefix that are read elsewhere (not `Settings` fields).
+_OTHER_NAMES = ("TD_CACHE_DIR", "TD_PLACEMENT")
+
+
+def known_names() -> list[str]:
+    """Every `TD_*` variable the plugin reads."""
+    return ["TD_" + f.name.upper() for f in dataclasses.fields(Settings)] + list(_OTHER_NAMES)
+
+
+def unknown_names(environ: os._Environ | dict | None = None) -> list[tuple[str, str | None]]:
+    """`(name, closest known name or None)` for each `TD_*` variable in the
+    environment that the plugin does not read (a misspelt setting is
+    otherwise ignored without a word)."""
+    env = os.environ if environ is None else environ
+    known = known_names()
+    found = []
+    for name in sorted(env):
+        if name.startswith("TD_") and name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+            found.append((name, close[0] if close else None))
+    return found
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def _env_bool(env, name: str, default: bool) -> bool:
     value = env.get(name)
     if value is None or value == "":
         return default
-    return value.strip().lower() not in ("0", "false", "no", "off")
+    value = value.strip().lower()
+    if value not in _TRUE + _FALSE:
+        raise ValueError(
+            f"transparent_dist: {name}={env[name]!r} is not one of: {', '.join(_TRUE + _FALSE)}"
+        )
+    return value in _TRUE
 
 
-SETTINGS = from_environment()
+# Bad values found in the environment at import, reported by `activate`
+# (from rank 0, one line each) rather than as a traceback from every rank.
+ERRORS: list[str] = []
+SETTINGS = from_environment(errors=ERRORS)
+
+# Settings that may differ between ranks: they change no collective and no
+# arithmetic (what a rank prints, how long the watchdog waits, where a
+# rank's timeline goes). `mpi` and `disable` decide whether a rank joins at
+# all, so they cannot be compared by the ranks that do. Every other setting,
+# including any added later, must be alike on every rank.
+PER_RANK = frozenset(
+    {"stdout", "verbose", "stall_warn", "stall_abort", "timeline", "mpi", "disable"}
+)
+
+
+def shared(settings: Settings | None = None) -> dict[str, object]:
+    """The settings every rank must hold alike, by environment variable
+    name (`{"TD_BATCH_SIZE": "per_rank", ...}`), for the ranks to compare."""
+    settings = SETTINGS if settings is None else settings
+    return {
+        "TD_" + field.name.upper(): getattr(settings, field.name)
+        for field in dataclasses.fields(Settings)
+        if field.name not in PER_RANK
+    }
 
 
 def configure(**kwargs: object) -> Settings:

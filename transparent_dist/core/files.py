@@ -11,6 +11,10 @@ directory with `O_CREAT | O_EXCL | O_NOFOLLOW` (an existing file or a link
 under that name makes the call fail rather than be followed or truncated),
 written and flushed to disk, then renamed over the final name; a failure on
 the way removes the temporary file.
+
+What the plugin later reads back and acts on (the compiled op it loads, the
+checkpoint it resumes) must be this user's alone: `untrusted` says why a
+file or directory is not, `private_directory` creates one that is.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import stat
 from collections.abc import Iterator
+from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["created", "fsync_directory", "write_atomically"]
+__all__ = ["created", "fsync_directory", "private_directory", "untrusted", "write_atomically"]
 
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -62,3 +68,47 @@ def fsync_directory(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def untrusted(path: str | Path, directory: bool) -> str:
+    """Why what is at `path` must not be acted on (loaded, resumed, built
+    into): "" when it is ours and only we can change it. A file another
+    user could write decides what every rank runs the moment it is read."""
+    try:
+        info = os.lstat(path)
+    except OSError as error:
+        return f"cannot be checked ({error.strerror})"
+    kind = stat.S_ISDIR if directory else stat.S_ISREG
+    if not kind(info.st_mode):
+        return "is a symbolic link or not a " + ("directory" if directory else "regular file")
+    if info.st_uid != os.getuid():
+        return f"is owned by uid {info.st_uid}, not by this user (uid {os.getuid()})"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"is writable by group or others (mode {stat.S_IMODE(info.st_mode):o})"
+    return ""
+
+
+def _open_to_others(path: str) -> bool:
+    """A directory anyone may rename entries in (world-writable, no sticky
+    bit): what we create under it can be swapped for another's."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False
+    return bool(info.st_mode & stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX
+
+
+def private_directory(path: str | Path, mode: int = 0o755) -> str:
+    """Creates `path` (and its missing parents) unless it exists (OSError
+    if it cannot be); returns "" when it is this user's directory, not a
+    link, that only this user can write, in a parent where no one else can
+    swap it, else why not."""
+    path = os.path.abspath(path)
+    # The mode (less the umask) is the leaf's. An existing link under the
+    # name passes here and is refused by the check below.
+    os.makedirs(path, mode=mode, exist_ok=True)
+    reason = untrusted(path, directory=True)
+    parent = os.path.dirname(path)
+    if not reason and _open_to_others(parent):
+        reason = f"is in {parent}, where anyone can rename it (world-writable, no sticky bit)"
+    return reason

@@ -8,7 +8,10 @@ save = output.root_only(lambda path: open(path, "w").write("x"))
 ```
 
 The descriptor itself is pointed at /dev/null on ranks other than 0, so
-output from C extensions and subprocesses is silenced too. Standard error
+output from C extensions and subprocesses is silenced too. Python `logging`
+records below WARNING follow the same rule (a script's `logging.info`
+progress lines, once, not once per rank); warnings and errors from any rank
+stay visible. Standard error
 is left alone on every rank (errors must never be hidden), except while a
 framework's C++ start-up runs (`start_up_quietly`: TensorFlow's oneDNN /
 CUDA-probe lines, the same on every rank), unless `TD_VERBOSE=1` or the
@@ -18,6 +21,7 @@ script's environment sets `TF_CPP_MIN_LOG_LEVEL=0`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -46,6 +50,9 @@ def quiet_unless_root() -> None:
     global _SAVED_FD
     if world.get().is_root or config.SETTINGS.stdout == "all" or _SAVED_FD is not None:
         return
+    # Records at INFO and below are dropped before any handler sees them,
+    # whichever handlers the script configures later.
+    logging.disable(logging.INFO)
     try:
         sys.stdout.flush()
         fd = sys.stdout.fileno()
@@ -58,8 +65,10 @@ def quiet_unless_root() -> None:
 
 
 def restore() -> None:
-    """Gives standard output back (for tests)."""
+    """Gives standard output and logging back (for tests)."""
     global _SAVED_FD
+    if logging.root.manager.disable == logging.INFO:
+        logging.disable(logging.NOTSET)
     if _SAVED_FD is None:
         return
     sys.stdout.flush()

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from transparent_dist.core import checkpoint, config, log, sequence, world
+from transparent_dist.core import checkpoint, config, log, run_identity, sequence, world
 from transparent_dist.core.errors import together
 
 __all__ = [
@@ -78,6 +78,8 @@ class Service:
         self.directory, self.keep = directory, keep
         self.every_steps, self.every_seconds = config.parse_every(every)
         self.global_step = 0
+        # What this run is (`resume`'s `identity`), written into each checkpoint.
+        self.identity: dict | None = None
         self._last_save = time.monotonic()
 
     @classmethod
@@ -90,18 +92,81 @@ class Service:
             else None
         )
 
-    def resume(self) -> tuple[list[np.ndarray], dict] | None:
-        """Proves the directory writable (before step 1, not at the
-        walltime), then returns the checkpoint every rank resumes from
-        (rank 0 chooses), or None."""
+    def resume(
+        self, identity: dict | None = None, limits: dict | None = None
+    ) -> tuple[list[np.ndarray], dict] | None:
+        """Proves the directory this user's alone and writable (before step
+        1, not at the walltime), then returns the checkpoint every rank
+        resumes from (rank 0 chooses), or None.
+
+        `identity` (plain values: model, optimizer, data...) is what this
+        run is; a checkpoint recording another is refused, naming what
+        differs, unless `TD_RESUME` says otherwise (`_decide`). `limits`
+        bound the numbers read back (`checkpoint.validate`)."""
+        self.identity = identity
         with together(f"checking {self.directory}"):
             if world.get().is_root:
                 checkpoint.probe(self.directory)
         state = checkpoint.load_agreed(self.directory)
+        if state is not None and not self._decide(state, identity, limits):
+            state = None
         if state is not None:
-            self.global_step = int(state[1]["global_step"])
+            meta = state[1]
+            self.global_step = int(meta["global_step"])
+            if meta.get("stopped") and limits and "epochs" in limits:
+                # A callback had ended training (the checkpoint was written
+                # at its end): the same command trains no further.
+                meta["stopped_at"], meta["epoch"] = meta["epoch"], int(limits["epochs"])
         self._last_save = time.monotonic()
         return state
+
+    def _decide(self, state: tuple[list, dict], identity: dict | None, limits: dict | None) -> bool:
+        """Whether to resume `state`, decided by rank 0 for every rank: its
+        numbers must be in bounds and its run this one. Otherwise
+        `TD_RESUME` says: auto (the default) refuses, naming what differs;
+        force resumes another run's checkpoint anyway (never one whose
+        numbers are out of bounds); fresh sets the checkpoints aside and
+        starts afresh."""
+        arrays, meta = state
+        w, setting = world.get(), config.SETTINGS.resume
+        resume = True
+        with together(f"resuming from {meta['path']}"):
+            if w.is_root:
+                resume = self._judge(meta, len(arrays), identity, limits, setting)
+        if w.size > 1:
+            resume = w.comm.bcast(resume, root=0)
+        return resume
+
+    def _judge(
+        self, meta: dict, arrays: int, identity: dict | None, limits: dict | None, setting: str
+    ) -> bool:
+        try:
+            checkpoint.validate(meta, arrays, limits)
+            differences = run_identity.differences(meta.get("identity"), identity)
+        except checkpoint.CheckpointError as error:
+            if setting != "fresh":
+                raise
+            problem = str(error)
+        else:
+            if not differences:
+                return True
+            problem = f"the checkpoint {meta['path']} is of another run: " + "; ".join(differences)
+            if setting == "force":
+                log.info(f"{problem}; resuming it anyway (TD_RESUME=force)", once=False)
+                return True
+            if setting != "fresh":
+                raise checkpoint.CheckpointError(
+                    f"{problem}. Resume it anyway with TD_RESUME=force, or set it aside and "
+                    "start afresh with TD_RESUME=fresh (or give this run its own "
+                    "TD_CHECKPOINT_DIR)"
+                )
+        moved = checkpoint.set_aside(self.directory)
+        log.info(
+            f"{problem}; TD_RESUME=fresh: training starts afresh, the checkpoints there "
+            f"moved to {moved}",
+            once=False,
+        )
+        return False
 
     def resume_replaying(self, variables: list[Any], assign: Callable, what: str) -> int:
         """`resume` for loops that start again from their first step (TF1
@@ -133,19 +198,31 @@ class Service:
             flags |= DUE
         return flags
 
+    def due(self, flags: int) -> int:
+        """The flags every rank agreed on after step `global_step`, with DUE
+        added when a periodic checkpoint falls on this step."""
+        if self.every_steps and self.global_step and self.global_step % self.every_steps == 0:
+            flags |= DUE
+        return flags
+
     def after_agreement(self, flags: int, state: State) -> None:
         """Acts on the flags every rank agreed on after step `global_step`:
         writes a checkpoint of `state()` if one is due or asked for, and
         exits every rank if a signal asked."""
-        if self.every_steps and self.global_step % self.every_steps == 0:
-            flags |= DUE
+        self.act(self.due(flags), state)
+
+    def act(self, flags: int, state: State) -> None:
+        """Writes a checkpoint of `state()` if `flags` ask for one (EXIT or
+        DUE), then, for EXIT, exits every rank (all hold the same flags)."""
         if flags & (EXIT | DUE):
             self.save(state)
         if flags & EXIT:
             log.info(
                 f"checkpoint written to {checkpoint.path_for(self.directory, self.global_step)}; "
-                f"exiting with status {PREEMPTED_STATUS} (run the same command again to resume)"
+                f"exiting with status {PREEMPTED_STATUS} (run the same command again to resume; "
+                "further SIGTERM / SIGUSR1 are ignored)"
             )
+            _ignore_further_signals()
             raise Preempted()
 
     def step(self, state: State, stopping: bool = False, where: str = "") -> int:
@@ -164,6 +241,8 @@ class Service:
         w = world.get()
         arrays, meta = state()
         meta = {"global_step": self.global_step, **meta}
+        if self.identity is not None:
+            meta["identity"] = self.identity
         if w.is_root:
             checkpoint.save(self.directory, arrays or [], meta, self.keep)
         if w.comm is not None:
@@ -203,6 +282,16 @@ def _on_signal(number: int, frame: Any) -> None:
     _REQUESTED["number"] = number
 
 
+def _ignore_further_signals() -> None:
+    """Once the checkpoint is written the job's status is 75, however many
+    more signals come (Slurm's, then a user's `scancel --signal`). Ignored
+    by the kernel, not by a Python handler: Python puts its handlers back
+    to the default (death) while it shuts down, when a late one still lands."""
+    if threading.current_thread() is threading.main_thread():
+        for number in _SIGNALS:
+            signal.signal(number, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def handling_signals() -> Iterator[None]:
     """While the block runs (a fit that can checkpoint), SIGTERM and
@@ -215,17 +304,24 @@ def handling_signals() -> Iterator[None]:
     with _LOCK:
         previous = {number: signal.signal(number, _on_signal) for number in _SIGNALS}
         _REQUESTED["number"] = None
-    acted = False
+    acted = failed = False
     try:
         yield
     except Preempted:
         acted = True
         raise
+    except BaseException:
+        failed = True
+        raise
     finally:
         with _LOCK:
             for number, handler in previous.items():
-                signal.signal(number, handler)
-            late = None if acted else _REQUESTED["number"]
+                if not acted:  # else ignored from the checkpoint on
+                    signal.signal(number, handler)
+            # A block that failed (the checkpoint write itself, say) ends the
+            # job with its own traceback: a late signal delivered now would
+            # end it first, with status 143 and no word of the cause.
+            late = None if acted or failed else _REQUESTED["number"]
             _REQUESTED["number"] = None
         if late is not None:
             signal.raise_signal(late)

@@ -17,7 +17,15 @@ site, before any mismatched collective can pair up or wait forever. The end
 of the script is a phase too, so a rank that finishes while another is still
 calling `fit` is named at once.
 
-The stall watchdog (`stall`) reports the phase each rank is in.
+Every check also carries the settings that must be alike on every rank
+(`config.shared`): a `configure()` call made on one rank only is named at
+the next phase. The checks run on a communicator of their own
+(`World.control_comm`), so a rank checking its phase never pairs with a
+training collective another rank waits in; the stall watchdog (`stall`)
+sees such a rank (same collective number, another phase) and ends the job
+within seconds, naming both. A rank that ends its script (return,
+`sys.exit()` with any status, falling off the end) or calls `MPI.Finalize()`
+takes the end-of-script check, so it is named too.
 """
 
 from __future__ import annotations
@@ -31,10 +39,10 @@ from typing import Any
 
 import numpy as np
 
-from transparent_dist.core import collectives, log, stall, world
+from transparent_dist.core import collectives, config, log, stall, world
 from transparent_dist.core.errors import CollectiveError
 
-__all__ = ["current", "enter", "install_end_check", "remove_end_check"]
+__all__ = ["check_settings", "current", "enter", "install_end_check", "remove_end_check"]
 
 # Phase kinds, in the code the stall watchdog carries for them.
 KINDS = ("start", "fit", "evaluate", "predict", "script end")
@@ -62,6 +70,57 @@ def current() -> str:
     return _STATE["description"]
 
 
+# Exit status of a job whose settings are wrong (as for a command-line error).
+SETTINGS_STATUS = 2
+
+
+def check_settings() -> None:
+    """Ends the job, from every rank alike, with one line per problem (from
+    rank 0) and status 2 unless the `TD_*` settings are valid, none is a
+    near miss of a known name (`TD_CHEKPOINT_DIR`), and every rank holds the
+    same shared settings (`config.shared`): one rank with another
+    `TD_BATCH_SIZE`, `TD_NATIVE` or `TD_CHECKPOINT_DIR` would issue other
+    collectives, or other arithmetic, than the rest. Unknown names that are
+    near nothing known are a warning."""
+    w = world.get()
+    problems = list(config.ERRORS)
+    for name, close in config.unknown_names():
+        if close is not None:
+            problems.append(
+                f"transparent_dist: {name} is not a setting (did you mean {close}?); "
+                "a misspelt setting would be ignored"
+            )
+        else:
+            log.info(f"{name} is not a setting of transparent_dist: ignored")
+    if w.control_comm is not None:
+        everyone = w.control_comm.allgather(problems)
+        problems = list(dict.fromkeys(p for rank_problems in everyone for p in rank_problems))
+        for p in problems:
+            ranks = [r for r, rank_problems in enumerate(everyone) if p in rank_problems]
+            if len(ranks) < w.size:
+                problems[problems.index(p)] = f"{p} (on rank(s) {', '.join(map(str, ranks[:8]))})"
+    if not problems:
+        try:
+            collectives.check_agreement(
+                "settings that must be the same on every rank (TD_* variables, configure())",
+                config.shared(),
+                w.control_comm,
+                "set them in the environment mpiexec / srun passes to every rank (not per "
+                "node or per rank), or call configure() alike everywhere",
+            )
+            return
+        except CollectiveError as error:
+            problems = [str(error)]
+    if w.is_root:
+        sys.stderr.write("".join(p + "\n" for p in problems))
+        sys.stderr.write(
+            "transparent_dist: fix the setting(s) above (README: Settings); the job ends "
+            f"with status {SETTINGS_STATUS}\n"
+        )
+        sys.stderr.flush()
+    raise SystemExit(SETTINGS_STATUS)
+
+
 def _digest(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "little")
 
@@ -83,12 +142,12 @@ def enter(kind: str, arguments: dict | None = None, comm: Any = None) -> None:
         "kind": kind,
         "index": _COUNTS[kind],
         "site": user_site(),
-        "arguments": dict(arguments or {}),
+        "arguments": {**(arguments or {}), **config.shared()},
         "after": _STATE["description"],
     }
     _STATE["description"] = _describe(phase)
     stall.enter_phase(KINDS.index(kind), phase["index"])
-    comm = world.get().comm if comm is None else comm
+    comm = world.get().control_comm if comm is None else comm
     if comm is None:
         return
     stall.arrive("phase check")
@@ -115,27 +174,72 @@ def enter(kind: str, arguments: dict | None = None, comm: Any = None) -> None:
     )
 
 
+_END: dict[str, Any] = {"done": False, "keyval": None}
+
+
 def _end_check() -> None:
+    """The end-of-script phase, once: at interpreter exit, or earlier when
+    the script calls `MPI.Finalize()` itself (MPI is still usable in the
+    callback MPI_Finalize makes first). The watchdog's threads stop after
+    it, since nothing may call MPI once the script has finalized it."""
     from mpi4py import MPI
 
     from transparent_dist.core import failures
 
-    if MPI.Is_finalized():  # the script ended MPI itself: nothing left to check with
+    if _END["done"]:
+        return
+    _END["done"] = True
+    if MPI.Is_finalized():
         return
     try:
         enter("script end")
     except CollectiveError as error:
         failures.handle(CollectiveError, error, None)
+    stall.stop()
+
+
+def _on_finalize(comm: Any, keyval: int, value: Any) -> None:
+    _end_check()
 
 
 def install_end_check() -> None:
-    """Checks, when the interpreter exits normally, that every rank got there."""
-    atexit.unregister(_end_check)
-    atexit.register(_end_check)
+    """Checks, when the interpreter exits normally or the script finalizes
+    MPI, that every rank got there."""
+    from mpi4py import MPI
+
+    atexit.unregister(_atexit)
+    atexit.register(_atexit)
+    if _END["keyval"] is None and world.get().comm is not None:
+        # Attributes of COMM_SELF are deleted first thing in MPI_Finalize.
+        _END["keyval"] = MPI.Comm.Create_keyval(delete_fn=_on_finalize)
+        MPI.COMM_SELF.Set_attr(_END["keyval"], None)
+
+
+def _atexit() -> None:
+    _end_check()
+    _forget_finalize_hook()
+
+
+def _forget_finalize_hook() -> None:
+    """Removes the MPI_Finalize callback while Python can still run it
+    (mpi4py finalizes MPI after the interpreter has shut down)."""
+    from mpi4py import MPI
+
+    keyval = _END["keyval"]
+    if keyval is None or MPI.Is_finalized():
+        return
+    _END["keyval"] = None
+    done = _END["done"]
+    _END["done"] = True  # deleting the attribute calls _on_finalize: make it a no-op
+    MPI.COMM_SELF.Delete_attr(keyval)
+    MPI.Comm.Free_keyval(keyval)
+    _END["done"] = done
 
 
 def remove_end_check() -> None:
-    atexit.unregister(_end_check)
+    atexit.unregister(_atexit)
+    if "mpi4py.MPI" in sys.modules:
+        _forget_finalize_hook()
 
 
 # Bits of the flags ranks agree on after each training step (the lower bits

@@ -10,8 +10,10 @@ usual, which `failures` turns into the end of the job (status 130). SIGTERM
 without `TD_CHECKPOINT_DIR` ends the job with status 143, as a shell reports
 a process it killed (under `mpiexec` a rank killed by it would leave the
 job's status at 15 and the other ranks to be cleaned up). While `fit`
-checkpoints (`checkpoint.handling_signals`), SIGTERM and SIGUSR1 ask for a
-checkpoint instead. A script's own handlers are left alone.
+checkpoints (`preemption.handling_signals`), SIGTERM and SIGUSR1 ask for a
+checkpoint instead. SIGUSR1 anywhere else (Slurm's warning arriving while
+the script writes its results after `fit`) is said and ignored rather than
+killing the rank. A script's own handlers are left alone.
 
 Python runs signal handlers only between bytecodes of the main thread,
 which may be blocked in a collective that will never complete (the other
@@ -42,6 +44,19 @@ def _on_sigterm(number: int, frame: Any) -> None:
     _end(number)
 
 
+def _on_sigusr1(number: int, frame: Any) -> None:
+    # Slurm's early warning (--signal=USR1@120). Inside a fit with
+    # TD_CHECKPOINT_DIR it asks for a checkpoint (`preemption`); anywhere
+    # else there is nothing to checkpoint, and the default action (death,
+    # status 138) would lose what the script is writing after fit.
+    w = world.get()
+    if w.is_root:
+        sys.stderr.write(
+            "transparent_dist: SIGUSR1 received outside a fit that checkpoints (nothing to "
+            "checkpoint now): ignored, the script goes on until the batch system ends it\n"
+        )
+
+
 def _end(number: int) -> None:
     from transparent_dist.core import failures
 
@@ -62,6 +77,8 @@ def install() -> None:
         return
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         _STATE["previous"][signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_sigterm)
+    if signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL:
+        _STATE["previous"][signal.SIGUSR1] = signal.signal(signal.SIGUSR1, _on_sigusr1)
     read, write = os.pipe()
     os.set_blocking(read, False)
     os.set_blocking(write, False)
@@ -80,7 +97,7 @@ def install() -> None:
 
 def uninstall() -> None:
     for number, previous in _STATE["previous"].items():
-        if signal.getsignal(number) is _on_sigterm:
+        if signal.getsignal(number) in (_on_sigterm, _on_sigusr1):
             signal.signal(number, previous)
     _STATE["previous"].clear()
     if _STATE["pipe"] is not None and threading.current_thread() is threading.main_thread():

@@ -38,12 +38,28 @@ import numpy as np
 
 from transparent_dist.core import config, signals, world
 
-__all__ = ["add_counter", "arrive", "enter_phase", "main_thread_stack", "start", "watchers"]
+__all__ = [
+    "add_counter",
+    "arrive",
+    "enter_phase",
+    "main_thread_stack",
+    "start",
+    "stop",
+    "watchers",
+]
 
 _TAG = 7301
 _DUMP_TAG = 7302
 _POLL_SECONDS = 0.2
 _MAX_STACKS = 8
+# Ranks in the same collective number but different phases can never meet
+# there; this long only lets a phase check that already sees the
+# difference (and says it better) end the job first.
+_MISMATCH_SECONDS = 3.0
+# Set when the script is done with MPI (its end check passed, or it called
+# MPI.Finalize): the threads stop polling before MPI goes away.
+_STOP = threading.Event()
+_THREADS: list[threading.Thread] = []
 
 
 class _Reporter:
@@ -106,8 +122,7 @@ def _listen(reporter: _Reporter) -> None:
     rank = world.get().rank
     request = np.zeros(2, np.int64)
     status = MPI.Status()
-    while True:
-        time.sleep(_POLL_SECONDS)
+    while not _STOP.wait(_POLL_SECONDS):
         reporter.poll()
         signals.poll()
         while reporter.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_DUMP_TAG, status=status):
@@ -146,18 +161,21 @@ class _Watchdog(threading.Thread):
         self.labels: dict[int, int] = {}
         self.first_seen: dict[int, float] = {}
         self.warned: set[int] = set()
+        self.mismatch: tuple[int, float] | None = None
 
     def run(self) -> None:
         from mpi4py import MPI
 
         message = np.zeros(4, np.int64)
         status = MPI.Status()
-        while True:
+        while not _STOP.is_set():
             while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG, status=status):
                 self.comm.Recv([message, MPI.INT64_T], source=status.Get_source(), tag=_TAG)
                 self._note(status.Get_source(), message)
-            self._check(time.monotonic())
-            time.sleep(_POLL_SECONDS)
+            now = time.monotonic()
+            self._check_phases(now)
+            self._check(now)
+            _STOP.wait(_POLL_SECONDS)
 
     def _note(self, rank: int, message: np.ndarray) -> None:
         count, label = int(message[0]), int(message[1])
@@ -178,12 +196,12 @@ class _Watchdog(threading.Thread):
         return self.rank == speaker
 
     def _phase(self, rank: int) -> str:
-        from transparent_dist.core import sequence
-
         kind, index = self.phase[rank]
-        if index == 0:
-            return sequence.KINDS[kind]
-        return f"{sequence.KINDS[kind]} #{index}"
+        if index == 0:  # collectives before any fit: a custom loop, a TF1 session
+            return "the script's own training loop (before any fit / evaluate / predict)"
+        if sequence_kinds()[kind] == "script end":
+            return sequence_kinds()[kind]
+        return f"{sequence_kinds()[kind]} #{index}"
 
     def _ask_for_stacks(self, behind: list[int]) -> None:
         from mpi4py import MPI
@@ -193,6 +211,41 @@ class _Watchdog(threading.Thread):
         for rank in chosen:
             message = np.array([1 if rank in behind else 0, 0], np.int64)
             self.comm.Send([message, MPI.INT64_T], dest=rank, tag=_DUMP_TAG)
+
+    def _check_phases(self, now: float) -> None:
+        """Ends the job when ranks wait in the same collective number in
+        different phases: their collectives can never match (one rank ended
+        its script, or called evaluate, while another is in fit)."""
+        front = max(self.reached)
+        at_front = [r for r in range(self.size) if self.reached[r] == front]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for r in at_front:
+            groups.setdefault(self.phase[r], []).append(r)
+        if len(groups) < 2:
+            self.mismatch = None
+            return
+        if self.mismatch is None or self.mismatch[0] != front:
+            self.mismatch = (front, now)
+            return
+        if now - self.mismatch[1] < _MISMATCH_SECONDS or not self._reports(at_front[1:]):
+            return
+        end = sequence_kinds().index("script end")
+        ended = [r for key, ranks in groups.items() if key[0] == end for r in ranks]
+        if ended:
+            others = [r for r in at_front if r not in ended]
+            reason = (
+                f"rank(s) {_ranks(ended)} reached the end of the script (it returned, called "
+                "sys.exit() with any status, ran off its end or called MPI.Finalize()) while "
+                f"rank(s) {_ranks(others)} wait in collective #{front} of "
+                f"{self._phase(others[0])}, which the ended rank(s) will never join: every "
+                "rank must make the same calls, so no rank may leave before the others"
+            )
+        else:
+            reason = "the ranks wait in the same collective but in different phases: " + "; ".join(
+                f"rank(s) {_ranks(ranks)} in {self._phase(ranks[0])}" for ranks in groups.values()
+            )
+        sys.stderr.write(f"transparent_dist: {reason}; ending the job\n")
+        world.abort(1)
 
     def _check(self, now: float) -> None:
         front = max(self.reached)
@@ -276,6 +329,13 @@ _PHASE = [0, 0]
 _COUNTERS: list[tuple[Any, int]] = []
 
 
+def sequence_kinds() -> tuple[str, ...]:
+    """The phase kinds, by the code ranks report them with."""
+    from transparent_dist.core import sequence
+
+    return sequence.KINDS
+
+
 def watchers(size: int) -> list[int]:
     """The ranks that watch for stalls: 0 and the last."""
     return sorted({0, size - 1})
@@ -294,13 +354,32 @@ def start() -> None:
     chosen = watchers(w.size) if config.SETTINGS.stall_warn > 0 else []
     # Every rank's host, so that a report can name a node whose ranks are all late.
     hosts = comm.allgather(socket.gethostname())
+    _STOP.clear()
     if w.rank in chosen:
         settings = config.SETTINGS
-        _Watchdog(comm, w.rank, chosen, settings.stall_warn, settings.stall_abort, hosts).start()
+        _THREADS.append(
+            _Watchdog(comm, w.rank, chosen, settings.stall_warn, settings.stall_abort, hosts)
+        )
     _REPORTER = _Reporter(comm, chosen)
-    threading.Thread(
-        target=_listen, args=(_REPORTER,), name="transparent_dist-stall-listener", daemon=True
-    ).start()
+    _THREADS.append(
+        threading.Thread(
+            target=_listen, args=(_REPORTER,), name="transparent_dist-stall-listener", daemon=True
+        )
+    )
+    for thread in _THREADS:
+        thread.start()
+
+
+def stop() -> None:
+    """Stops the watchdog and listener threads and waits for them (before
+    MPI is finalized: a thread polling MPI after that crashes the process)."""
+    global _REPORTER
+    _STOP.set()
+    for thread in _THREADS:
+        if thread is not threading.current_thread():
+            thread.join(timeout=5 * _POLL_SECONDS + 1)
+    _THREADS.clear()
+    _REPORTER = None
 
 
 def add_counter(counter: Any, label: str) -> None:

@@ -67,6 +67,10 @@ class World:
     # threads must never share a communicator, or their order could differ
     # between ranks.
     data_comm: Any = None
+    # A third for the call-sequence checks (`sequence`): a rank that checks
+    # its phase while another waits in a training collective must never
+    # pair the two (an Allgather of digests read as a pickle's size).
+    control_comm: Any = None
 
     @property
     def is_root(self) -> bool:
@@ -96,6 +100,7 @@ def _start_mpi() -> World:
         local_size=node.Get_size(),
         comm=comm_world.Dup(),
         data_comm=comm_world.Dup(),
+        control_comm=comm_world.Dup(),
     )
     node.Free()
     expected = expected_size()

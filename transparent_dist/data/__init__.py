@@ -12,8 +12,11 @@ for xb, yb in ds.batches(64, shuffle=True, seed=0, epoch=0):
 
 Every reader returns this rank's rows in file order; the ranks' results in
 rank order make up the whole. Bad input (missing file, dataset, variable or
-column, bad rows, too few rows for the ranks) raises the same `DataError`
-on every rank, so none is left waiting in a collective.
+column, bad rows, missing values, too few rows for the ranks) raises the
+same `DataError` on every rank, so none is left waiting in a collective.
+Missing values (an empty or `NA` cell, NaN, a masked or `_FillValue` entry)
+are let through as NaN only when asked: `allow_nan=True`, or
+`TD_ALLOW_NAN=1` for every reader.
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ class DataSet:
     `data` and `labels` name HDF5 datasets or NetCDF variables; for CSV,
     `labels` is the label column and `data` the feature columns (default:
     all others). `validation_split` takes the last fraction of each rank's
-    block for validation.
+    block for validation. `allow_nan` is the readers' (missing values as
+    NaN rather than an error).
     """
 
     def __init__(
@@ -70,6 +74,7 @@ class DataSet:
         labels: str | None = None,
         validation_split: float = 0.0,
         format: str | None = None,
+        allow_nan: bool | None = None,
     ) -> None:
         self.path = path
         kind = format or _FORMATS.get(os.path.splitext(path)[1].lower())
@@ -81,14 +86,14 @@ class DataSet:
         if not 0.0 <= validation_split < 1.0:
             raise ValueError("transparent_dist: validation_split must be in [0, 1)")
         if kind == "csv":
-            result = read_csv(path, label=labels, columns=data)
+            result = read_csv(path, label=labels, columns=data, allow_nan=allow_nan)
             x, y = result if labels is not None else (result, None)
         else:
             if data is None:
                 raise ValueError(f"transparent_dist: name the {kind} variable with data=")
             read = read_hdf5 if kind == "hdf5" else read_netcdf
-            x = read(path, data)
-            y = read(path, labels) if labels is not None else None
+            x = read(path, data, allow_nan)
+            y = read(path, labels, allow_nan) if labels is not None else None
         with together(f"reading {path}"):
             if y is not None and len(y) != len(x):
                 raise DataError(

@@ -15,6 +15,7 @@ contain line breaks inside quotes (the byte split would cut them).
 from __future__ import annotations
 
 import csv as stdlib_csv
+import functools
 import io
 import os
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ import numpy as np
 from transparent_dist.core import world
 from transparent_dist.core.errors import CollectiveError, together
 from transparent_dist.core.sharding import rank_rows
+from transparent_dist.data import missing
 
 __all__ = ["read_csv"]
 
@@ -59,11 +61,49 @@ def _line_start_at(f: Any, position: int, data_start: int, file_size: int) -> in
         offset += len(chunk)
 
 
+class _Unparsed(ValueError):
+    """A ragged row, or a cell that is not what its column's type needs."""
+
+
+@functools.cache
+def _null_words() -> frozenset[str]:
+    """The cells pyarrow reads as null (`NA`, `NaN`, `null`, `N/A`, ...)."""
+    import pyarrow.csv as pacsv
+
+    return frozenset(pacsv.ConvertOptions().null_values)
+
+
+def _shown(value: str) -> str:
+    if not value:
+        return "empty cell"
+    return "whitespace-only cell" if not value.strip() else repr(value.strip())
+
+
+def _cell_problem(value: str, allow: bool) -> str | None:
+    """What is wrong with one cell of a numeric column, or None."""
+    text = value.strip()
+    if not text or text in _null_words():
+        return None if allow else f"missing value ({_shown(value)}); {missing.HINT}"
+    try:
+        number = float(text)
+    except ValueError:
+        return f"{text!r} is not a number"
+    if number != number and not allow:  # NaN, in a spelling pyarrow does not list
+        return f"missing value ({_shown(value)}); {missing.HINT}"
+    return None
+
+
 def _locate_problem(
-    block: bytes, names: list[str], wanted: list[str], path: str, first_line: int, delimiter: str
+    block: bytes,
+    names: list[str],
+    wanted: list[str],
+    path: str,
+    first_line: int,
+    delimiter: str,
+    allow: bool,
 ) -> str:
-    """Where the first ragged or non-numeric row of `block` is (the slow,
-    error-only path)."""
+    """Where the first ragged, non-numeric or (unless `allow`) missing cell
+    of `block` is (the slow, error-only path)."""
     lines = block.decode(errors="replace").split("\n")
     for i, line in enumerate(lines):
         if not line.strip():
@@ -73,12 +113,97 @@ def _locate_problem(
         if len(row) != len(names):
             return f"{where}: expected {len(names)} fields, found {len(row)}"
         for name in wanted:
-            value = row[names.index(name)].strip()
-            try:
-                float(value)
-            except ValueError:
-                return f"{where}, column {name!r}: {value!r} is not a number"
+            problem = _cell_problem(row[names.index(name)], allow)
+            if problem is not None:
+                return f"{where}, column {name!r}: {problem}"
     return f"{path}: could not parse lines {first_line}-{first_line + len(lines) - 1}"
+
+
+def _line_of_row(block: bytes, row: int) -> int:
+    """The index in `block` of the line pyarrow read as table row `row`
+    (it skips empty lines), found with numpy over the bytes."""
+    data = np.frombuffer(block, np.uint8)
+    ends = np.flatnonzero(data == ord("\n"))
+    starts = np.concatenate(([0], ends + 1))
+    stops = np.concatenate((ends, [data.size]))
+    lengths = stops - starts
+    carriage = (lengths > 0) & (data[np.maximum(stops - 1, 0)] == ord("\r"))
+    return int(np.flatnonzero(lengths - carriage > 0)[row])
+
+
+def _missing_cell(
+    block: bytes, row: int, name: str, names: list[str], path: str, first_line: int, delimiter: str
+) -> str:
+    """`path, line L, column 'c': missing value (...)` for table row `row`."""
+    i = _line_of_row(block, row)
+    line = block.split(b"\n", i + 1)[i].decode(errors="replace").rstrip("\r")
+    cell = next(stdlib_csv.reader([line], delimiter=delimiter))[names.index(name)]
+    return f"{path}, line {first_line + i}, column {name!r}: missing value ({_shown(cell)})"
+
+
+def _parse(
+    block: bytes, names: list[str], wanted: list[str], delimiter: str, column_type: Any
+) -> Any:
+    """The `wanted` columns of `block` as a pyarrow table, each of
+    `column_type` (None: inferred); _Unparsed on a ragged row or a cell
+    that does not convert."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    bad_rows: list[Any] = []
+
+    def on_invalid(row: Any) -> str:
+        bad_rows.append(row)
+        return "skip"
+
+    try:
+        table = pacsv.read_csv(
+            io.BytesIO(block),
+            read_options=pacsv.ReadOptions(column_names=names),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid),
+            convert_options=pacsv.ConvertOptions(
+                include_columns=wanted,
+                column_types=None if column_type is None else {n: column_type for n in wanted},
+                strings_can_be_null=True,
+            ),
+        )
+    except pa.ArrowInvalid:
+        raise _Unparsed from None
+    if bad_rows:
+        raise _Unparsed
+    return table
+
+
+def _as_numbers(table: Any, wanted: list[str], allow: bool, integral: bool) -> Any:
+    """`table` with every wanted column numeric: a text column (whitespace-
+    only cells; only when `allow`) trimmed, its null words null, then int64
+    (if `integral` allows and every value is whole) or float64; an all-null
+    column float64. _Unparsed on anything else."""
+    import pyarrow as pa
+
+    for name in wanted:
+        column = table.column(name)
+        kind = column.type
+        if pa.types.is_null(kind):
+            column = pa.nulls(len(column), pa.float64())
+        elif pa.types.is_string(kind) and allow:
+            import pyarrow.compute as pc  # here: the clean path never loads it
+
+            text = pc.utf8_trim_whitespace(column)
+            blank = pc.or_kleene(
+                pc.equal(text, ""), pc.is_in(text, value_set=pa.array(sorted(_null_words())))
+            )
+            text = pc.if_else(blank, pa.scalar(None, pa.string()), text)
+            try:
+                column = pc.cast(text, pa.int64()) if integral else pc.cast(text, pa.float64())
+            except pa.ArrowInvalid:
+                column = pc.cast(text, pa.float64())  # a non-number raises here
+        elif pa.types.is_integer(kind) or pa.types.is_floating(kind):
+            continue
+        else:
+            raise _Unparsed
+        table = table.set_column(table.schema.get_field_index(name), name, column)
+    return table
 
 
 def read_csv(
@@ -88,6 +213,7 @@ def read_csv(
     dtype: Any = "float32",
     header: bool = True,
     delimiter: str = ",",
+    allow_nan: bool | None = None,
 ) -> Any:
     """This rank's rows of a numeric CSV file: `(x, y)` with `label`, else `x`.
 
@@ -97,9 +223,14 @@ def read_csv(
     `dtype=None` each column gets one type agreed by all ranks (int64 unless
     some rank saw a fraction, then float64). Rows are in file order, and the
     ranks' blocks in rank order make up the whole file.
+
+    A missing cell (empty, whitespace only, `NA`, `NaN`, `nan`, `null`, or
+    another of pyarrow's null words) on any rank is an error naming the
+    file, line and column, unless `allow_nan` (default: the `TD_ALLOW_NAN`
+    setting) lets it through as NaN; a `dtype=None` column with one is then
+    float64 on every rank, and an integer `dtype` refuses it.
     """
     import pyarrow as pa
-    import pyarrow.csv as pacsv
 
     w = world.get()
     what = f"reading {path}"
@@ -144,47 +275,45 @@ def read_csv(
     first_line = 1 + (1 if header else 0) + sum(newlines[: w.rank])
 
     wanted = features + ([label_name] if label_name is not None else [])
+    allow = missing.allowed(allow_nan)
     table = None
+    arrays: dict[str, np.ndarray] = {}
     with together(what):
-        bad_rows: list[Any] = []
 
-        def on_invalid(row: Any) -> str:
-            bad_rows.append(row)
-            return "skip"
+        def problem(only: list[str]) -> CollectiveError:
+            where = _locate_problem(block, names, only, path, first_line, delimiter, allow)
+            return CollectiveError("transparent_dist: " + where)
 
-        try:
-            table = (
-                None
-                if not block.strip()
-                else pacsv.read_csv(
-                    io.BytesIO(block),
-                    read_options=pacsv.ReadOptions(column_names=names),
-                    parse_options=pacsv.ParseOptions(
-                        delimiter=delimiter, invalid_row_handler=on_invalid
-                    ),
-                    convert_options=pacsv.ConvertOptions(
-                        include_columns=wanted,
-                        column_types={n: pa.float64() for n in wanted}
-                        if dtype is not None
-                        else None,
-                    ),
+        if block.strip():
+            try:
+                table = _parse(
+                    block, names, wanted, delimiter, None if dtype is None else pa.float64()
                 )
-            )
-        except pa.ArrowInvalid:
-            bad_rows.append(None)
-        if bad_rows:
-            raise CollectiveError(
-                "transparent_dist: "
-                + _locate_problem(block, names, wanted, path, first_line, delimiter)
-            )
-        if dtype is None and table is not None:
-            for name in wanted:
-                if not pa.types.is_integer(
-                    table.schema.field(name).type
-                ) and not pa.types.is_floating(table.schema.field(name).type):
+            except _Unparsed:
+                # A whitespace-only cell fails pyarrow's conversion: allowed,
+                # it is read again as text and converted below.
+                if not allow:
+                    raise problem(wanted) from None
+            try:
+                if table is None:
+                    table = _parse(block, names, wanted, delimiter, pa.string())
+                table = _as_numbers(table, wanted, allow, integral=dtype is None)
+            except (_Unparsed, pa.ArrowInvalid):
+                raise problem(wanted) from None
+            arrays = {n: table.column(n).to_numpy() for n in wanted}
+            # The check of the usual (clean) file: one numpy pass per column.
+            hits = [
+                (hit[0][0], names.index(n), n) for n in wanted if (hit := missing.first(arrays[n]))
+            ]
+            if hits:
+                row, _, name = min(hits)
+                where = _missing_cell(block, row, name, names, path, first_line, delimiter)
+                if not allow:
+                    raise CollectiveError(f"transparent_dist: {where}; {missing.HINT}")
+                if dtype is not None and np.dtype(dtype).kind not in "fc":
                     raise CollectiveError(
-                        "transparent_dist: "
-                        + _locate_problem(block, names, [name], path, first_line, delimiter)
+                        f"transparent_dist: {where}: NaN does not fit dtype={dtype!r}; "
+                        "read with a float dtype"
                     )
     local_rows = 0 if table is None else table.num_rows
     rows = [local_rows] if w.size == 1 else w.comm.allgather(local_rows)
@@ -198,11 +327,11 @@ def read_csv(
         target = dtype
         if target is None:
             # One type on every rank, even where one rank's rows alone look integral.
-            local = any(pa.types.is_floating(table.schema.field(n).type) for n in selected)
+            local = any(arrays[n].dtype.kind == "f" for n in selected)
             anywhere = local if w.size == 1 else any(w.comm.allgather(local))
             target = np.float64 if anywhere else np.int64
-        arrays = [table.column(n).to_numpy() for n in selected]
-        return rank_rows(np.column_stack(arrays).astype(target, copy=False))
+        stacked = np.column_stack([arrays[n] for n in selected])
+        return rank_rows(stacked.astype(target, copy=False))
 
     x = as_array(features)
     if label_name is None:

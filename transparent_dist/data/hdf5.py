@@ -15,9 +15,9 @@ import numpy as np
 
 from transparent_dist.core import world
 from transparent_dist.core.errors import CollectiveError
-from transparent_dist.data import blocks
+from transparent_dist.data import blocks, missing
 
-__all__ = ["dataset_of", "open_file", "read_hdf5"]
+__all__ = ["dataset_of", "fills_of", "open_file", "read_hdf5"]
 
 
 def open_file(path: str) -> Any:
@@ -49,11 +49,24 @@ def dataset_of(file: Any, name: str, path: str) -> Any:
     return item
 
 
-def read_hdf5(path: str, dataset: str) -> np.ndarray:
+def fills_of(dataset: Any) -> list[tuple[str, Any]]:
+    """The values the dataset's CF attributes (`_FillValue`, `missing_value`)
+    declare missing: a NetCDF-4 file read as HDF5 has them."""
+    return missing.fill_attributes(dataset.attrs)
+
+
+def read_hdf5(path: str, dataset: str, allow_nan: bool | None = None) -> np.ndarray:
     """This rank's contiguous block of rows (first axis) of `dataset`.
 
     Contiguous, chunked and compressed datasets alike: only the chunks that
     hold this rank's rows are read. Concatenating the ranks' results in rank
     order gives the whole dataset.
+
+    A missing value (NaN, or a value the dataset's `_FillValue` /
+    `missing_value` attribute names) on any rank is an error naming the
+    dataset and row, unless `allow_nan` (default: the `TD_ALLOW_NAN`
+    setting) lets it through as NaN.
     """
-    return blocks.read_rank_block(path, dataset, open_file, dataset_of)
+    return blocks.read_rank_block(
+        path, dataset, open_file, dataset_of, allow_nan, kind="dataset", fills_of=fills_of
+    )

@@ -43,12 +43,21 @@ def variable_of(file: Any, name: str, path: str) -> Any:
         )
     if variable.ndim == 0:
         raise ValueError(f"{path}:{name} is a scalar; records are needed")
-    # Plain arrays, not masked ones: values equal to _FillValue stay as they are.
-    variable.set_auto_mask(False)
+    # Masked arrays, always: a fill value, missing_value or out-of-range
+    # entry is then found by its mask, never passed on as a number.
+    variable.set_auto_mask(True)
+    variable.set_always_mask(True)
     return variable
 
 
-def read_netcdf(path: str, variable: str) -> np.ndarray:
+def read_netcdf(path: str, variable: str, allow_nan: bool | None = None) -> np.ndarray:
     """This rank's contiguous block of records (first dimension, usually the
-    unlimited one) of `variable`."""
-    return blocks.read_rank_block(path, variable, open_file, variable_of)
+    unlimited one) of `variable`.
+
+    A missing value (an entry netCDF4 masks: `_FillValue`, `missing_value`,
+    outside `valid_range`, a record never written; or NaN) on any rank is
+    an error naming the variable and record, unless `allow_nan` (default:
+    the `TD_ALLOW_NAN` setting) lets it through as NaN; an integer variable
+    with one then becomes float64.
+    """
+    return blocks.read_rank_block(path, variable, open_file, variable_of, allow_nan, "variable")

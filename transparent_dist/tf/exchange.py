@@ -29,10 +29,8 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import numpy as np
-
 from transparent_dist.core import collectives, config, log, timeline, world
-from transparent_dist.tf import native
+from transparent_dist.tf import native, sparse
 
 __all__ = [
     "StepContext",
@@ -156,7 +154,7 @@ def average(grads: Sequence[Any], context: StepContext | None = None) -> list[An
 
     Args:
         grads: gradients; may hold None (left as is) and `tf.IndexedSlices`
-            (sparse gradients: gathered, `_gathered_slices`).
+            (sparse gradients: rows gathered or summed, `sparse.exchange`).
         context: the step's `StepContext`; by default the current one.
 
     Returns:
@@ -178,7 +176,7 @@ def average(grads: Sequence[Any], context: StepContext | None = None) -> list[An
     weight = tf.cast(1.0 if weight is None else weight, tf.float64)
     divided = context.divided
     for i in [i for i in present if isinstance(grads[i], tf.IndexedSlices)]:
-        grads[i] = _gathered_slices(grads[i], weight, divided and not summed, summed, w)
+        grads[i] = sparse.exchange(grads[i], weight, divided and not summed, summed, w.comm)
     present = [i for i in present if not isinstance(grads[i], tf.IndexedSlices)]
     if not present:
         return grads
@@ -199,43 +197,6 @@ def average(grads: Sequence[Any], context: StepContext | None = None) -> list[An
         for i in present:
             grads[i] = grads[i] * tf.cast(w.size, grads[i].dtype)
     return grads
-
-
-def _gathered_slices(slices: Any, weight: Any, divided: bool, summed: bool, w: Any) -> Any:
-    """A sparse gradient (`tf.IndexedSlices`, from an Embedding) over all
-    ranks: every rank's rows, each scaled by its rank's share, concatenated
-    in rank order. That is the gradient one process computes on the global
-    batch, occurrence by occurrence: optimizers that treat slices row by
-    row (Adam squares each occurrence) then update as one process does,
-    and the exchange moves the rows used, not the whole table."""
-    import tensorflow as tf
-
-    comm = w.comm
-
-    def gather(step_weight, indices, values):
-        weights = comm.allgather(float(step_weight))
-        if summed:
-            share = 1.0
-        else:
-            share = float(step_weight) / sum(weights)
-            if divided:  # the loss was divided by N already
-                share *= w.size
-        scaled = (values * np.asarray(share, values.dtype)).astype(values.dtype)
-        return (
-            collectives.allgather_rows(indices, comm),
-            collectives.allgather_rows(scaled, comm),
-        )
-
-    indices, values = tf.numpy_function(
-        gather,
-        [weight, slices.indices, slices.values],
-        [slices.indices.dtype, slices.values.dtype],
-        stateful=True,
-        name="td_gather_sparse_gradient",
-    )
-    indices.set_shape([None])
-    values.set_shape([None, *slices.values.shape[1:]])
-    return tf.IndexedSlices(values, indices, slices.dense_shape)
 
 
 def _native_average(

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from transparent_dist.core import log, world
+from transparent_dist.core import log, output, world
 
 __all__ = ["apply", "gpu_for", "threads_for"]
 
@@ -56,7 +56,11 @@ def apply(tf: Any) -> dict:
     chosen: dict = {}
     if os.environ.get("TD_PLACEMENT", "").lower() in ("off", "0", "no"):
         return chosen
-    gpus = tf.config.list_physical_devices("GPU")
+    # The first device query initializes CUDA: on a machine without a GPU
+    # the CUDA build of TensorFlow says so (cuInit failed...) once per rank
+    # unless this rank hides start-up lines.
+    with output.start_up_quietly():
+        gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         index = gpu_for(w.local_rank, w.local_size, len(gpus))
         try:

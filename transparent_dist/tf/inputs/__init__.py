@@ -21,6 +21,15 @@ data.num_samples   # 100
 | generator  | round-robin items                       | not split |
 | other      | not split (said once)                   | not split |
 
+Fewer samples than ranks: an empty batch breaks layers (Conv1D, LSTM), so
+no rank is ever given one. `predict` and `evaluate` (fit's validation too)
+do not split an input with fewer rows than ranks (datasets, sequences and
+generators: fewer batches, `fewer_than_ranks`): every rank computes all of
+it itself, one process's batches (`whole_plan`), which costs nothing worth
+sharing; `predict` gathers nothing, and `evaluate` counts rank 0's metric
+states only (the framework's `root_counts`). Training needs a sample on
+every rank in every step and says so.
+
 What a framework contributes (its array packing and batch order, its
 sequence class) comes in an `ArrayFormat`.
 """
@@ -28,13 +37,14 @@ sequence class) comes in an `ArrayFormat`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import types
 from collections.abc import Callable
 from typing import Any
 
 import tensorflow as tf
 
-from transparent_dist.core import log, sharding, world
+from transparent_dist.core import collectives, log, sharding, world
 from transparent_dist.tf.inputs import pipelines, seeds
 from transparent_dist.tf.inputs.pipelines import is_file_backed
 from transparent_dist.tf.inputs.plan import ShardPlan, global_batch
@@ -45,10 +55,12 @@ __all__ = [
     "Data",
     "ShardPlan",
     "classify",
+    "fewer_than_ranks",
     "for_prediction",
     "for_training",
     "global_batch",
     "plan_for",
+    "whole_plan",
 ]
 
 
@@ -170,9 +182,43 @@ def plan_for(batch_size: int | None, shuffle: Any = False) -> ShardPlan:
     return ShardPlan.for_call(batch_size, shuffle, seeds.agreed_seed())
 
 
+def whole_plan(batch_size: int | None) -> ShardPlan:
+    """The plan of a call every rank makes on all of the data itself, in
+    the batches one process takes with `batch_size`."""
+    plan = plan_for(batch_size)
+    return dataclasses.replace(plan, rank=0, size=1, global_batch=plan.local_batch)
+
+
+def fewer_than_ranks(data: Data, what: str) -> tuple[Data, bool]:
+    """`(data, whether it is smaller than the ranks)`: fewer samples (arrays,
+    files) or fewer batches (datasets, sequences, generators) than ranks,
+    the same answer on every rank. A generator's first batches, read to
+    tell, are put back in front of it (the `Data` returned); a dataset of
+    unknown length is read that far and started afresh."""
+    size = world.get().size
+    kind, count = data.kind, None
+    if kind in ("arrays", "file"):
+        count = data.packed()[1]
+    elif kind == "dataset":
+        count = int(data.x.cardinality())
+        if count == tf.data.UNKNOWN_CARDINALITY:
+            count = sum(1 for _ in data.x.take(size))
+    elif kind == "sequence":
+        count = getattr(data.x, "num_batches", None)
+    elif kind == "generator":
+        first = list(itertools.islice(data.x, size))
+        data = dataclasses.replace(data, x=itertools.chain(first, data.x))
+        count = len(first)
+    collectives.check_agreement(f"the size of {what}", (kind, count), world.get().comm)
+    return data, count is not None and 0 <= count < size
+
+
 def _file_rows(data: Data, what: str, plan: ShardPlan, contiguous: bool) -> tf.data.Dataset:
     inputs, n = data.packed()
-    pipelines.agree_on_samples(n, what)
+    pipelines.agree_on_samples(n, what, 1 if contiguous else plan.size)
+    if contiguous and n < plan.size:
+        # predict, fewer rows than ranks: every rank reads them all.
+        plan = dataclasses.replace(plan, rank=0, size=1, global_batch=plan.local_batch)
     return pipelines.file_batches(inputs, n, plan, contiguous)
 
 
@@ -209,17 +255,23 @@ def for_training(
 
 def for_prediction(data: Data, plan: ShardPlan, what: str) -> tuple[Any, bool]:
     """`(x for this rank, whether the outputs are gathered in rank order)`
-    for `predict`."""
+    for `predict`. An input with fewer rows (datasets and sequences: fewer
+    batches) than ranks is not split: every rank predicts all of it and
+    nothing is gathered."""
     kind, x = data.kind, data.x
+    split = plan.size > 1
     if kind == "file":
-        return _file_rows(data, what, plan, True), plan.size > 1
+        return _file_rows(data, what, plan, True), split and data.packed()[1] >= plan.size
     if kind == "arrays":
         n = data.packed()[1]
-        pipelines.agree_on_samples(n, what)
-        return pipelines.array_block(x, n, plan), plan.size > 1
+        pipelines.agree_on_samples(n, what, 1)
+        if n < plan.size:
+            return x, False
+        return pipelines.array_block(x, n, plan), split
     if kind == "dataset":
         block = pipelines.dataset_block(x, plan)
-        return (x, False) if block is None else (block, plan.size > 1)
+        return (x, False) if block is None else (block, split)
     if kind == "sequence":
-        return data.format.sequence_part(x, plan, True), plan.size > 1
+        part = data.format.sequence_part(x, plan, True)
+        return part, split and part is not x
     return x, False  # rank rows in, this rank's predictions out; streams as they are

@@ -19,9 +19,16 @@ is empty gets an empty batch, which the sample-weighted gradient mean and
 the metric sums count as nothing.
 
 Batched `tf.data` datasets and Python generators are split round-robin by
-batch (rank r takes batches r, r+N, ...), padded with empty batches so that
-every rank has the same number of steps. h5py datasets and netCDF4
-variables are streamed (`file_batches`).
+batch (rank r takes batches r, r+N, ...), the last partial round split by
+rows, so that every rank has the same number of steps. Where the ranks do
+not know the length up front (a dataset of unknown cardinality, a
+generator) they agree once per round that every one of them still has
+data. h5py datasets and netCDF4 variables are streamed (`file_batches`).
+
+Every rank needs at least one sample in every step (an empty batch breaks
+layers such as Conv1D and LSTM). Data too small for that is refused here,
+with the reason; `evaluate` and `predict` take it whole on every rank
+instead (`tf.inputs.fewer_than_ranks`).
 """
 
 from __future__ import annotations
@@ -66,20 +73,24 @@ def is_file_backed(x: Any) -> bool:
     )
 
 
-def check_enough_samples(n: int, what: str) -> None:
-    size = world.get().size
+def check_enough_samples(n: int, what: str, size: int | None = None) -> None:
+    """The same clear error on every rank when `n` samples cannot give each
+    of `size` ranks (default: all) one sample per step."""
+    size = world.get().size if size is None else size
     if n < size:
         raise CollectiveError(
-            f"transparent_dist: {what} has {n} samples, fewer than the {size} "
-            f"ranks of this job; every rank needs at least one sample"
+            f"transparent_dist: {what} has {n} sample(s), fewer than the {size} "
+            f"ranks of this job: training gives every rank at least one sample in "
+            f"every step. Use at least {size} samples or at most {max(n, 1)} rank(s)"
         )
 
 
-def agree_on_samples(num_samples: int, what: str) -> None:
+def agree_on_samples(num_samples: int, what: str, size: int | None = None) -> None:
     """Every rank holds the same number of samples of `what`, and enough for
-    the ranks; else the same clear error on every rank."""
+    `size` ranks (default: all; 1 for data every rank takes whole); else the
+    same clear error on every rank."""
     collectives.check_agreement(f"the number of samples in {what}", num_samples, world.get().comm)
-    check_enough_samples(num_samples, what)
+    check_enough_samples(num_samples, what, size)
 
 
 def shard_arrays(
@@ -92,7 +103,7 @@ def shard_arrays(
     """This rank's batches of in-memory arrays, for any framework:
     `index_batches(n, global_batch, shuffle)` is the framework's own global
     batch order. The ranks first agree on the number of samples."""
-    agree_on_samples(num_samples, what)
+    agree_on_samples(num_samples, what, plan.size)
     with seeds.common_global_seed() if plan.shuffle else contextlib.nullcontext():
         dataset, _ = array_batches(
             inputs,
@@ -410,9 +421,10 @@ def dataset_batches(dataset: tf.data.Dataset, plan: ShardPlan) -> tf.data.Datase
 
 def dataset_block(dataset: tf.data.Dataset, plan: ShardPlan) -> tf.data.Dataset | None:
     """This rank's contiguous run of batches (for `predict`), or None when
-    the dataset's length is unknown."""
+    every rank predicts all of it: its length is unknown, or it has fewer
+    batches than there are ranks (a rank would have none)."""
     cardinality = int(dataset.cardinality())
-    if cardinality < 0:
+    if cardinality < plan.size:
         return None
     start, stop = sharding.shard_range(cardinality, plan.rank, plan.size)
     return dataset.skip(start).take(stop - start)
@@ -421,5 +433,10 @@ def dataset_block(dataset: tf.data.Dataset, plan: ShardPlan) -> tf.data.Dataset 
 def generator_batches(generator: Any, plan: ShardPlan) -> Any:
     """Round-robin items of a generator that every rank runs in full (a
     generator cannot skip items), the last partial round split by rows
-    (`balanced_rounds`)."""
-    return balanced_rounds(iter(generator), plan.rank, plan.size, what="the generator")
+    (`balanced_rounds`). Its length is unknown, so the ranks agree once per
+    round that each still has data, as for a dataset of unknown length: a
+    generator that yields more batches on one rank than on another ends
+    the job with that reason instead of leaving the longer rank waiting."""
+    what = "the generator"
+    agree = _round_agreement(world.get().data_comm, what) if plan.size > 1 else None
+    return balanced_rounds(iter(generator), plan.rank, plan.size, agree, what)

@@ -33,14 +33,14 @@ import contextlib
 import hashlib
 import os
 import shutil
-import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from transparent_dist.core import config, log, timeline, world
+from transparent_dist.core import config, files, log, timeline, world
 
 SOURCE = Path(__file__).with_name("exchange_op.cc")
 # Float dtypes the op reduces (others go through the numpy exchange).
@@ -103,26 +103,10 @@ def library_path() -> Path:
     return cache_dir() / f"exchange_op-{key.hexdigest()[:16]}.so"
 
 
-def untrusted(path: Path, directory: bool) -> str:
-    """Why code at `path` must not be loaded (or built there): "" when it
-    is ours and only we can change it. A library another user could write
-    would run its code in every rank the moment it is loaded."""
-    try:
-        info = os.lstat(path)
-    except OSError as error:
-        return f"cannot be checked ({error.strerror})"
-    kind = stat.S_ISDIR if directory else stat.S_ISREG
-    if not kind(info.st_mode):
-        return "is a symbolic link or not a " + ("directory" if directory else "regular file")
-    if info.st_uid != os.getuid():
-        return f"is owned by uid {info.st_uid}, not by this user (uid {os.getuid()})"
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return f"is writable by group or others (mode {stat.S_IMODE(info.st_mode):o})"
-    return ""
-
-
 def _refuse_unless_trusted(path: Path, directory: bool) -> None:
-    reason = untrusted(path, directory)
+    # A library another user could write would run its code in every rank
+    # the moment it is loaded.
+    reason = files.untrusted(path, directory)
     if reason:
         raise NativeBuildError(
             f"refusing to load or build the native op: {path} {reason}; a library planted "
@@ -186,7 +170,11 @@ def build(retry: bool = False) -> Path:
             return path
         if marker.exists() and not retry:
             raise NativeBuildError(_read_marker(marker))
-        log.info(f"building the native gradient exchange (once) into {path}", once=True)
+        log.info(
+            f"building the native gradient exchange (once for this TensorFlow, ~10 s) into {path}",
+            once=True,
+        )
+        started = time.monotonic()
         with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as private:
             partial = Path(private) / path.name
             try:
@@ -201,19 +189,19 @@ def build(retry: bool = False) -> Path:
             except (OSError, subprocess.TimeoutExpired, NativeBuildError) as error:
                 failure = f"the compiler did not run: {error}"
             if failure:
-                message = f"compiling {SOURCE.name} failed:\n{failure}"
+                message = f"compiling {SOURCE.name} failed; the compiler said:\n{failure}"
                 _write_marker(marker, message)
                 raise NativeBuildError(message)
             os.chmod(partial, 0o755)
             os.replace(partial, path)
             marker.unlink(missing_ok=True)
+        _STATE["build_seconds"] = time.monotonic() - started
+        log.info(f"native gradient exchange built in {_STATE['build_seconds']:.1f} s", once=True)
     return path
 
 
 def _write_marker(marker: Path, message: str) -> None:
     with contextlib.suppress(OSError):
-        from transparent_dist.core import files
-
         files.write_atomically(str(marker), message.encode())
 
 
@@ -223,8 +211,8 @@ def _read_marker(marker: Path) -> str:
     except OSError:
         text = "(unreadable)"
     return (
-        f"an earlier build failed ({marker}; `python -m transparent_dist build` tries "
-        f"again): {text}"
+        f"its build failed before, and the failure is remembered in {marker} "
+        f"(`python -m transparent_dist build` tries again): {text}"
     )
 
 
@@ -315,11 +303,14 @@ def load() -> bool:
         return True
     _STATE["module"] = None
     _STATE["reason"] = failures[0]
-    message = f"the native gradient exchange is not available ({failures[0]})"
+    # The reason may hold the compiler's lines: they go after the sentence.
+    message = f"the native gradient exchange is not available: {failures[0]}"
     if mode == "on":
         raise RuntimeError(f"transparent_dist: TD_NATIVE=on, but {message}")
     if w.is_root:
-        log.warning(f"{message}; using the slower numpy exchange (TD_NATIVE=off to silence)")
+        log.warning(
+            "using the slower numpy exchange (TD_NATIVE=off to silence this): " + message.rstrip()
+        )
     return False
 
 
