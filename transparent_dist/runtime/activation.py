@@ -133,32 +133,3 @@ def deactivate() -> None:
     signals.uninstall()
     output.restore()
     _ACTIVE = False
-
-
-def _say_how_the_job_runs() -> None:
-    """Once, from rank 0, what a new user otherwise wonders about: where the
-    other ranks' output went, and why 3 ranks on 2 cores crawl."""
-    import os
-
-    w = world.get()
-    if w.size == 1:
-        return
-    if config.SETTINGS.stdout == "root":
-        log.info(
-            f"{w.size} ranks; only rank 0 prints (the others' standard output is hidden: "
-            "TD_STDOUT=all shows it)"
-        )
-    # The node's cores, not this rank's affinity: a launcher that binds
-    # each rank to one core is not oversubscribing.
-    cores = os.cpu_count()
-    if cores and w.local_size > cores and w.local_rank == 0:
-        log.warning(
-            f"{w.local_size} ranks share this node's {cores} core(s): oversubscribed, every "
-            "step waits for a share of a core (expect it slower than fewer ranks)"
-        )
-
-
-def _running_the_doctor() -> bool:
-    """`python -m transparent_dist doctor` (while Python imports the package
-    on the way to its `__main__`, `sys.argv[0]` is "-m")."""
-    return sys.argv[:1] == ["-m"] and sys.argv[1:2] == ["doctor"]
