@@ -54,7 +54,10 @@ def test_fit_summary_counts_steps_not_calls_of_steps_per_execution(monkeypatch):
 @pytest.mark.mpi
 def test_uneven_generator_ends_the_job_and_too_few_samples_say_why():
     """Three ranks: fit on 2 samples is refused with the reason (the job
-    goes on, the script caught it); then a generator that yields 22 batches
+    goes on, the script caught it); fits over an endless generator with
+    `steps_per_epoch`, each followed by `evaluate`, all end (the framework's
+    read-ahead used to take the next round's agreement on one rank after
+    the last step and hang the job); then a generator that yields 22 batches
     on rank 2 and 20 on the others ends the job at once, as a dataset of
     unknown length does, instead of leaving rank 2 waiting (10 minutes)."""
     code = (
@@ -66,15 +69,28 @@ def test_uneven_generator_ends_the_job_and_too_few_samples_say_why():
         "    m.fit(x[:2], y[:2], epochs=1, verbose=0)\n"
         "except ValueError as error:\n"
         "    print('refused:', error, flush=True)\n"
+        "class Count(keras.callbacks.Callback):\n"
+        "    def on_epoch_end(self, epoch, logs=None):\n"
+        "        self.n = int(self.model.optimizer.iterations.numpy())\n"
+        "def endless():\n"
+        "    while True:\n"
+        "        yield from ((x[i:i + 16], y[i:i + 16] * i) for i in range(0, 320, 16))\n"
+        "for k in range(4):\n"
+        "    m.fit(endless(), steps_per_epoch=15, epochs=2, verbose=0, callbacks=[Count()])\n"
+        "    m.evaluate(x, y, verbose=0)\n"
+        "print('endless generators done', flush=True)\n"
         "n = 352 if td.rank() == 2 else 320\n"
         "m.fit(((x[i:i + 16], y[i:i + 16]) for i in range(0, n, 16)), verbose=0)\n"
         "print('finished', flush=True)\n"
     )
-    job = run(["-m", "transparent_dist", "-c", code], ranks=3, timeout=180)
+    job = run(
+        ["-m", "transparent_dist", "-c", code], ranks=3, env={"TD_STALL_ABORT": "40"}, timeout=180
+    )
     assert "refused: transparent_dist: the training data has 2 sample(s), fewer than the 3" in (
         job.stdout
     )
     assert "Use at least 3 samples or at most 2 rank(s)" in job.stdout
+    assert "endless generators done" in job.stdout
     assert job.returncode != 0 and "finished" not in job.stdout
     assert "the generator has a different number of batches on different ranks" in job.stderr
     assert job.seconds < 90

@@ -19,7 +19,8 @@ from conftest import JOBS, ROOT, load_ranks, run
 CORPUS = ROOT / "tests" / "corpus"
 COSMOFLOW = str(CORPUS / "cosmoflow_tfrecord.py")
 TPU_GUIDE = str(CORPUS / "tpu_guide_steps.py")
-BUDGETS = {"mnist_lazy_sequential": 8, "generator_input": 10}  # their constant steps_per_epoch
+# Corpus scripts with a constant steps_per_epoch.
+BUDGETS = {"mnist_lazy_sequential": 8, "generator_input": 10}
 B = 16
 
 
@@ -123,18 +124,20 @@ def test_a_dataset_repeated_for_its_epochs_lasts_them_and_rank_0_says_so_once(jo
     assert stderr.count("fit: steps_per_epoch=30 and validation_steps=6 count") == 1
     assert "fit runs 6 and 1 steps" in stderr
     assert "Set TD_STEPS=global to run 12 and 3 steps of 2 batches each" in stderr
-    # 480 // 16 = 30 script batches: 15 steps (the second fit's callbacks
-    # see its executions of 4 steps).
-    assert job["ranks"][0]["batches/tpu_guide_steps"]["epoch_steps"][0] == [15, 15]
+    # 480 // 16 = 30 script batches: 15 steps (16 in the second fit, whose
+    # executions of 4 steps Keras runs whole).
+    assert job["ranks"][0]["batches/tpu_guide_steps"]["epoch_steps"] == [[15, 15], [16, 16]]
 
 
 @pytest.mark.mpi
 def test_control_with_global_steps_the_repeated_dataset_runs_out_in_epoch_2(job):
     for result in job["ranks"]:
         # 12 steps of 2 batches: the 24 batches of repeat(2) last one epoch;
-        # epoch 2 runs no step, logs a loss of 0 and is checkpointed all the same.
+        # epoch 2 finds no data (at most the update Keras starts before it
+        # learns so), logs a loss of 0 and is checkpointed all the same.
         run_ = result["global/cosmoflow_tfrecord"]
-        assert run_["epoch_steps"] == [[12, 0]]
+        (steps,) = run_["epoch_steps"]
+        assert steps[0] == 12 and steps[1] <= 1, steps
         assert run_["histories"][0]["loss"][1] == 0.0
     assert "Your input ran out of data" in job["stderr"]
     checkpoints = job["dir"] / "global" / "cosmoflow_tfrecord" / "checkpoints"

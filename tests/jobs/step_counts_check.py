@@ -27,13 +27,15 @@ RECORD: dict = {}
 
 
 class EpochSteps(keras.callbacks.Callback):
-    """The train steps of each epoch (one execution is one step here)."""
+    """The optimizer updates of each epoch (no batch hook: Keras keeps its
+    asynchronous steps)."""
 
     def on_epoch_begin(self, epoch, logs=None):
-        RECORD["current"]["epoch_steps"][-1].append(0)
+        self.start = int(self.model.optimizer.iterations.numpy())
 
-    def on_train_batch_end(self, batch, logs=None):
-        RECORD["current"]["epoch_steps"][-1][-1] += 1
+    def on_epoch_end(self, epoch, logs=None):
+        done = int(self.model.optimizer.iterations.numpy()) - self.start
+        RECORD["current"]["epoch_steps"][-1].append(done)
 
 
 original_fit = keras.Model.fit

@@ -61,6 +61,7 @@ __all__ = [
     "is_file_backed",
     "num_rows",
     "rank_rows_batches",
+    "read_on_demand",
     "rows_of",
     "shard_arrays",
 ]
@@ -415,6 +416,8 @@ def dataset_batches(dataset: tf.data.Dataset, plan: ShardPlan) -> tf.data.Datase
         balanced = balanced.apply(
             tf.data.experimental.assert_cardinality(math.ceil(cardinality / size))
         )
+    else:
+        balanced = read_on_demand(balanced)
     balanced._td_on_iter = lambda: iterators.update(created=iterators["created"] + 1)
     return balanced
 
@@ -436,7 +439,78 @@ def generator_batches(generator: Any, plan: ShardPlan) -> Any:
     (`balanced_rounds`). Its length is unknown, so the ranks agree once per
     round that each still has data, as for a dataset of unknown length: a
     generator that yields more batches on one rank than on another ends
-    the job with that reason instead of leaving the longer rank waiting."""
+    the job with that reason instead of leaving the longer rank waiting.
+
+    On more than one rank the result is a `tf.data.Dataset` read on demand:
+    the framework's own generator pipeline reads ahead on a thread of its
+    own, which would take the next round's agreement on one rank after the
+    last step while the other rank has gone on (a hang)."""
     what = "the generator"
-    agree = _round_agreement(world.get().data_comm, what) if plan.size > 1 else None
-    return balanced_rounds(iter(generator), plan.rank, plan.size, agree, what)
+    if plan.size == 1:
+        return balanced_rounds(iter(generator), plan.rank, plan.size, None, what)
+    agree = _round_agreement(world.get().data_comm, what)
+    stream = balanced_rounds(iter(generator), plan.rank, plan.size, agree, what)
+    first = list(itertools.islice(stream, 2))
+    spec = _spec_of(first)
+    if spec is None:
+        return itertools.chain(first, stream)  # the framework names what is wrong
+
+    def generate():
+        while first:
+            yield first.pop(0)
+        # Not `yield from`: closing an abandoned iterator must not close
+        # the stream, which the next epoch's iterator goes on reading.
+        for batch in stream:  # noqa: UP028 (see above)
+            yield batch
+
+    dataset = tf.data.Dataset.from_generator(generate, output_signature=spec)
+    return read_on_demand(dataset)
+
+
+def read_on_demand(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """`dataset` with no prefetch injected by tf.data: a pipeline that takes
+    collectives must be read only when a step asks for a batch."""
+    options = tf.data.Options()
+    options.experimental_optimization.inject_prefetch = False
+    return dataset.with_options(options)
+
+
+def _spec_of(batches: list[Any]) -> Any:
+    """The element spec of a generator's batches, every dimension that
+    differs between them (and the batch dimension) left open; None where
+    they are not tuples of tensors or arrays."""
+    if not batches or not all(isinstance(b, tuple) for b in batches):
+        return None
+    try:
+        specs = [
+            tf.nest.map_structure(
+                lambda leaf: tf.type_spec_from_value(
+                    leaf
+                    if isinstance(leaf, (tf.SparseTensor, tf.RaggedTensor))
+                    else tf.convert_to_tensor(leaf)
+                ),
+                batch,
+            )
+            for batch in batches
+        ]
+        for other in specs[1:]:
+            tf.nest.assert_same_structure(specs[0], other)
+    except (TypeError, ValueError):
+        return None
+
+    def relax(*leaves: Any) -> Any:
+        first = leaves[0]
+        if not isinstance(first, tf.TensorSpec) or any(
+            not isinstance(s, tf.TensorSpec)
+            or s.dtype != first.dtype
+            or s.shape.rank != first.shape.rank
+            for s in leaves
+        ):
+            return first if all(s == first for s in leaves) else _any_batch_size(first)
+        dims = [
+            None if i == 0 or len({s.shape[i] for s in leaves}) > 1 else first.shape[i]
+            for i in range(first.shape.rank)
+        ]
+        return tf.TensorSpec(dims, first.dtype)
+
+    return tf.nest.map_structure(relax, *specs)
