@@ -22,6 +22,7 @@ from types import ModuleType
 from transparent_dist.core import (
     config,
     failures,
+    host_random,
     log,
     output,
     patching,
@@ -113,6 +114,7 @@ def activate() -> None:
     # not at the walltime; the doctor reports them instead.
     if not _running_the_doctor():
         sequence.check_settings()
+        host_random.agree()
         _say_how_the_job_runs()
     output.quiet_unless_root()
     # TensorFlow's C++ start-up lines, once (rank 0), not once per rank.

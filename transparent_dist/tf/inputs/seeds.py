@@ -33,7 +33,10 @@ def _global_seed() -> int | None:
 
 def _drawn_by_root() -> int:
     w = world.get()
-    return w.comm.bcast(random.randrange(2**31) if w.is_root else None, root=0)
+    # Not the script's `random` stream: drawing from it on rank 0 only
+    # would set rank 0's numbers apart from the other ranks' (host_random).
+    seed = random.SystemRandom().randrange(2**31) if w.is_root else None
+    return w.comm.bcast(seed, root=0)
 
 
 def agree_on_global_seed(tf: ModuleType) -> None:
