@@ -95,12 +95,15 @@ def test_timeline_is_chrome_trace_json(tmp_path):
         ranks=2,
         env=job_env(TD_TIMELINE=str(trace)),
     ).check()
+    # One file for the job (test_summaries.py: its clock), a process per rank.
+    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    named = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
+    assert named == {0: "rank 0", 1: "rank 1"}
     for rank in (0, 1):
-        events = json.loads((tmp_path / f"trace.rank{rank}.json").read_text())["traceEvents"]
-        names = {e["name"] for e in events}
-        assert {"step", "wait", "exchange", "metrics"} <= names  # the native op's spans
-        assert all(e["ph"] == "X" and e["dur"] >= 0 and e["pid"] == rank for e in events)
-        steps = [e for e in events if e["name"] == "step"]
+        mine = [e for e in events if e["pid"] == rank and e["ph"] == "X"]
+        assert {"step", "wait", "exchange", "metrics"} <= {e["name"] for e in mine}  # native op's
+        assert all(e["dur"] >= 0 for e in mine)
+        steps = [e for e in mine if e["name"] == "step"]
         assert len(steps) == 15  # 1800 training samples / (2 ranks x 64)
 
 

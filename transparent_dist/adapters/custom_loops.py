@@ -27,17 +27,23 @@ custom_loops.install()      # idempotent; transparent_dist's import hook calls i
   and a signal or a due `TD_CHECKPOINT_EVERY` writes a checkpoint (and
   exits with 75 on a signal). State outside the optimizer's variables
   (BatchNorm statistics, the script's own counters) is not saved.
+- The end-of-script summary (`core.loop_summary`, more than one rank): a
+  call of a `tf.function` that updated the optimizer is a step (its batch
+  size is the leading dimension its arguments share), and so is an update
+  made eagerly outside any `tf.function`; each call is a `step` span in
+  the timeline.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import tensorflow as tf
 
 from transparent_dist.adapters import common
-from transparent_dist.core import log, patching, preemption, world
+from transparent_dist.core import log, loop_summary, patching, preemption, world
 from transparent_dist.tf import broadcast, exchange, internals
 
 __all__ = ["applied", "install", "warn_if_loop_data_is_whole"]
@@ -170,9 +176,34 @@ def _loop(optimizer: Any, variables: list[Any]) -> _Loop | None:
     return _LOOP["loop"]
 
 
+# The summary's name for these loops, and the step function this thread is
+# calling (at the top, eagerly): an update traced or run inside it makes
+# it a training step.
+_KIND = "custom training loop"
+_CALLING = threading.local()
+
+
+def _is_eager_step() -> bool:
+    """At an update: whether it ends a step by itself (eager, outside any
+    step function); inside one, marks that function as a training step."""
+    function = getattr(_CALLING, "function", None)
+    if function is not None:
+        function._td_trains = True
+        return False
+    return tf.executing_eagerly()
+
+
 def applied(optimizer: Any, variables: list[Any], apply: Any) -> Any:
-    """A custom loop's update `apply()`, counted for preemption; skipped
-    while the resumed checkpoint holds it already."""
+    """A custom loop's update `apply()`, counted for preemption (skipped
+    while the resumed checkpoint holds it already) and for the summary."""
+    eager_step = _is_eager_step()
+    result = _applied(optimizer, variables, apply)
+    if eager_step:
+        loop_summary.step_ended(_KIND)
+    return result
+
+
+def _applied(optimizer: Any, variables: list[Any], apply: Any) -> Any:
     loop = _loop(optimizer, variables)
     if loop is None:
         return apply()
@@ -198,9 +229,32 @@ def applied(optimizer: Any, variables: list[Any], apply: Any) -> Any:
         return loop.count.assign_add(1)
 
 
+def _call_as_step(original: Any, function: Any, args: tuple, kwargs: dict) -> Any:
+    """A top-level call of a step function: a step of the summary when the
+    function updates the optimizer."""
+    started = time.perf_counter()
+    _CALLING.function = function
+    try:
+        result = original(function, *args, **kwargs)
+    finally:
+        _CALLING.function = None
+    if getattr(function, "_td_trains", False):
+        batch = loop_summary.batch_size(tf.nest.flatten((args, kwargs)))
+        loop_summary.step_ended(_KIND, batch=batch, started=started)
+    return result
+
+
 def _wrap_function_call(original: Any) -> Any:
     def __call__(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
+        if (
+            common.distributed()
+            and tf.executing_eagerly()
+            and not common.is_set("fitting")
+            and getattr(_CALLING, "function", None) is None
+        ):
+            result = _call_as_step(original, self, args, kwargs)
+        else:
+            result = original(self, *args, **kwargs)
         loop = _LOOP.get("loop")
         if loop is not None and tf.executing_eagerly() and not common.is_set("fitting"):
             loop.after_updates()

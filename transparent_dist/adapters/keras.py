@@ -295,7 +295,8 @@ def wrap_fit(fw: Framework) -> Callable[[Any], Any]:
                 _checkpointing(fw, a, unit, data) if config.SETTINGS.checkpoint_dir else None
             )
             made = keras_callbacks.for_framework(fw)
-            extra = () if checkpointer is None else (checkpointer,)
+            extra = (made.FitStart(data, batch_size),)
+            extra += () if checkpointer is None else (checkpointer,)
             common.output_on_root_only(a, made.for_this_rank(a["callbacks"], True, extra))
             resuming = checkpointer is not None and checkpointer.skip is not None
             with (

@@ -29,13 +29,14 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from transparent_dist.adapters import common, keras_callback_state
+from transparent_dist.adapters import common, fit_start, keras_callback_state
 from transparent_dist.core import checkpoint, config, log, preemption, sequence, timeline, world
 from transparent_dist.tf import broadcast, exchange
 
 __all__ = [
     "AgreeToStop",
     "CheckpointAndResume",
+    "FitStart",
     "FitSummary",
     "LinearScalingWarmup",
     "SyncVariables",
@@ -359,9 +360,24 @@ class AgreeToStop:
         self._agree(f"the end of epoch {epoch + 1}")
 
 
+class FitStart:
+    """One line from rank 0 when a fit of more than one rank starts: the
+    ranks, the per-rank and global batch, and the steps per epoch, which
+    Keras knows by now (`fit_start`)."""
+
+    def __init__(self, data: Any, batch_size: int | None) -> None:
+        super().__init__()
+        self.batch = fit_start.describe(data, batch_size)
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        fit_start.say(self.batch, (getattr(self, "params", None) or {}).get("steps"))
+
+
 class FitSummary:
     """One line from rank 0 when fit ends: global samples per second and the
-    share of time spent exchanging gradients; writes the `TD_TIMELINE` file."""
+    share of time spent exchanging gradients; writes the `TD_TIMELINE` file.
+    A build of the native op inside this fit (its first exchange) is left
+    out of the time: it happens once per machine image, not per epoch."""
 
     def on_train_begin(self, logs: Any = None) -> None:
         timeline.reset()
@@ -385,16 +401,28 @@ class FitSummary:
         elapsed = time.perf_counter() - self._start
         stats = timeline.stats()
         w = world.get()
-        local = [stats.samples, stats.exchange_seconds, stats.exchange_bytes, stats.wait_seconds]
+        local = [
+            stats.samples,
+            stats.exchange_seconds,
+            stats.exchange_bytes,
+            stats.wait_seconds,
+            stats.builds,
+        ]
         totals = (
             local if w.size == 1 else [sum(v) for v in zip(*w.comm.allgather(local), strict=True)]
         )
         path = timeline.write()
+        # A rank that did not compile waited for the one that did: any build
+        # in the job makes this rank's time in it the build's.
+        build = stats.build_seconds if totals[4] else 0.0
+        elapsed -= build
         if self._steps == 0 or elapsed <= 0:
             return
         exchange = totals[1] / w.size
         log.info(
-            f"fit: {totals[0] / elapsed:,.0f} samples/s on {w.size} ranks; gradient "
+            f"fit: {totals[0] / elapsed:,.0f} samples/s on {w.size} ranks"
+            + (f" (excluding the {build:.1f} s op build)" if build else "")
+            + "; gradient "
             f"exchange {exchange / elapsed:.1%} of the time ({1e3 * exchange / self._steps:.2f} "
             f"ms/step, {totals[2] / w.size / self._steps / 1e6:.1f} MB/step), waiting for "
             f"other ranks {totals[3] / w.size / elapsed:.1%}"
@@ -405,7 +433,14 @@ class FitSummary:
 
 # ------------------------------------------------------------ one set per framework
 
-_MIXINS = (SyncVariables, LinearScalingWarmup, CheckpointAndResume, AgreeToStop, FitSummary)
+_MIXINS = (
+    SyncVariables,
+    LinearScalingWarmup,
+    CheckpointAndResume,
+    AgreeToStop,
+    FitStart,
+    FitSummary,
+)
 
 
 @functools.cache

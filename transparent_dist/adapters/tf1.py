@@ -27,22 +27,28 @@ tf1.install()      # idempotent; transparent_dist's import hook calls it
   After each step the ranks agree; a signal or a due `TD_CHECKPOINT_EVERY`
   writes a checkpoint of every global variable (and exits with 75 on a
   signal).
+- The end-of-script summary (`core.loop_summary`, more than one rank):
+  each `Session.run` of a train op is a step (its batch size is the
+  leading dimension its feeds share) and a `step` span in the timeline.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
 from transparent_dist.adapters import common
-from transparent_dist.core import log, output, patching, preemption, world
+from transparent_dist.core import log, loop_summary, output, patching, preemption, world
 from transparent_dist.tf import broadcast, exchange, internals
 
 __all__ = ["install"]
 
 _distributed = common.distributed
+# The name of these loops in the end-of-script summary.
+_KIND = "TF1 session loop"
 
 
 def _wrap_apply_gradients(original: Any) -> Any:
@@ -156,12 +162,18 @@ def _wrap_session_run(original: Any) -> Any:
         if not _TRAIN_OPS or common.is_set("in_session_step") or not _trains(fetches):
             return original(self, fetches, feed_dict, *args, **kwargs)
         _check_feeds(fetches, feed_dict)
+        started = time.perf_counter()
         steps = _preemption(self, original)
+        replayed = steps is not None and steps.steps < steps.resume_at
         if steps is None:
-            return original(self, fetches, feed_dict, *args, **kwargs)
-        with common.flag("in_session_step"):
-            result = original(self, steps.fetches(fetches), feed_dict, *args, **kwargs)
-            steps.after_step()
+            result = original(self, fetches, feed_dict, *args, **kwargs)
+        else:
+            with common.flag("in_session_step"):
+                result = original(self, steps.fetches(fetches), feed_dict, *args, **kwargs)
+                steps.after_step()
+        if not replayed:
+            batch = loop_summary.batch_size((feed_dict or {}).values())
+            loop_summary.step_ended(_KIND, batch=batch, started=started)
         return result
 
     return run

@@ -195,6 +195,12 @@ def _end_check() -> None:
         enter("script end")
     except CollectiveError as error:
         failures.handle(CollectiveError, error, None)
+    else:
+        # Every rank is here and MPI still works: the one safe point for
+        # the end-of-run summaries' gathers (before the watchdog stops).
+        from transparent_dist.core import loop_summary
+
+        loop_summary.at_script_end(world.get().control_comm)
     stall.stop()
 
 

@@ -1,5 +1,6 @@
-"""Where a rank's time goes: counters for the end-of-fit summary, and an
-optional per-rank timeline (`TD_TIMELINE=path`) in Chrome trace format.
+"""Where a rank's time goes: counters for the end-of-fit and end-of-loop
+summaries, and an optional timeline of the whole job (`TD_TIMELINE=path`)
+in Chrome trace format.
 
 ```python
 from transparent_dist.core import timeline
@@ -8,27 +9,40 @@ with timeline.span("exchange"):
 timeline.STATS.exchange_seconds
 ```
 
-Open the files (one per rank: `path.rank<r>.json`) in chrome://tracing or
+Open the file (one for the job, every rank's spans on rank 0's clock, one
+process per rank: `timeline_file`) in chrome://tracing or
 https://ui.perfetto.dev. Spans: `step` (a whole training step, as Keras's
 callbacks see it), `wait` (a rank waiting for the others to reach the
 gradient exchange), `exchange` (gradient averaging; in the numpy fallback
 split into `copy`, `allreduce`, `copy back`), `metrics` (metric sums),
-`read` (file-backed batches).
+`read` (file-backed batches), `op build` (this rank compiled the native
+op) or `op load` (it loaded the op, after waiting for any rank compiling it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import os
 import threading
 import time
 from collections.abc import Iterator
 
 from transparent_dist.core import config, world
 
-__all__ = ["STATS", "Stats", "add", "add_source", "recording", "reset", "span", "stats", "write"]
+__all__ = [
+    "STATS",
+    "Stats",
+    "add",
+    "add_build",
+    "add_source",
+    "recording",
+    "reset",
+    "span",
+    "stats",
+    "take_events",
+    "totals",
+    "write",
+]
 
 
 @dataclasses.dataclass
@@ -45,6 +59,10 @@ class Stats:
     exchange_bytes: float = 0
     exchanges: int = 0
     samples: float = 0.0
+    # Making the native op ready (`add_build`): seconds this rank spent
+    # (compiling it, or waiting for the rank that did), and its compilations.
+    build_seconds: float = 0.0
+    builds: int = 0
 
 
 # Counters of the Python-side (numpy) exchange; `stats()` adds the others.
@@ -72,9 +90,26 @@ def stats() -> Stats:
 
 def reset() -> None:
     global STATS
+    # Kept for `totals`: a fit starting inside a custom loop resets the
+    # counters the loop's summary reads.
+    now = stats()
+    for field in dataclasses.fields(Stats):
+        name = field.name
+        setattr(_CARRIED, name, getattr(_CARRIED, name) + getattr(now, name))
     STATS = Stats()
     for source in _SOURCES:
         source.reset()
+
+
+_CARRIED = Stats()
+
+
+def totals() -> Stats:
+    """This rank's counters since the process started (`reset` or not)."""
+    now = stats()
+    for field in dataclasses.fields(Stats):
+        setattr(now, field.name, getattr(now, field.name) + getattr(_CARRIED, field.name))
+    return now
 
 
 def recording() -> bool:
@@ -97,6 +132,15 @@ def add(name: str, start: float, end: float, thread: str | None = None) -> None:
         _EVENTS.append(event)
 
 
+def add_build(start: float, end: float, compiled: bool) -> None:
+    """Records the making of the native op on this rank, from `start` to
+    `end` (perf_counter seconds); `compiled`: this rank ran the compiler.
+    A one-time cost, which the fit summary leaves out of its rate."""
+    STATS.build_seconds += end - start
+    STATS.builds += int(compiled)
+    add("op build" if compiled else "op load", start, end)
+
+
 @contextlib.contextmanager
 def span(name: str) -> Iterator[None]:
     start = time.perf_counter()
@@ -106,20 +150,24 @@ def span(name: str) -> Iterator[None]:
         add(name, start, time.perf_counter())
 
 
-def write() -> str | None:
-    """Writes this rank's timeline file; returns its path."""
-    if not recording():
-        return None
+def take_events() -> tuple[float, list[dict]]:
+    """This rank's clock origin (perf_counter seconds; events' `ts` are
+    microseconds after it) and the events recorded since the last call,
+    the native op's spans included; they are handed over, not kept."""
     for source in _SOURCES:
         for name, start, end in source.spans():
             add(name, start, end, thread="gradient exchange")
-    path = f"{config.SETTINGS.timeline}.rank{world.get().rank}.json"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with _LOCK:
         events = list(_EVENTS)
-    from transparent_dist.core import files
+        _EVENTS.clear()
+    return _ORIGIN, events
 
-    files.write_atomically(
-        path, json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}).encode()
-    )
-    return path
+
+def write(comm: object = None) -> str | None:
+    """Adds every rank's new spans to the job's one timeline file, written
+    by rank 0 (`timeline_file.write`); returns its path on rank 0 when it
+    wrote it. Collective when there is more than one rank: every rank calls
+    it at the same point (the end of a fit, the end of the script)."""
+    from transparent_dist.core import timeline_file
+
+    return timeline_file.write(comm)

@@ -175,6 +175,7 @@ def build(retry: bool = False) -> Path:
             once=True,
         )
         started = time.monotonic()
+        _STATE["compiled"] = True  # for the fit summary (`load`), failed or not
         with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as private:
             partial = Path(private) / path.name
             try:
@@ -280,6 +281,7 @@ def load() -> bool:
         _STATE["reason"] = "a single process"
         return False
     failure = ""
+    started = time.perf_counter()
     # One rank per node compiles (when needed) while the others wait, so a
     # failing compiler runs once, not once per rank.
     node = w.comm.Split_type(_split_shared(), key=w.rank)
@@ -294,6 +296,8 @@ def load() -> bool:
     finally:
         node.Free()
     failures = [f for f in w.comm.allgather(failure) if f]
+    # Inside a fit's first step: its summary leaves this time out.
+    timeline.add_build(started, time.perf_counter(), bool(_STATE.get("compiled")))
     if not failures:
         timeline.add_source(_Source())
         from transparent_dist.core import stall
