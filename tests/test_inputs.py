@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import JOBS, run
 
@@ -109,3 +110,19 @@ def test_a_script_that_seeds_nothing_draws_alike_and_trains_every_image_once(tmp
     assert job.returncode == 0, job.stderr[-3000:]
     result = json.loads(job.stdout.strip().splitlines()[-1])
     assert result == {"alike": True, "trained": 80, "distinct": 80}
+
+
+@pytest.mark.mpi
+def test_generators_of_padded_list_sparse_and_none_batches_train():
+    """What a generator yields in keras-io scripts trains as it does alone:
+    per-batch padded sequences whose lengths repeat within a rank's own
+    first batches, a multi-input `[x1, x2]`, `tf.SparseTensor` batches split
+    by rows in the last round, `(x, y, None)`. Control (the element spec
+    from the rank's own batches, the plugin's first read-on-demand version):
+    the padded, sparse and None cases crashed."""
+    job = run(["-m", "transparent_dist", str(JOBS / "generator_shapes.py")], ranks=2)
+    assert job.returncode == 0, job.stderr[-3000:]
+    results = json.loads(job.stdout.strip().splitlines()[-1])
+    assert sorted(results) == ["list", "none_weights", "padded", "sparse"]
+    for case in results.values():
+        assert case["alike"] and np.isfinite(case["loss"]), results

@@ -1,7 +1,7 @@
 """A TF1 Session script or a TF2 GradientTape loop, unmodified.
 
     [mpiexec -n N] python [-m transparent_dist] loops.py KIND DATA OUT TAG
-KIND: tf1 | tf2.  DATA: own (each rank its own data) | same (all alike).
+KIND: tf1 | tf1ref (disable_v2_behavior: TF1's ref variables) | tf2.  DATA: own (each rank its own data) | same (all alike).
 Every rank starts from its own random initial values (seeded by rank).
 Writes OUT/TAG-rank<r>.json with the final variables.
 """
@@ -20,8 +20,11 @@ x_all = rng.normal(size=(256, 6)).astype("float32")
 y_all = (np.sin(x_all.sum(axis=1, keepdims=True))).astype("float32")
 result = {}
 
-if kind == "tf1":
-    tf.compat.v1.disable_eager_execution()
+if kind.startswith("tf1"):
+    if kind == "tf1ref":
+        tf.compat.v1.disable_v2_behavior()
+    else:
+        tf.compat.v1.disable_eager_execution()
     tf.compat.v1.set_random_seed(100 + rank)
     x = tf.compat.v1.placeholder(tf.float32, [None, 6])
     y = tf.compat.v1.placeholder(tf.float32, [None, 1])

@@ -126,7 +126,9 @@ def describe(data: Any, batch_size: int | None) -> Batch:
 
 
 def _steps(steps: int | None) -> str:
-    return "steps per epoch unknown" if not steps else f"{steps} steps per epoch"
+    if not steps:
+        return "steps per epoch unknown"
+    return f"{steps} step{'' if steps == 1 else 's'} per epoch"
 
 
 def line(batch: Batch, steps: int | None) -> str:

@@ -285,8 +285,11 @@ def wrap_fit(fw: Framework) -> Callable[[Any], Any]:
             a["x"], a["y"], a["sample_weight"], a["batch_size"] = _sharded(
                 data, batch_size, a["shuffle"], "the training data"
             )
-            if data.in_pipeline:
-                a["shuffle"] = False  # done already, by our pipeline
+            if data.in_pipeline or data.kind == "generator":
+                # Done already by our pipeline; a generator's batches come
+                # in its order (and Keras would warn about the dataset we
+                # made of it, from every rank).
+                a["shuffle"] = False
             passes = step_counts.before_validation_is_sharded(fw, a, data, batch_size)
             whole_validation = _shard_validation(fw, a, batch_size)
             step_counts.adjust(a, passes)
@@ -339,9 +342,12 @@ def wrap_evaluate(fw: Framework) -> Callable[[Any], Any]:
             common.enter_phase("evaluate", a)
             _turn_off_xla(fw, self)
             data = tf_inputs.classify(a["x"], a["y"], a["sample_weight"], fw.arrays)
+            batch_size = a["batch_size"]
             (a["x"], a["y"], a["sample_weight"], a["batch_size"]), whole = _for_evaluation(
-                fw, data, a["batch_size"], "the evaluation data"
+                fw, data, batch_size, "the evaluation data"
             )
+            if not whole:
+                step_counts.adjust_evaluate(a, data, batch_size)
             with fw.root_counts() if whole else contextlib.nullcontext():
                 return _call_on_this_rank(fw, original, a)
 

@@ -32,6 +32,7 @@ import keras as keras_module
 import numpy as np
 import tensorflow as tf
 from keras.src import backend as keras_backend
+from keras.src import tree
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 from keras.src.backend.tensorflow import image as tf_image
 from keras.src.backend.tensorflow import random as tf_random
@@ -154,6 +155,32 @@ def _exact_epochs_after_resume() -> Iterator[None]:
         tf_trainer.TFEpochIterator = original
 
 
+def _generator_spec(batches: list[Any]) -> tuple[Any, Any] | None:
+    """`(element spec, converter of a batch to it)` as Keras's generator
+    adapter makes them from a script's first batches (dimensions that
+    differ between them, and the batch's, left open; scipy sparse as
+    `tf.SparseTensor`, None as an empty optional); None where the batches
+    are not what Keras takes (tuples): Keras then says what is wrong."""
+    if not batches or not all(isinstance(b, tuple) for b in batches):
+        return None
+    try:
+        # tf.data takes tuples, not lists (a multi-input model's `[x1, x2]`).
+        spec = tree.lists_to_tuples(data_adapter_utils.get_tensor_spec(batches))
+    except (TypeError, ValueError):
+        return None
+
+    def leaf(x: Any) -> Any:
+        if x is None:
+            return tf.experimental.Optional.empty(None)
+        if data_adapter_utils.is_scipy_sparse(x):
+            return data_adapter_utils.scipy_sparse_to_tf_sparse(x)
+        return x
+
+    return spec, lambda batch: tree.lists_to_tuples(
+        tree.map_structure(leaf, batch, none_is_leaf=True)
+    )
+
+
 FRAMEWORK = adapter.Framework(
     name="keras",
     **adapter.callbacks_of(keras_module.callbacks),
@@ -163,6 +190,7 @@ FRAMEWORK = adapter.Framework(
         index_batches=_index_batches,
         sequence_class=keras_module.utils.PyDataset,
         sequence_part=keras_pydataset.part,
+        generator_spec=_generator_spec,
     ),
     split_validation=lambda xyw, split: array_slicing.train_validation_split(
         xyw, validation_split=split

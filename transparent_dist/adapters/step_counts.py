@@ -30,7 +30,7 @@ from transparent_dist.core import config, log, world
 from transparent_dist.tf import inputs as tf_inputs
 from transparent_dist.tf.inputs.plan import DEFAULT_BATCH_SIZE
 
-__all__ = ["Pass", "Passes", "adjust", "before_validation_is_sharded", "scaled"]
+__all__ = ["Pass", "Passes", "adjust", "adjust_evaluate", "before_validation_is_sharded", "scaled"]
 
 # Kinds whose global step takes N of the script's batches (arrays and files
 # take the global batch over the script's batch: N, or 1 with
@@ -162,3 +162,22 @@ def adjust(a: dict, passes: Passes) -> None:
         a[name] = new
     if given:
         _say(given, run, passes.per_step or passes.validation_per_step or 1)
+
+
+def adjust_evaluate(a: dict, data: tf_inputs.Data, batch_size: int | None) -> None:
+    """`evaluate(steps=k)` as fit's `validation_steps=k`: k of the script's
+    batches (TD_STEPS=batches), so a script's `evaluate` covers what its
+    validation covered. `a` holds evaluate's bound arguments, `x` sharded;
+    `data` and `batch_size` are the script's."""
+    steps, per_step = a.get("steps"), _per_step(data, batch_size)
+    if config.SETTINGS.steps != "batches" or world.get().size == 1:
+        return
+    if not steps or per_step is None or per_step == 1:
+        return
+    a["steps"] = scaled(
+        int(steps), Pass(_script_batches(data, batch_size), _length(a["x"])), per_step
+    )
+    log.info(
+        f"evaluate: steps={steps} counts batches of the script's own batch size "
+        f"(TD_STEPS=batches): on {world.get().size} ranks it runs {a['steps']} steps"
+    )

@@ -119,11 +119,7 @@ def _summarize(comm: Any) -> None:
     stall.arrive("gather")
     gathered = comm.gather(local, root=0)
     said = timeline_file.written()  # a fit's summary line gave the path
-    try:
-        path = timeline.write(comm)
-    except OSError as error:
-        log.warning(str(error))
-        path = None
+    path = timeline.write(comm)
     if not w.is_root:
         return
     lines = [_line(kind, [g.get(kind) for g in gathered], w.size) for kind in local]

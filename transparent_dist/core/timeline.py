@@ -167,7 +167,12 @@ def write(comm: object = None) -> str | None:
     """Adds every rank's new spans to the job's one timeline file, written
     by rank 0 (`timeline_file.write`); returns its path on rank 0 when it
     wrote it. Collective when there is more than one rank: every rank calls
-    it at the same point (the end of a fit, the end of the script)."""
-    from transparent_dist.core import timeline_file
+    it at the same point (the end of a fit, the end of the script). A file
+    that cannot be written is a warning, not the end of a trained job."""
+    from transparent_dist.core import log, timeline_file
 
-    return timeline_file.write(comm)
+    try:
+        return timeline_file.write(comm)
+    except OSError as error:
+        log.warning(str(error))
+        return None

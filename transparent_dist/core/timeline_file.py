@@ -137,8 +137,6 @@ def _save(path: str) -> str:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         files.write_atomically(path, json.dumps(trace).encode())
     except OSError as error:
-        raise OSError(
-            f"transparent_dist: cannot write the timeline (TD_TIMELINE) to {path}: {error}"
-        ) from error
+        raise OSError(f"cannot write the timeline (TD_TIMELINE) to {path}: {error}") from error
     _WRITTEN.append(path)
     return path

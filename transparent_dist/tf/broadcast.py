@@ -154,7 +154,9 @@ def in_graph(targets: list[Any], after: Any = None) -> Any:
         return collectives.broadcast(arrays, comm)
 
     with tf.control_dependencies([after] if after is not None else []):
-        values = [tf.identity(v) for v in targets]
+        # A new read under the dependency: a TF1 ref variable's identity
+        # reads its snapshot op, made before, which may run before `after`.
+        values = [v.read_value() if hasattr(v, "read_value") else tf.identity(v) for v in targets]
     received = exchange.collective_op(receive, values, values, "td_broadcast_variables")
     return tf.group(*[v.assign(r) for v, r in zip(targets, received, strict=True)])
 

@@ -90,6 +90,9 @@ class ArrayFormat:
         sequence_class: its batch-indexed sequence class (Keras 3's
             `PyDataset`), or None.
         sequence_part: `(sequence, plan, contiguous) -> this rank's part`.
+        generator_spec: `first batches -> (element spec, batch converter)`
+            as the framework makes them for a generator, or None (then a
+            generator is handed to the framework as a generator).
     """
 
     is_arrays: Callable[[Any], bool]
@@ -97,6 +100,7 @@ class ArrayFormat:
     index_batches: Callable[[int, int, Any], tf.data.Dataset] = _plain_order
     sequence_class: type | None = None
     sequence_part: Callable[..., Any] | None = None
+    generator_spec: Callable[[list], tuple[Any, Callable[[Any], Any]] | None] | None = None
 
 
 def _has_shape(x: Any) -> bool:
@@ -244,7 +248,7 @@ def for_training(
     elif kind == "sequence":
         x = data.format.sequence_part(data.x, plan, False)
     elif kind == "generator":
-        x = pipelines.generator_batches(data.x, plan)
+        x = pipelines.generator_batches(data.x, plan, data.format.generator_spec)
     else:
         log.info(
             f"{what} of type {type(data.x).__name__} is not sharded: every rank uses all of it"

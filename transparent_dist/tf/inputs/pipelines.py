@@ -278,6 +278,8 @@ def rows_of(batch: Any, start: int, stop: int) -> Any:
     """Rows `start:stop` of every leaf of a batch."""
 
     def cut(leaf: Any) -> Any:
+        if leaf is None:  # a generator's (x, y, None)
+            return None
         if isinstance(leaf, tf.SparseTensor):
             shape = tf.cast(leaf.dense_shape, tf.int64)
             begin = tf.concat([[start], tf.zeros_like(shape[1:])], 0)
@@ -433,7 +435,11 @@ def dataset_block(dataset: tf.data.Dataset, plan: ShardPlan) -> tf.data.Dataset 
     return dataset.skip(start).take(stop - start)
 
 
-def generator_batches(generator: Any, plan: ShardPlan) -> Any:
+def generator_batches(
+    generator: Any,
+    plan: ShardPlan,
+    spec_of: Callable[[list], tuple[Any, Callable[[Any], Any]] | None] | None = None,
+) -> Any:
     """Round-robin items of a generator that every rank runs in full (a
     generator cannot skip items), the last partial round split by rows
     (`balanced_rounds`). Its length is unknown, so the ranks agree once per
@@ -444,24 +450,29 @@ def generator_batches(generator: Any, plan: ShardPlan) -> Any:
     On more than one rank the result is a `tf.data.Dataset` read on demand:
     the framework's own generator pipeline reads ahead on a thread of its
     own, which would take the next round's agreement on one rank after the
-    last step while the other rank has gone on (a hang)."""
+    last step while the other rank has gone on (a hang). Its element spec
+    is the one the framework takes from the script's first two batches
+    (`spec_of`: `ArrayFormat.generator_spec`; not this rank's batches), so
+    a script that trains alone trains here. Without `spec_of` (or where it
+    cannot describe the batches) the framework gets a generator."""
     what = "the generator"
     if plan.size == 1:
         return balanced_rounds(iter(generator), plan.rank, plan.size, None, what)
+    generator = iter(generator)
+    first = list(itertools.islice(generator, 2))
     agree = _round_agreement(world.get().data_comm, what)
-    stream = balanced_rounds(iter(generator), plan.rank, plan.size, agree, what)
-    first = list(itertools.islice(stream, 2))
-    spec = _spec_of(first)
-    if spec is None:
-        return itertools.chain(first, stream)  # the framework names what is wrong
+    stream = balanced_rounds(itertools.chain(first, generator), plan.rank, plan.size, agree, what)
+    described = spec_of(first) if spec_of is not None else None
+    if described is None:
+        # Keras names what is wrong with such batches, as it does alone.
+        return (batch for batch in stream)
+    spec, to_tf = described
 
     def generate():
-        while first:
-            yield first.pop(0)
         # Not `yield from`: closing an abandoned iterator must not close
         # the stream, which the next epoch's iterator goes on reading.
         for batch in stream:  # noqa: UP028 (see above)
-            yield batch
+            yield to_tf(batch)
 
     dataset = tf.data.Dataset.from_generator(generate, output_signature=spec)
     return read_on_demand(dataset)
@@ -473,44 +484,3 @@ def read_on_demand(dataset: tf.data.Dataset) -> tf.data.Dataset:
     options = tf.data.Options()
     options.experimental_optimization.inject_prefetch = False
     return dataset.with_options(options)
-
-
-def _spec_of(batches: list[Any]) -> Any:
-    """The element spec of a generator's batches, every dimension that
-    differs between them (and the batch dimension) left open; None where
-    they are not tuples of tensors or arrays."""
-    if not batches or not all(isinstance(b, tuple) for b in batches):
-        return None
-    try:
-        specs = [
-            tf.nest.map_structure(
-                lambda leaf: tf.type_spec_from_value(
-                    leaf
-                    if isinstance(leaf, (tf.SparseTensor, tf.RaggedTensor))
-                    else tf.convert_to_tensor(leaf)
-                ),
-                batch,
-            )
-            for batch in batches
-        ]
-        for other in specs[1:]:
-            tf.nest.assert_same_structure(specs[0], other)
-    except (TypeError, ValueError):
-        return None
-
-    def relax(*leaves: Any) -> Any:
-        first = leaves[0]
-        if not isinstance(first, tf.TensorSpec) or any(
-            not isinstance(s, tf.TensorSpec)
-            or s.dtype != first.dtype
-            or s.shape.rank != first.shape.rank
-            for s in leaves
-        ):
-            return first if all(s == first for s in leaves) else _any_batch_size(first)
-        dims = [
-            None if i == 0 or len({s.shape[i] for s in leaves}) > 1 else first.shape[i]
-            for i in range(first.shape.rank)
-        ]
-        return tf.TensorSpec(dims, first.dtype)
-
-    return tf.nest.map_structure(relax, *specs)
