@@ -91,8 +91,19 @@ def test_tensorflow_start_up_lines_come_from_rank_0_only():
     env = job_env()
     del env["TF_CPP_MIN_LOG_LEVEL"]  # as a user's shell has it
     code = ["-m", "transparent_dist", "-c", "import keras; print('imported')"]
-    quiet = run(code, ranks=2, env=env).check()
+    # A TF1 session's first run logs an MLIR note (C++ INFO) on each process.
+    session = (
+        "import tensorflow as tf\n"
+        "graph = tf.Graph()\n"
+        "with graph.as_default():\n"
+        "    doubled = tf.constant(1.0) * 2\n"
+        "with tf.compat.v1.Session(graph=graph) as s:\n"
+        "    print('ran', s.run(doubled))\n"
+    )
+    quiet = run([*code[:-1], code[-1] + "\n" + session], ranks=2, env=env).check()
     assert quiet.stdout.count("imported") == 1
     assert len(_start_up_writers(quiet.stderr)) == 1, quiet.stderr
+    mlir = {line.split()[2] for line in quiet.stderr.splitlines() if "mlir_graph" in line}
+    assert len(mlir) == 1, quiet.stderr
     loud = run(code, ranks=2, env={**env, "TD_VERBOSE": "1"}).check()
     assert len(_start_up_writers(loud.stderr)) == 2, loud.stderr

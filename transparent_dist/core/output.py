@@ -44,6 +44,7 @@ def root_only(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 _SAVED_FD: int | None = None
+_SET_ENV: list[str] = []  # variables set here, removed by `restore`
 
 
 def quiet_unless_root() -> None:
@@ -53,6 +54,12 @@ def quiet_unless_root() -> None:
     # Records at INFO and below are dropped before any handler sees them,
     # whichever handlers the script configures later.
     logging.disable(logging.INFO)
+    # TensorFlow's C++ INFO lines (a TF1 session's MLIR note, say) likewise;
+    # its warnings and errors stay. Read when TensorFlow loads, so a script
+    # that imported it before the plugin keeps them; the user's own level wins.
+    if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "1"
+        _SET_ENV.append("TF_CPP_MIN_LOG_LEVEL")
     try:
         sys.stdout.flush()
         fd = sys.stdout.fileno()
@@ -69,6 +76,8 @@ def restore() -> None:
     global _SAVED_FD
     if logging.root.manager.disable == logging.INFO:
         logging.disable(logging.NOTSET)
+    while _SET_ENV:
+        os.environ.pop(_SET_ENV.pop(), None)
     if _SAVED_FD is None:
         return
     sys.stdout.flush()
