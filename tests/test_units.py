@@ -3,6 +3,7 @@ settings, the import hook, and the MPI buffer collectives on real ranks."""
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 
@@ -121,3 +122,20 @@ def test_a_dataset_the_script_sharded_is_not_called_whole():
     assert not custom_loops._is_sharded(whole)
     assert custom_loops._is_sharded(whole.shard(2, 0))
     assert custom_loops._is_sharded(tf.data.Dataset.range(12).shard(2, 1).batch(3).prefetch(1))
+
+
+def test_mpich_yields_only_when_the_node_is_oversubscribed():
+    from transparent_dist.core import world
+
+    cores = os.cpu_count()
+    env = {"MPI_LOCALNRANKS": str(cores + 1)}
+    assert world.yield_when_oversubscribed(env) and env["MPIR_CVAR_ENABLE_HEAVY_YIELD"] == "1"
+    env = {"SLURM_STEP_TASKS_PER_NODE": f"{cores + 2}(x2)"}
+    assert world.yield_when_oversubscribed(env)
+    for env in (
+        {"MPI_LOCALNRANKS": str(cores)},  # one core each: spinning is fastest
+        {"MPI_LOCALNRANKS": str(cores + 1), "MPIR_CVAR_ENABLE_HEAVY_YIELD": "0"},  # the user's
+        {},
+    ):
+        before = dict(env)
+        assert not world.yield_when_oversubscribed(env) and env == before

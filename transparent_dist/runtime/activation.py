@@ -88,7 +88,8 @@ def _say_how_the_job_runs() -> None:
     if cores and w.local_size > cores and w.local_rank == 0:
         log.warning(
             f"{w.local_size} ranks share this node's {cores} core(s): oversubscribed, every "
-            "step waits for a share of a core (expect it slower than fewer ranks)"
+            "step waits for a share of a core (expect it slower than fewer ranks; waiting "
+            "ranks sleep instead of spinning, MPIR_CVAR_ENABLE_HEAVY_YIELD=1 for MPICH)"
         )
 
 
