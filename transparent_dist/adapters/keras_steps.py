@@ -122,31 +122,42 @@ def global_metric_results(metrics: list[Any]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
+def _overriding(metrics: list[Any], name: str, wrap: Any, only: Any = None) -> Iterator[None]:
+    """Sets `wrap(metric, original)` as method `name` on each metric
+    instance (once per metric, those `only` accepts, none already
+    overridden) while the block runs; the class's method is back after."""
+    wrapped = []
+    for metric in broadcast.unique(list(metrics)):
+        if name in vars(metric) or (only is not None and not only(metric)):
+            continue
+        object.__setattr__(metric, name, wrap(metric, getattr(metric, name)))
+        wrapped.append(metric)
+    try:
+        yield
+    finally:
+        for metric in wrapped:
+            vars(metric).pop(name, None)
+
+
+@contextlib.contextmanager
 def _recording_results(metrics: list[Any]) -> Iterator[dict[int, tuple[Any, Any, int]]]:
     """While a step is traced, remembers which tensors are which metric's
     `result()`: id(tensor) -> (tensor, metric, index among its leaves).
     The wrapper sits on each metric instance, so a script's own Metric
     subclasses are seen too."""
     recorded: dict[int, tuple[Any, Any, int]] = {}
-    wrapped = []
-    for metric in broadcast.unique(list(metrics)):
-        if "result" in vars(metric):
-            continue
-        original = metric.result
 
-        def result(original=original, metric=metric):
+    def wrap(metric: Any, original: Any) -> Any:
+        def result():
             out = tree.map_structure(_as_tensor, original())
             for index, leaf in enumerate(tree.flatten(out)):
                 recorded[id(leaf)] = (leaf, metric, index)
             return out
 
-        object.__setattr__(metric, "result", result)
-        wrapped.append(metric)
-    try:
+        return result
+
+    with _overriding(metrics, "result", wrap):
         yield recorded
-    finally:
-        for metric in wrapped:
-            vars(metric).pop("result", None)
 
 
 def _is_once_per_step(values: Any, sample_weight: Any) -> bool:
@@ -170,15 +181,9 @@ def _recording_once_per_step(metrics: list[Any], count: Any) -> Iterator[dict[in
     inside a branch or loop of the step (`tf.cond`, autograph's `if`) is
     left as it is: the exchange after the step cannot reach it."""
     recorded: dict[int, list[Any]] = {}
-    wrapped = []
-    for metric in broadcast.unique(list(metrics)):
-        if type(metric).update_state is not keras.metrics.Mean.update_state:
-            continue
-        if "update_state" in vars(metric):
-            continue
-        original = metric.update_state
 
-        def update_state(values, sample_weight=None, original=original, metric=metric):
+    def wrap(metric: Any, original: Any) -> Any:
+        def update_state(values, sample_weight=None):
             if not _is_once_per_step(values, sample_weight):
                 return original(values, sample_weight=sample_weight)
             value = tf.reshape(tf.cast(values, metric.dtype), [])
@@ -188,13 +193,13 @@ def _recording_once_per_step(metrics: list[Any], count: Any) -> Iterator[dict[in
             recorded.setdefault(id(metric), [metric]).append(value)
             return original(value)
 
-        object.__setattr__(metric, "update_state", update_state)
-        wrapped.append(metric)
-    try:
+        return update_state
+
+    def is_mean(metric: Any) -> bool:
+        return type(metric).update_state is keras.metrics.Mean.update_state
+
+    with _overriding(metrics, "update_state", wrap, only=is_mean):
         yield recorded
-    finally:
-        for metric in wrapped:
-            vars(metric).pop("update_state", None)
 
 
 def _recorded_as(leaf: Any, recorded: dict) -> tuple[Any, int] | None:

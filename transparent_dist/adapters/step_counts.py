@@ -142,11 +142,25 @@ def _say(given: dict[str, int], run: dict[str, int], per_step: int) -> None:
     )
 
 
+def _counting_batches() -> bool:
+    return config.SETTINGS.steps == "batches" and world.get().size > 1
+
+
+def _rewrite(a: dict, name: str, one_pass: Pass, per_step: int | None) -> int | None:
+    """Sets `a[name]`, a count of the script's batches, to this job's steps;
+    returns the script's count where it changed (None: left as it was)."""
+    steps = a.get(name)
+    if not steps or per_step is None or per_step == 1:
+        return None
+    a[name] = scaled(int(steps), one_pass, per_step)
+    return int(steps)
+
+
 def adjust(a: dict, passes: Passes) -> None:
     """Rewrites `a["steps_per_epoch"]` and `a["validation_steps"]` (fit's
     bound arguments, every input sharded) from the script's batches to this
     job's steps, and says so once on rank 0 (TD_STEPS=batches)."""
-    if config.SETTINGS.steps != "batches" or world.get().size == 1:
+    if not _counting_batches():
         return
     validation = dataclasses.replace(passes.validation, job_steps=_length(a["validation_data"]))
     given, run = {}, {}
@@ -154,12 +168,9 @@ def adjust(a: dict, passes: Passes) -> None:
         ("steps_per_epoch", passes.training, passes.per_step),
         ("validation_steps", validation, passes.validation_per_step),
     ):
-        steps = a.get(name)
-        if not steps or per_step is None or per_step == 1:
-            continue
-        new = scaled(int(steps), one_pass, per_step)
-        given[name], run[name] = int(steps), new
-        a[name] = new
+        steps = _rewrite(a, name, one_pass, per_step)
+        if steps is not None:
+            given[name], run[name] = steps, a[name]
     if given:
         _say(given, run, passes.per_step or passes.validation_per_step or 1)
 
@@ -169,15 +180,12 @@ def adjust_evaluate(a: dict, data: tf_inputs.Data, batch_size: int | None) -> No
     batches (TD_STEPS=batches), so a script's `evaluate` covers what its
     validation covered. `a` holds evaluate's bound arguments, `x` sharded;
     `data` and `batch_size` are the script's."""
-    steps, per_step = a.get("steps"), _per_step(data, batch_size)
-    if config.SETTINGS.steps != "batches" or world.get().size == 1:
+    if not _counting_batches():
         return
-    if not steps or per_step is None or per_step == 1:
-        return
-    a["steps"] = scaled(
-        int(steps), Pass(_script_batches(data, batch_size), _length(a["x"])), per_step
-    )
-    log.info(
-        f"evaluate: steps={steps} counts batches of the script's own batch size "
-        f"(TD_STEPS=batches): on {world.get().size} ranks it runs {a['steps']} steps"
-    )
+    one_pass = Pass(_script_batches(data, batch_size), _length(a["x"]))
+    steps = _rewrite(a, "steps", one_pass, _per_step(data, batch_size))
+    if steps is not None:
+        log.info(
+            f"evaluate: steps={steps} counts batches of the script's own batch size "
+            f"(TD_STEPS=batches): on {world.get().size} ranks it runs {a['steps']} steps"
+        )

@@ -471,7 +471,7 @@ def generator_batches(
     def generate():
         # Not `yield from`: closing an abandoned iterator must not close
         # the stream, which the next epoch's iterator goes on reading.
-        for batch in stream:  # noqa: UP028 (see above)
+        for batch in stream:
             yield to_tf(batch)
 
     dataset = tf.data.Dataset.from_generator(generate, output_signature=spec)
