@@ -107,3 +107,74 @@ def test_tensorflow_start_up_lines_come_from_rank_0_only():
     assert len(mlir) == 1, quiet.stderr
     loud = run(code, ranks=2, env={**env, "TD_VERBOSE": "1"}).check()
     assert len(_start_up_writers(loud.stderr)) == 2, loud.stderr
+
+
+def test_deactivate_forgets_all_state_and_activate_works_again():
+    """In-process: `deactivate` undoes the patches and resets every
+    module's state (`activation.reset`); `activate` then installs the
+    adapters of the frameworks already imported, and a fit runs."""
+    import keras
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+
+    import transparent_dist
+    from transparent_dist.core import log, loop_summary, patching, phases, progress, world
+
+    transparent_dist.activate()  # on, whatever ran before in this process
+    assert patching.is_patched(TensorFlowTrainer, "fit")
+    first = world.get()
+    log.info("said before the reset")
+    loop_summary.step_ended("custom training loop", batch=2)
+    phases.enter("fit")
+    transparent_dist.deactivate()
+    assert not patching.is_patched(TensorFlowTrainer, "fit")
+    assert world._WORLD is None and log._SAID == set() and loop_summary._TALLIES == {}
+    assert progress.current() == "the start of the script"
+
+    transparent_dist.activate()
+    assert patching.is_patched(TensorFlowTrainer, "fit")
+    assert world.get() == first
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    history = model.fit(np.ones((8, 2)), np.ones((8, 1)), batch_size=4, verbose=0)
+    assert len(history.history["loss"]) == 1
+
+
+_REACTIVATE = """
+import json, sys, threading
+import numpy as np
+import tensorflow as tf
+import transparent_dist as td
+from transparent_dist.core import world
+from transparent_dist.tf import exchange
+
+def ours():
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("transparent_dist"))
+
+exchange.prepare()  # the native op loaded, as a fit's start does
+before, native = ours(), exchange.uses_native()
+td.deactivate()
+after = ours()
+td.activate()
+exchange.prepare()  # loaded again, on every rank at once
+(mean,) = exchange.average([tf.fill([2], world.get().rank + 1.0)])
+record = {"before": before, "after": after, "again": ours(), "native": [native,
+          exchange.uses_native()], "mean": mean.numpy().tolist()}
+with open(f"{sys.argv[1]}/rank{world.get().rank}.json", "w") as f:
+    json.dump(record, f)
+"""
+
+
+@pytest.mark.mpi
+def test_deactivate_stops_the_threads_and_activate_starts_them_on_every_rank(tmp_path):
+    """2 ranks: deactivate() stops and joins the listener and watchdog
+    threads and forgets the native op (the world is kept); activate() starts
+    the threads again, the op loads again and averages, and the
+    end-of-script check still passes."""
+    run(["-c", _REACTIVATE, str(tmp_path)], ranks=2).check()
+    for rank in range(2):
+        record = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert record["before"], record  # the listener at least
+        assert record["after"] == [], record
+        assert record["again"] == record["before"], record
+        assert record["native"] == [True, True], record
+        assert record["mean"] == [1.5, 1.5]

@@ -86,7 +86,11 @@ def _start(cluster, out, env):
 
     command = cluster.mpiexec(4, 2) + _plugin(PREEMPTIBLE, str(out), "run")
     return subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command,
+        env={**env, "STEP_SECONDS": "0.1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 

@@ -15,19 +15,36 @@ def _weights(out, tag, ranks):
     return [np.asarray(r["weights"]) for r in load_ranks(out, tag, ranks)]
 
 
+@pytest.fixture(scope="module")
+def own_data(tmp_path_factory):
+    """Per kind, once: the ranks-with-their-own-data job at 2 and 3 ranks and
+    its control (the same job at 2 ranks without the plugin)."""
+    done = {}
+
+    def jobs(kind):
+        if kind not in done:
+            out = tmp_path_factory.mktemp(f"own_{kind}")
+            stderr = {}
+            for ranks in (2, 3):
+                command = ["-m", "transparent_dist", SCRIPT, kind, "own", str(out), f"p{ranks}"]
+                stderr[ranks] = run(command, ranks=ranks).check().stderr
+            run([SCRIPT, kind, "own", str(out), "control"], ranks=2).check()
+            done[kind] = out, stderr
+        return done[kind]
+
+    return jobs
+
+
 @pytest.mark.parametrize("kind", ["tf1", "tf2"])
-def test_ranks_with_their_own_data_end_identical(tmp_path, kind):
+def test_ranks_with_their_own_data_end_identical(own_data, kind):
+    out, stderr = own_data(kind)
     for ranks in (2, 3):
-        job = run(
-            ["-m", "transparent_dist", SCRIPT, kind, "own", str(tmp_path), f"p{ranks}"], ranks=ranks
-        ).check()
-        assert "fed the same values" not in job.stderr
-        weights = _weights(tmp_path, f"p{ranks}", ranks)
+        assert "fed the same values" not in stderr[ranks]
+        weights = _weights(out, f"p{ranks}", ranks)
         for other in weights[1:]:
             np.testing.assert_array_equal(other, weights[0])
     # The control: the same job without the plugin drifts apart.
-    run([SCRIPT, kind, "own", str(tmp_path), "control"], ranks=2).check()
-    control = _weights(tmp_path, "control", 2)
+    control = _weights(out, "control", 2)
     assert np.abs(control[0] - control[1]).max() > 1e-3
 
 
@@ -48,16 +65,15 @@ def test_same_data_everywhere_equals_one_process(tmp_path, kind):
         assert "shard_range" in job.stderr
 
 
-def test_tf1_saver_and_file_writer_write_on_rank_zero_only(tmp_path):
-    run(["-m", "transparent_dist", SCRIPT, "tf1", "own", str(tmp_path), "p"], ranks=2).check()
-    ranks = load_ranks(tmp_path, "p", 2)
-    assert ranks[0]["saved"].endswith("p-model.ckpt") and ranks[1]["saved"] is None
-    assert _graph_events(tmp_path / "p-logs") == 1
+def test_tf1_saver_and_file_writer_write_on_rank_zero_only(own_data):
+    out, _ = own_data("tf1")
+    ranks = load_ranks(out, "p2", 2)
+    assert ranks[0]["saved"].endswith("p2-model.ckpt") and ranks[1]["saved"] is None
+    assert _graph_events(out / "p2-logs") == 1
     assert [r["event_writer"] for r in ranks] == ["EventFileWriter", "_NoEvents"]
     # Without the plugin both ranks write an event file of the same name (v1
     # names it by time and host), each over the other.
-    run([SCRIPT, "tf1", "own", str(tmp_path), "c"], ranks=2).check()
-    control = load_ranks(tmp_path, "c", 2)
+    control = load_ranks(out, "control", 2)
     assert [r["event_writer"] for r in control] == ["EventFileWriter", "EventFileWriter"]
     assert control[1]["saved"] is not None
 

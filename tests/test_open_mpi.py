@@ -66,7 +66,11 @@ def _env() -> dict:
 
 def test_core_equivalence_and_fault_matrix_pass_under_open_mpi(open_mpi_venv):
     tests = ["tests/test_keras_core.py", "tests/test_reliability.py"]
-    chosen = "not test_reliability or failure_ends_the_job or sigterm_checkpoints"
+    # The faults whose ending the MPI library shapes (an abort, a killed
+    # rank, signals, collectives that can never match, a checkpoint and
+    # exit 75); the rest of the matrix checks the plugin's own logic.
+    faults = "raise_before_fit or sigkill or fit_twice or sigint or sigterm"
+    chosen = f"not test_reliability or (failure_ends_the_job and ({faults})) or sigterm_checkpoints"
     job = subprocess.run(
         [str(open_mpi_venv), "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests, "-k", chosen],
         cwd=ROOT,
@@ -77,7 +81,7 @@ def test_core_equivalence_and_fault_matrix_pass_under_open_mpi(open_mpi_venv):
     )
     assert job.returncode == 0, job.stdout[-6000:]
     passed = int(re.search(r"(\d+) passed", job.stdout).group(1))
-    assert passed >= 54, job.stdout[-2000:]  # 42 equivalence checks at 2 ranks, 12 faults
+    assert passed >= 48, job.stdout[-2000:]  # 42 equivalence checks at 2 ranks, 6 faults
 
 
 def test_doctor_and_tdrun_know_open_mpi(open_mpi_venv):

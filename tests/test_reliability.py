@@ -199,7 +199,11 @@ def _start(out, tag, ranks=2, **env):
     command = [_mpiexec(), "-n", str(ranks), PYTHON, "-m", "transparent_dist", PREEMPTIBLE]
     command += [str(out), tag]
     return subprocess.Popen(
-        command, env=job_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command,
+        env=job_env(**{"STEP_SECONDS": "0.1", **env}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -518,7 +522,11 @@ def test_every_kind_of_script_survives_the_walltime(tmp_path, kind):
     command = [_mpiexec(), "-n", "2", PYTHON, "-m", "transparent_dist", KINDS, str(out), "run"]
     env = job_env(KIND=kind, TD_CHECKPOINT_DIR=str(ckpt))
     job = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command,
+        env={**env, "STEP_SECONDS": "0.1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     _wait_for(out / "progress-rank0", lines=40)  # in the second of three epochs
     for rank in (0, 1):

@@ -128,7 +128,7 @@ def test_one_process_timeline_is_one_named_file(tmp_path, monkeypatch):
     timeline.take_events()  # nothing from earlier tests
     timeline.add("step", 2.0, 2.5)
     timeline.add("step", 1.0, 1.5)
-    assert timeline.write() == str(tmp_path / "run" / "trace.json")
+    assert timeline_file.write() == str(tmp_path / "run" / "trace.json")
     events = json.loads((tmp_path / "run" / "trace.json").read_text())["traceEvents"]
     assert [e["args"]["name"] for e in events if e["name"] == "process_name"] == ["rank 0"]
     spans = [e for e in events if e["ph"] == "X"]

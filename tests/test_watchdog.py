@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from transparent_dist.core import sequence, stall
+from transparent_dist.core import progress, stall
 
 
 class _Comm:
@@ -31,8 +31,8 @@ def watchdog(monkeypatch):
 
 
 def _arrive(dog, rank, count, kind, index, label="agreement check"):
-    code = sequence.KINDS.index(kind)
-    dog._note(rank, np.array([count, stall._CODES[label], code, index], np.int64))
+    code = progress.KINDS.index(kind)
+    dog._note(rank, np.array([count, progress.CODES[label], code, index], np.int64))
 
 
 def test_a_rank_at_the_script_end_while_others_wait_in_fit_ends_the_job(watchdog, capsys):

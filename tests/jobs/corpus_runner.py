@@ -19,6 +19,7 @@ import json
 import os
 import runpy
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -83,6 +84,7 @@ for script in SCRIPTS:
     results[path.stem] = entry
     gc.collect()
     before = {id(m) for m in _all_models()}
+    start = time.perf_counter()
     try:
         namespace = runpy.run_path(str(path), run_name="__main__")
         entry["weights"] = _models(before)
@@ -93,5 +95,6 @@ for script in SCRIPTS:
         entry["error"] = traceback.format_exc()[-3000:]
         raise
     finally:
+        entry["seconds"] = round(time.perf_counter() - start, 2)
         (OUT / f"{MODE}-rank{RANK}.json").write_text(json.dumps(results))
     gc.collect()

@@ -38,15 +38,16 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from typing import Any
 
 import tensorflow as tf
 
-from transparent_dist.adapters import common
-from transparent_dist.core import log, loop_summary, patching, preemption, world
+from transparent_dist.core import log, loop_summary, patching, preemption, step_state, world
 from transparent_dist.tf import broadcast, exchange, internals
+from transparent_dist.tf.inputs import pipelines
 
-__all__ = ["applied", "install", "warn_if_loop_data_is_whole"]
+__all__ = ["applied", "install", "reset", "warn_if_loop_data_is_whole"]
 
 _SEEN = {"dataset_iterated": False, "warned": False}
 
@@ -61,7 +62,7 @@ def _is_vector(target: Any) -> bool:
 
 def _wrap_gradient(original: Any) -> Any:
     def gradient(self, target, sources, *args, **kwargs):
-        if common.distributed() and _is_vector(target):
+        if world.get().distributed and _is_vector(target):
             exchange.target_was_summed()
         return original(self, target, sources, *args, **kwargs)
 
@@ -80,14 +81,13 @@ def _wrap_checkpoint_write(original: Any) -> Any:
 
 def _wrap_dataset_iter(original: Any) -> Any:
     def __iter__(self):
-        counted = getattr(self, "_td_on_iter", None)  # see tf_inputs.dataset_batches
-        if counted is not None:
-            counted()
+        pipelines.iterator_made(self)
+        state = step_state.current()
         if (
-            common.distributed()
+            world.get().distributed
             and threading.current_thread() is threading.main_thread()
-            and not common.is_set("fitting")
-            and not common.is_set("keras_call")
+            and not state.fitting
+            and not state.keras_call
             and not _is_sharded(self)
         ):
             _SEEN["dataset_iterated"] = True
@@ -176,19 +176,30 @@ def _loop(optimizer: Any, variables: list[Any]) -> _Loop | None:
     return _LOOP["loop"]
 
 
-# The summary's name for these loops, and the step function this thread is
-# calling (at the top, eagerly): an update traced or run inside it makes
-# it a training step.
+def reset() -> None:
+    """Forgets the loop's preemption (its signal handlers give way to the
+    ones before them), its step functions and the data checks
+    (`activation.reset`)."""
+    loop = _LOOP.pop("loop", None)
+    if loop is not None:
+        loop._signals.__exit__(None, None, None)
+    _TRAINS.clear()
+    _SEEN.update(dataset_iterated=False, warned=False)
+
+
+# The summary's name for these loops.
 _KIND = "custom training loop"
-_CALLING = threading.local()
+# The step functions (called at the top, eagerly: `StepState.step_function`)
+# inside which an update was traced or run: training steps.
+_TRAINS: weakref.WeakSet = weakref.WeakSet()
 
 
 def _is_eager_step() -> bool:
     """At an update: whether it ends a step by itself (eager, outside any
     step function); inside one, marks that function as a training step."""
-    function = getattr(_CALLING, "function", None)
+    function = step_state.current().step_function
     if function is not None:
-        function._td_trains = True
+        _TRAINS.add(function)
         return False
     return tf.executing_eagerly()
 
@@ -233,12 +244,9 @@ def _call_as_step(original: Any, function: Any, args: tuple, kwargs: dict) -> An
     """A top-level call of a step function: a step of the summary when the
     function updates the optimizer."""
     started = time.perf_counter()
-    _CALLING.function = function
-    try:
+    with step_state.within(step_function=function):
         result = original(function, *args, **kwargs)
-    finally:
-        _CALLING.function = None
-    if getattr(function, "_td_trains", False):
+    if function in _TRAINS:
         batch = loop_summary.batch_size(tf.nest.flatten((args, kwargs)))
         loop_summary.step_ended(_KIND, batch=batch, started=started)
     return result
@@ -246,17 +254,18 @@ def _call_as_step(original: Any, function: Any, args: tuple, kwargs: dict) -> An
 
 def _wrap_function_call(original: Any) -> Any:
     def __call__(self, *args, **kwargs):
+        state = step_state.current()
         if (
-            common.distributed()
+            world.get().distributed
             and tf.executing_eagerly()
-            and not common.is_set("fitting")
-            and getattr(_CALLING, "function", None) is None
+            and not state.fitting
+            and state.step_function is None
         ):
             result = _call_as_step(original, self, args, kwargs)
         else:
             result = original(self, *args, **kwargs)
         loop = _LOOP.get("loop")
-        if loop is not None and tf.executing_eagerly() and not common.is_set("fitting"):
+        if loop is not None and tf.executing_eagerly() and not step_state.current().fitting:
             loop.after_updates()
         return result
 

@@ -25,7 +25,7 @@ from transparent_dist.core import config, log, world
 from transparent_dist.tf import inputs as tf_inputs
 from transparent_dist.tf.inputs.plan import DEFAULT_BATCH_SIZE
 
-__all__ = ["Batch", "describe", "line", "say"]
+__all__ = ["Batch", "describe", "line", "reset", "say"]
 
 # Kinds whose batches the plugin makes from rows (TD_BATCH_SIZE applies).
 _ROWS = ("arrays", "file", "rank rows")
@@ -173,6 +173,12 @@ def _hint(batch: Batch) -> str:
 
 _SAID: set[str] = set()
 _HINTED: dict[str, bool] = {"done": False}
+
+
+def reset() -> None:
+    """Forgets the lines said and the hint given (`activation.reset`)."""
+    _SAID.clear()
+    _HINTED["done"] = False
 
 
 def say(batch: Batch, steps: int | None) -> None:

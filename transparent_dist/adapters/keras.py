@@ -31,23 +31,35 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 from transparent_dist.adapters import (
-    common,
+    calls,
     custom_loops,
     keras_callbacks,
     keras_identity,
+    root_output,
     step_counts,
 )
-from transparent_dist.core import checkpoint, config, log, output, patching, preemption, world
+from transparent_dist.core import (
+    checkpoint,
+    config,
+    log,
+    output,
+    patching,
+    preemption,
+    step_state,
+    world,
+)
 from transparent_dist.tf import broadcast, exchange
 from transparent_dist.tf import inputs as tf_inputs
 
 __all__ = [
     "Framework",
     "callbacks_of",
+    "epoch_lengths",
     "fitting",
     "update",
     "wrap_evaluate",
@@ -123,10 +135,11 @@ def callbacks_of(module: Any) -> dict[str, Any]:
 
 def fitting() -> bool:
     """Whether this thread is inside a patched `fit`."""
-    return common.is_set("fitting")
+    return step_state.current().fitting
 
 
-_distributed = common.distributed
+def _distributed() -> bool:
+    return world.get().distributed
 
 
 # ------------------------------------------------------------ the update
@@ -142,7 +155,7 @@ def update(optimizer: Any, grads: list, variables: list, apply: Callable[[list],
     if in_loop:
         custom_loops.warn_if_loop_data_is_whole()
     averaged = exchange.average(grads)
-    with common.flag("applying"):
+    with step_state.within(applying=True):
         if in_loop:
             return custom_loops.applied(optimizer, variables, lambda: apply(averaged))
         return apply(averaged)
@@ -222,17 +235,27 @@ def _shard_validation(fw: Framework, a: dict, batch_size: Any) -> bool:
     return whole
 
 
+# A resumed dataset (`_skip_first`) -> (its resumed epoch's length, a full
+# epoch's length).
+_EPOCH_LENGTHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def epoch_lengths(dataset: Any) -> tuple[int, int] | None:
+    """(resumed epoch, full epoch) lengths of a dataset `_skip_first` made,
+    for `Framework.exact_epochs_after_resume`; None for any other."""
+    return None if dataset is None else _EPOCH_LENGTHS.get(dataset)
+
+
 def _skip_first(dataset: Any, skip: Any) -> Any:
     """`dataset` less its first `skip` batches, `skip` read afresh at every
-    epoch's iterator (the resumed epoch skips what it had done). The
-    lengths (resumed epoch, full epoch) ride on it for
-    `Framework.exact_epochs_after_resume`."""
+    epoch's iterator (the resumed epoch skips what it had done); its
+    lengths are `epoch_lengths`."""
     import tensorflow as tf
 
     resumed = tf.data.Dataset.range(1).flat_map(lambda _: dataset.skip(skip))
     full = int(dataset.cardinality())
     if full > 0:
-        resumed._td_epoch_lengths = (full - int(skip.numpy()), full)
+        _EPOCH_LENGTHS[resumed] = (full - int(skip.numpy()), full)
     return resumed
 
 
@@ -265,11 +288,11 @@ def wrap_fit(fw: Framework) -> Callable[[Any], Any]:
         def fit(self, *args, **kwargs):
             if fitting():
                 return original(self, *args, **kwargs)
-            a = common.bind(original, self, args, kwargs)
+            a = calls.bind(original, self, args, kwargs)
             if _pass_through(a, fit=True):
                 return original(self, *args, **kwargs)
-            common.enter_phase("fit", a)
-            common.agree_on_compile(self)
+            calls.enter_phase("fit", a)
+            calls.agree_on_compile(self)
             _turn_off_xla(fw, self)
             x, y, sample_weight, batch_size = a["x"], a["y"], a["sample_weight"], a["batch_size"]
             data = tf_inputs.classify(x, y, sample_weight, fw.arrays)
@@ -300,20 +323,20 @@ def wrap_fit(fw: Framework) -> Callable[[Any], Any]:
             made = keras_callbacks.for_framework(fw)
             extra = (made.FitStart(data, batch_size),)
             extra += () if checkpointer is None else (checkpointer,)
-            common.output_on_root_only(a, made.for_this_rank(a["callbacks"], True, extra))
+            root_output.output_on_root_only(a, made.for_this_rank(a["callbacks"], True, extra))
             resuming = checkpointer is not None and checkpointer.skip is not None
             with (
-                common.flag("fitting"),
-                common.flag("own_train_step")
-                if fw.own_train_step(self)
-                else contextlib.nullcontext(),
+                step_state.within(
+                    fitting=True,
+                    own_train_step=bool(fw.own_train_step(self)),
+                    whole_validation=whole_validation,
+                ),
                 fw.exact_epochs_after_resume() if resuming else contextlib.nullcontext(),
-                common.flag("whole_validation") if whole_validation else contextlib.nullcontext(),
                 preemption.handling_signals()
                 if checkpointer is not None
                 else contextlib.nullcontext(),
             ):
-                return common.call(original, a)
+                return calls.call(original, a)
 
         return fit
 
@@ -323,9 +346,9 @@ def wrap_fit(fw: Framework) -> Callable[[Any], Any]:
 def _call_on_this_rank(fw: Framework, original: Any, a: dict) -> Any:
     """`evaluate` / `predict` with this rank's callbacks and output."""
     made = keras_callbacks.for_framework(fw)
-    common.output_on_root_only(a, made.for_this_rank(a["callbacks"]))
-    with common.flag("keras_call"):
-        return common.call(original, a)
+    root_output.output_on_root_only(a, made.for_this_rank(a["callbacks"]))
+    with step_state.within(keras_call=True):
+        return calls.call(original, a)
 
 
 def wrap_evaluate(fw: Framework) -> Callable[[Any], Any]:
@@ -333,13 +356,15 @@ def wrap_evaluate(fw: Framework) -> Callable[[Any], Any]:
         def evaluate(self, *args, **kwargs):
             if fitting() or kwargs.get("_use_cached_eval_dataset"):
                 # fit's validation, taken whole by every rank: rank 0's states.
-                whole = kwargs.get("_use_cached_eval_dataset") and common.is_set("whole_validation")
+                whole = (
+                    kwargs.get("_use_cached_eval_dataset") and step_state.current().whole_validation
+                )
                 with fw.root_counts() if whole else contextlib.nullcontext():
                     return original(self, *args, **kwargs)
-            a = common.bind(original, self, args, kwargs)
+            a = calls.bind(original, self, args, kwargs)
             if _pass_through(a):
                 return original(self, *args, **kwargs)
-            common.enter_phase("evaluate", a)
+            calls.enter_phase("evaluate", a)
             _turn_off_xla(fw, self)
             data = tf_inputs.classify(a["x"], a["y"], a["sample_weight"], fw.arrays)
             batch_size = a["batch_size"]
@@ -359,10 +384,10 @@ def wrap_evaluate(fw: Framework) -> Callable[[Any], Any]:
 def wrap_predict(fw: Framework) -> Callable[[Any], Any]:
     def wrap(original: Any) -> Any:
         def predict(self, *args, **kwargs):
-            a = common.bind(original, self, args, kwargs)
+            a = calls.bind(original, self, args, kwargs)
             if _pass_through(a):
                 return original(self, *args, **kwargs)
-            common.enter_phase("predict", a)
+            calls.enter_phase("predict", a)
             _turn_off_xla(fw, self)
             data = tf_inputs.classify(a["x"], None, None, fw.arrays)
             plan = tf_inputs.plan_for(a["batch_size"])
@@ -372,7 +397,7 @@ def wrap_predict(fw: Framework) -> Callable[[Any], Any]:
             outputs = _call_on_this_rank(fw, original, a)
             if not gather:
                 return outputs
-            return common.gathered_rows(outputs)
+            return calls.gathered_rows(outputs)
 
         return predict
 

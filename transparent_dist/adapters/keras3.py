@@ -50,15 +50,17 @@ from keras.src.trainers.data_adapters.array_data_adapter import (
 )
 from keras.src.trainers.trainer import Trainer
 
-from transparent_dist.adapters import common, keras_pydataset, keras_steps
 from transparent_dist.adapters import keras as adapter
-from transparent_dist.core import log, patching, world
+from transparent_dist.adapters import keras_pydataset, keras_steps, root_output
+from transparent_dist.core import log, patching, step_state, world
 from transparent_dist.tf import exchange
 from transparent_dist.tf import inputs as tf_inputs
 
 __all__ = ["FRAMEWORK", "install"]
 
-_distributed = common.distributed
+
+def _distributed() -> bool:
+    return world.get().distributed
 
 
 # ------------------------------------------------------------ the description
@@ -103,8 +105,8 @@ def _learning_rate(optimizer: Any) -> Any:
 
 
 def _silence_backup(callback: Any) -> None:
-    callback._save_model = common.no_op
-    callback.on_train_end = common.no_op
+    callback._save_model = root_output.no_op
+    callback.on_train_end = root_output.no_op
 
 
 def _build_before_training(model: Any, data: Any) -> None:
@@ -135,8 +137,7 @@ def _exact_epochs_after_resume() -> Iterator[None]:
 
     class ResumedEpochIterator(original):
         def _lengths(self):
-            dataset = getattr(self.data_adapter, "_dataset", None)
-            return getattr(dataset, "_td_epoch_lengths", None)
+            return adapter.epoch_lengths(getattr(self.data_adapter, "_dataset", None))
 
         def reset(self):
             super().reset()
@@ -212,7 +213,7 @@ FRAMEWORK = adapter.Framework(
 
 def _wrap_apply(original: Any) -> Any:
     def apply(self, grads, trainable_variables=None):
-        if not _distributed() or common.is_set("applying"):
+        if not _distributed() or step_state.current().applying:
             return original(self, grads, trainable_variables)
         grads = list(grads)
         if not grads:
@@ -243,13 +244,14 @@ def _wrap_scale_loss(original: Any) -> Any:
         # under dynamic loss scaling (mixed float16): dividing by N there
         # would push small float16 gradients N times closer to underflow,
         # which is what the loss scale exists to prevent.
+        state = step_state.current()
         if (
-            not (adapter.fitting() and common.is_set("own_train_step"))
-            or common.is_set("scaling")
+            not (state.fitting and state.own_train_step)
+            or state.scaling
             or isinstance(self, LossScaleOptimizer)
         ):
             return loss
-        with common.flag("scaling"):
+        with step_state.within(scaling=True):
             return exchange.divide_loss(loss)
 
     return scale_loss
@@ -271,7 +273,7 @@ def _wrap_get_metrics_result(original: Any) -> Any:
     def get_metrics_result(self):
         # Inside a step the logs are made global by the step wrapper, in
         # one exchange with the step's other log values.
-        if not _distributed() or in_stateless_scope() or common.is_set("in_step"):
+        if not _distributed() or in_stateless_scope() or step_state.current().in_step:
             return original(self)
         return keras_steps.global_metric_results(self.metrics)
 
@@ -282,7 +284,7 @@ def _wrap_draw_seed(original: Any) -> Any:
     def draw_seed(seed):
         drawn = original(seed)
         if (
-            common.is_set("in_step")
+            step_state.current().in_step
             and (seed is None or isinstance(seed, SeedGenerator))
             and world.get().size > 1
         ):
@@ -301,9 +303,9 @@ def _wrap_draw_seed(original: Any) -> Any:
 
 def install() -> None:
     """Installs the Keras 3 patches (idempotent)."""
-    for cls in common.classes_defining([BaseOptimizer], "apply"):
+    for cls in patching.classes_defining([BaseOptimizer], "apply"):
         patching.wrap(cls, "apply", _wrap_apply)
-    for cls in common.classes_defining([BaseOptimizer], "scale_loss"):
+    for cls in patching.classes_defining([BaseOptimizer], "scale_loss"):
         patching.wrap(cls, "scale_loss", _wrap_scale_loss)
     patching.wrap(TensorFlowTrainer, "_make_function", _wrap_make_function)
     patching.wrap(Trainer, "_compute_loss", adapter.wrap_compute_loss)

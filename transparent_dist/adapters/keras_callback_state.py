@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import weakref
 from typing import Any
 
 import numpy as np
@@ -173,6 +174,11 @@ def _matching(callbacks: list, index: str, entry: dict, say: bool = True) -> Any
     return callback
 
 
+# CSVLogger -> its own `append`, while `prepare` has it append on resume
+# (until `restore`).
+_APPEND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def prepare(callbacks: list, meta: dict) -> None:
     """Before the callbacks' own `on_train_begin` on resume: each
     CSVLogger's file back to its length at the checkpoint, appended to."""
@@ -182,7 +188,7 @@ def prepare(callbacks: list, meta: dict) -> None:
         callback = _matching(callbacks, index, entry, say=False)
         if callback is None:
             continue
-        callback._td_append = callback.append
+        _APPEND[callback] = callback.append
         callback.append = True  # the rows of the epochs done are in the file already
         if "file" in entry and world.get().is_root:  # where CSVLogger writes
             _cut_back(callback.filename, entry["file"])
@@ -223,8 +229,8 @@ def restore(callbacks: list, meta: dict, arrays: list[np.ndarray]) -> None:
                 setattr(callback, attribute, value)
         for attribute, (start, count) in entry.get("arrays", {}).items():
             setattr(callback, attribute, list(arrays[start : start + count]))
-        if hasattr(callback, "_td_append"):
-            callback.append = callback.__dict__.pop("_td_append")
+        if callback in _APPEND:
+            callback.append = _APPEND.pop(callback)
 
 
 def restore_history(model: Any, saved: dict | None) -> None:
@@ -264,9 +270,7 @@ class Watch:
     @staticmethod
     def _look(callback: Any) -> dict[str, str | None]:
         return {
-            name: _summary(value)
-            for name, value in vars(callback).items()
-            if name not in _WIRING and not name.startswith("_td_")
+            name: _summary(value) for name, value in vars(callback).items() if name not in _WIRING
         }
 
     def changed(self) -> list[str]:

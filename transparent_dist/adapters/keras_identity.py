@@ -13,7 +13,7 @@ may change between the runs of one job:
   Keras numbers them per process, "dense_1");
 - the compile settings: optimizer class and hyperparameters (the learning
   rate as compiled, before any callback changes it), loss, metrics
-  (`common.compile_settings`, the same values the ranks compare);
+  (`calls.compile_settings`, the same values the ranks compare);
 - the data: its kind, sample count, per-sample shapes and dtypes and a
   hash of a few rows spread over it (for arrays and files: another file of
   the same shape differs there); a dataset's element spec and length.
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from transparent_dist.adapters import common
+from transparent_dist.adapters import calls
 
 __all__ = ["of_fit"]
 
@@ -99,7 +99,7 @@ def of_fit(framework: Any, model: Any, data: Any, epochs: int) -> tuple[dict, di
     identity = {
         "framework": framework.name,
         "model": _model(model),
-        "compile": common.compile_settings(model),
+        "compile": calls.compile_settings(model),
         "data": described,
     }
     limits = {"epochs": int(epochs)}

@@ -48,8 +48,7 @@ import keras
 import tensorflow as tf
 from keras import tree
 
-from transparent_dist.adapters import common
-from transparent_dist.core import world
+from transparent_dist.core import step_state, world
 from transparent_dist.tf import broadcast, exchange
 
 __all__ = ["counted_on_root_only", "global_metric_results", "wrap_step"]
@@ -107,7 +106,7 @@ def global_metric_results(metrics: list[Any]) -> dict[str, Any]:
     """The results of `metrics` over the ranks' summed states, keyed as
     Keras's `get_metrics_result` keys them."""
     metrics = broadcast.unique(list(metrics))
-    variables = common.metric_variables(metrics)
+    variables = broadcast.metric_variables(metrics)
     counted = tf.convert_to_tensor(_counted())
     summed = exchange.sum_over_ranks([_counted_part(v, counted) for v in variables])
     by_id = {id(v): s for v, s in zip(variables, summed, strict=True)}
@@ -257,7 +256,7 @@ def _global_logs(logs: Any, recorded: dict, count: Any, once: dict | None = None
         elif tf.is_tensor(leaf) and leaf.dtype.is_floating:
             others.append(index)
     metrics = broadcast.unique(metrics)
-    variables = common.metric_variables(metrics)
+    variables = broadcast.metric_variables(metrics)
     n = tf.cast(count, tf.float32)
     counted = tf.convert_to_tensor(_counted())
     weight = n * counted
@@ -301,7 +300,7 @@ def wrap_step(model: Any, step_function: Any) -> Any:
         count = tf.shape(first)[0]
         with (
             exchange.step(count),
-            common.flag("in_step"),
+            step_state.within(in_step=True),
             _recording_results(model.metrics) as recorded,
             _recording_once_per_step(model.metrics, count) as once,
         ):

@@ -16,7 +16,7 @@ step_counts.scaled(60, step_counts.Pass(None, None), size=3)                    
 ```
 
 Every number used is one every rank holds alike (the counts were agreed
-by `sequence.enter`, the lengths by the sharding), so no collective is
+by `phases.enter`, the lengths by the sharding), so no collective is
 added.
 """
 

@@ -35,18 +35,31 @@ tf1.install()      # idempotent; transparent_dist's import hook calls it
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
-from transparent_dist.adapters import common
-from transparent_dist.core import log, loop_summary, output, patching, preemption, world
+from transparent_dist.core import (
+    collectives,
+    log,
+    loop_summary,
+    output,
+    patching,
+    preemption,
+    step_state,
+    world,
+)
 from transparent_dist.tf import broadcast, exchange, internals
 
-__all__ = ["install"]
+__all__ = ["install", "reset"]
 
-_distributed = common.distributed
+
+def _distributed() -> bool:
+    return world.get().distributed
+
+
 # The name of these loops in the end-of-script summary.
 _KIND = "TF1 session loop"
 
@@ -54,11 +67,11 @@ _KIND = "TF1 session loop"
 def _wrap_apply_gradients(original: Any) -> Any:
     def apply_gradients(self, grads_and_vars, global_step=None, name=None):
         # Wrapping optimizers call their inner one's: average once.
-        if not _distributed() or common.is_set("applying"):
+        if not _distributed() or step_state.current().applying:
             return original(self, grads_and_vars, global_step=global_step, name=name)
         pairs = list(grads_and_vars)
         averaged = exchange.average([g for g, _ in pairs])
-        with common.flag("applying"):
+        with step_state.within(applying=True):
             train_op = original(
                 self,
                 list(zip(averaged, [v for _, v in pairs], strict=True)),
@@ -147,7 +160,7 @@ def _check_feeds(fetches: Any, feed_dict: Any) -> None:
         return
     _FED["checked"] = True
     digest = _digest([_digest(v) for v in feed_dict.values()])
-    if len(set(world.get().comm.allgather(digest))) == 1:
+    if len(set(collectives.allgather_object(digest, world.get().comm))) == 1:
         log.info(
             "WARNING: every rank fed the same values to the first training step of "
             "this TF1 session loop: each rank trains on all of the data, so N ranks "
@@ -159,7 +172,7 @@ def _check_feeds(fetches: Any, feed_dict: Any) -> None:
 
 def _wrap_session_run(original: Any) -> Any:
     def run(self, fetches, feed_dict=None, *args, **kwargs):
-        if not _TRAIN_OPS or common.is_set("in_session_step") or not _trains(fetches):
+        if not _TRAIN_OPS or step_state.current().in_session_step or not _trains(fetches):
             return original(self, fetches, feed_dict, *args, **kwargs)
         _check_feeds(fetches, feed_dict)
         started = time.perf_counter()
@@ -168,7 +181,7 @@ def _wrap_session_run(original: Any) -> Any:
         if steps is None:
             result = original(self, fetches, feed_dict, *args, **kwargs)
         else:
-            with common.flag("in_session_step"):
+            with step_state.within(in_session_step=True):
                 result = original(self, steps.fetches(fetches), feed_dict, *args, **kwargs)
                 steps.after_step()
         if not replayed:
@@ -189,15 +202,19 @@ def _wrap_variables_initializer(original: Any) -> Any:
     return variables_initializer
 
 
+# Saver -> the op that sets every global variable to rank 0's value after it
+# restores.
+_RESTORE_BROADCASTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _wrap_saver_init(original: Any) -> Any:
     def __init__(self, *args, **kwargs):
         original(self, *args, **kwargs)
         # Built now: a MonitoredSession finalizes the graph before restoring.
-        self._td_broadcast = None
         if _distributed() and not tf.executing_eagerly():
             variables = tf.compat.v1.global_variables()
             if variables:
-                self._td_broadcast = broadcast.in_graph(variables)
+                _RESTORE_BROADCASTS[self] = broadcast.in_graph(variables)
 
     return __init__
 
@@ -205,8 +222,9 @@ def _wrap_saver_init(original: Any) -> Any:
 def _wrap_restore(original: Any) -> Any:
     def restore(self, sess, save_path):
         result = original(self, sess, save_path)
-        if getattr(self, "_td_broadcast", None) is not None:
-            sess.run(self._td_broadcast)
+        op = _RESTORE_BROADCASTS.get(self)
+        if op is not None:
+            sess.run(op)
         return result
 
     return restore
@@ -266,9 +284,21 @@ def _wrap_monitored_training_session(original: Any) -> Any:
     return MonitoredTrainingSession
 
 
+def reset() -> None:
+    """Forgets the sessions, train ops and the feed check
+    (`activation.reset`); a session's checkpoint signal handlers, held for
+    the rest of the process, give way to the ones before them."""
+    for preemptible in reversed([p for p in _SESSIONS.values() if p is not None]):
+        preemptible._signals.__exit__(None, None, None)
+    _SESSIONS.clear()
+    _TRAIN_OPS.clear()
+    _SKIPS.clear()
+    _FED["checked"] = False
+
+
 def install() -> None:
     """Installs the TF1 patches (idempotent)."""
-    for cls in common.classes_defining([internals.v1_optimizer.Optimizer], "apply_gradients"):
+    for cls in patching.classes_defining([internals.v1_optimizer.Optimizer], "apply_gradients"):
         patching.wrap(cls, "apply_gradients", _wrap_apply_gradients)
     patching.wrap_everywhere(
         internals.variables.variables_initializer, _wrap_variables_initializer, "tensorflow"

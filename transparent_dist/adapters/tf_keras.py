@@ -21,6 +21,7 @@ sharded (each rank uses all of it).
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,17 +33,19 @@ from tf_keras.src.optimizers import optimizer as new_optimizer
 from tf_keras.src.optimizers.legacy import optimizer_v2
 from tf_keras.src.saving import saving_api
 
-from transparent_dist.adapters import common
 from transparent_dist.adapters import keras as adapter
-from transparent_dist.core import patching
-from transparent_dist.tf import exchange
+from transparent_dist.adapters import root_output
+from transparent_dist.core import patching, step_state, world
+from transparent_dist.tf import broadcast, exchange
 from transparent_dist.tf import inputs as tf_inputs
 
 __all__ = ["FRAMEWORK", "install"]
 
 Model = training_module.Model
 
-_distributed = common.distributed
+
+def _distributed() -> bool:
+    return world.get().distributed
 
 
 # ------------------------------------------------------------ the description
@@ -85,7 +88,7 @@ def _learning_rate(optimizer: Any) -> Any:
 
 def _silence_backup(callback: Any) -> None:
     # It restores in on_train_begin; it writes and deletes in these.
-    callback.on_epoch_end = callback.on_train_end = callback.on_train_batch_end = common.no_op
+    callback.on_epoch_end = callback.on_train_end = callback.on_train_batch_end = root_output.no_op
 
 
 @contextlib.contextmanager
@@ -97,18 +100,20 @@ def _exact_epochs_after_resume() -> Iterator[None]:
     the handler: so it is set when the first epoch's steps begin)."""
     handler = data_adapter.DataHandler
     configure, steps = handler._configure_dataset_and_inferred_steps, handler.steps
+    # Handler -> the step its first epoch starts at, until that epoch starts.
+    first_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def configure_lengths(self, *args, **kwargs):
         configure(self, *args, **kwargs)
-        lengths = getattr(getattr(self._adapter, "_dataset", None), "_td_epoch_lengths", None)
+        lengths = adapter.epoch_lengths(getattr(self._adapter, "_dataset", None))
         if lengths is not None:
             self._inferred_steps = lengths[1]
-            self._td_first_step = lengths[1] - lengths[0]
+            first_steps[self] = lengths[1] - lengths[0]
 
     def steps_from_resumed(self):
-        first = getattr(self, "_td_first_step", 0)
+        first = first_steps.pop(self, 0)
         if first:
-            self._initial_step, self._td_first_step = first, 0
+            self._initial_step = first
         yield from steps(self)
 
     handler._configure_dataset_and_inferred_steps = configure_lengths
@@ -143,7 +148,7 @@ FRAMEWORK = adapter.Framework(
 
 def _wrap_apply_gradients(original: Any) -> Any:
     def apply_gradients(self, grads_and_vars, *args, **kwargs):
-        if not _distributed() or common.is_set("applying"):
+        if not _distributed() or step_state.current().applying:
             return original(self, grads_and_vars, *args, **kwargs)
         pairs = list(grads_and_vars)
         variables = [v for _, v in pairs]
@@ -162,6 +167,10 @@ def _wrap_apply_gradients(original: Any) -> Any:
 # ------------------------------------------------------------ steps, metrics
 
 
+# The step functions `_with_sample_count` made (a model's step is wrapped once).
+_COUNTED: weakref.WeakSet = weakref.WeakSet()
+
+
 def _with_sample_count(step: Any) -> Any:
     def step_with_sample_count(data):
         x, _, _ = data_adapter.unpack_x_y_sample_weight(data)
@@ -169,14 +178,14 @@ def _with_sample_count(step: Any) -> Any:
         with exchange.step(tf.shape(first)[0]):
             return step(data)
 
-    step_with_sample_count._td_counted = True
+    _COUNTED.add(step_with_sample_count)
     return step_with_sample_count
 
 
 def _wrap_make_function(original: Any, step_name: str) -> Any:
     def make_function(self, force=False):
         step = getattr(self, step_name)
-        if _distributed() and not getattr(step, "_td_counted", False):
+        if _distributed() and step not in _COUNTED:
             # The step function looks `train_step` up on the model when it is
             # traced: an instance attribute wraps it, overrides included.
             object.__setattr__(self, step_name, _with_sample_count(step))
@@ -189,7 +198,7 @@ def _wrap_get_metrics_result(original: Any) -> Any:
     def get_metrics_result(self):
         if not _distributed():
             return original(self)
-        variables = common.metric_variables(self.metrics)
+        variables = broadcast.metric_variables(self.metrics)
         if not variables:
             return original(self)
         # tf_keras metrics have no stateless result: read the local state,
@@ -209,7 +218,7 @@ def _wrap_get_metrics_result(original: Any) -> Any:
 
 def install() -> None:
     """Installs the tf_keras patches (idempotent)."""
-    for cls in common.classes_defining(
+    for cls in patching.classes_defining(
         [new_optimizer._BaseOptimizer, optimizer_v2.OptimizerV2], "apply_gradients"
     ):
         patching.wrap(cls, "apply_gradients", _wrap_apply_gradients)

@@ -261,8 +261,8 @@ def load_latest(
 def load_agreed(directory: str) -> tuple[list[np.ndarray], dict] | None:
     """`load_latest` decided by rank 0 and loaded by every rank: all ranks
     resume from the same checkpoint. Says which were skipped and why."""
-    from transparent_dist.core import log, world
-    from transparent_dist.core.errors import together
+    from transparent_dist.core import collectives, log, world
+    from transparent_dist.core.collectives import together
 
     w = world.get()
     skipped: list[str] = []
@@ -270,7 +270,7 @@ def load_agreed(directory: str) -> tuple[list[np.ndarray], dict] | None:
         state = load_latest(directory, skipped) if w.is_root else None
         path = state[1]["path"] if state is not None else None
         if w.size > 1:
-            path = w.comm.bcast(path, root=0)
+            path = collectives.broadcast_object(path, w.comm)
             if not w.is_root and path is not None:
                 state = load(path)
     for reason in skipped:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from transparent_dist.core import stall
+from transparent_dist.core import collectives
 
 __all__ = ["offsets"]
 
@@ -38,10 +38,9 @@ SAME_HOST_IS_SAME_CLOCK = True
 def offsets(comm: Any) -> list[float] | None:
     """On rank 0, each rank's clock minus rank 0's, in seconds (0 for rank 0
     and ranks on its host); None on the other ranks."""
-    stall.arrive("gather")
     # Rank 0's flag decides for all: every rank must agree who answers.
-    seen = comm.allgather((socket.gethostname(), SAME_HOST_IS_SAME_CLOCK))
-    rank = comm.Get_rank()
+    seen = collectives.allgather_object((socket.gethostname(), SAME_HOST_IS_SAME_CLOCK), comm)
+    rank = collectives.rank_of(comm)
     (host0, shortcut), hosts = seen[0], [host for host, _ in seen]
     remote = [r for r, host in enumerate(hosts) if r and (host != host0 or not shortcut)]
     if rank == 0:
@@ -62,8 +61,8 @@ def _measure(comm: Any, peer: int) -> float:
     best = (float("inf"), 0.0)
     for _ in range(_ROUNDS):
         sent = time.perf_counter()
-        comm.Send(ping, dest=peer, tag=_TAG)
-        comm.Recv(answer, source=peer, tag=_TAG)
+        collectives.send(ping, peer, _TAG, comm)
+        collectives.recv(answer, peer, _TAG, comm)
         received = time.perf_counter()
         trip = received - sent
         if trip < best[0]:
@@ -75,5 +74,5 @@ def _answer(comm: Any) -> None:
     """A remote rank's side: its clock's reading, once per ping."""
     ping = np.zeros(1)
     for _ in range(_ROUNDS):
-        comm.Recv(ping, source=0, tag=_TAG)
-        comm.Send(np.array([time.perf_counter()]), dest=0, tag=_TAG)
+        collectives.recv(ping, 0, _TAG, comm)
+        collectives.send(np.array([time.perf_counter()]), 0, _TAG, comm)

@@ -7,8 +7,21 @@ a, b = collectives.allreduce_average([np.ones(3, "f4"), np.ones((2, 2), "f4")],
                                      weight=1.0, comm=world.get().comm)
 ```
 
-Everything here moves raw buffers (`Allreduce`, `Bcast`, `Allgatherv` on numpy
-memory), never pickles, except the small agreement checks. Arrays of one
+Every MPI call of the plugin is made here, on a communicator passed
+explicitly (`world.get().comm`, `data_comm`, `control_comm`), and every
+collective tells the stall watchdog it is entered (`progress.arrive`), except
+on the data communicator: its collectives run on tf.data threads, which
+prefetch as far ahead as each rank's buffers let them, so they are no part
+of the one sequence every rank's collectives must follow (a stuck data thread
+shows as its rank late in the next training collective). Point-to-point
+messages (`send`, `recv`, `isend`) are not counted: ranks make different
+numbers of them, inside a counted collective or on the watchdog's own
+communicator.
+
+The hot path moves raw buffers (`Allreduce`, `Bcast`, `Allgatherv` on numpy
+memory), never pickles; the small object collectives (`allgather_object`,
+`broadcast_object`, `gather_object`) pickle, and are for agreement checks and
+end-of-run summaries. Arrays of one
 dtype are fused into one contiguous buffer so a step costs one MPI call per
 dtype, not one per variable. Fusion buffers are kept between calls (two per
 layout, used in turn, so the arrays handed back from one step are never
@@ -17,24 +30,40 @@ overwritten while that step can still read them).
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from transparent_dist.core import stall, timeline
+from transparent_dist.core import progress, timeline, world
 from transparent_dist.core.errors import CollectiveError
 
 __all__ = [
+    "allgather_object",
     "allgather_records",
     "allgather_rows",
     "allreduce_average",
+    "allreduce_in_place",
     "allreduce_sum",
     "allreduce_sum_array",
     "any_flags",
+    "barrier",
     "broadcast",
+    "broadcast_object",
     "check_agreement",
+    "completed",
+    "gather_object",
+    "isend",
+    "native_handles",
+    "probe",
+    "rank_of",
+    "recv",
+    "send",
+    "size_of",
+    "together",
+    "reset",
 ]
 
 # Dtypes MPI reduces natively; 16-bit floats (gradient compression) are
@@ -91,6 +120,23 @@ class _FusionBuffers:
 _BUFFERS = _FusionBuffers()
 
 
+def reset() -> None:
+    """Forgets the fusion buffers and the 16-bit sum operations
+    (`activation.reset`). Arrays handed out earlier stay valid (numpy keeps
+    their memory); the operations are dropped, not freed, since a
+    collective on another thread could still be using one."""
+    global _BUFFERS
+    _BUFFERS = _FusionBuffers()
+    _HALF_OPS.clear()
+
+
+def _arrive(label: str, comm: Any) -> None:
+    """Counts a collective on `comm` for the watchdog (not on the data
+    communicator: see the module's docstring)."""
+    if comm is None or comm is not world.get().data_comm:
+        progress.arrive(label)
+
+
 def _exchange_dtype(dtype: np.dtype) -> np.dtype:
     if dtype in _REDUCIBLE or _half_name(dtype):
         return dtype
@@ -111,7 +157,7 @@ def _reduce_fused(
 ) -> list[np.ndarray]:
     from mpi4py import MPI
 
-    stall.arrive("gradient exchange" if weight is not None else "metric reduction")
+    _arrive("gradient exchange" if weight is not None else "metric reduction", comm)
     started = time.perf_counter()
     groups = _groups(arrays)
     share = None
@@ -195,7 +241,7 @@ def allreduce_sum(arrays: Sequence[np.ndarray], comm: Any) -> list[np.ndarray]:
 def broadcast(arrays: Sequence[np.ndarray], comm: Any, root: int = 0) -> list[np.ndarray]:
     """Rank `root`'s arrays on every rank, in one `Bcast` of raw bytes
     (so any dtype, bfloat16 and int64 counters included, travels as is)."""
-    stall.arrive("broadcast")
+    _arrive("broadcast", comm)
     arrays = [np.asarray(a, order="C") for a in arrays]
     sizes = [a.nbytes for a in arrays]
     buf = np.empty(sum(sizes), np.uint8)
@@ -216,7 +262,7 @@ def broadcast(arrays: Sequence[np.ndarray], comm: Any, root: int = 0) -> list[np
 def allgather_rows(array: np.ndarray, comm: Any) -> np.ndarray:
     """The concatenation, in rank order, of every rank's `array` along axis
     0 (ranks may hold different numbers of rows, zero included)."""
-    stall.arrive("gather")
+    _arrive("gather", comm)
     array = np.asarray(array, order="C")
     rows = comm.allgather(int(array.shape[0]))
     row_size = int(np.prod(array.shape[1:], dtype=np.int64))
@@ -232,11 +278,11 @@ def allgather_rows(array: np.ndarray, comm: Any) -> np.ndarray:
     return out
 
 
-def allgather_records(record: np.ndarray, comm: Any) -> np.ndarray:
+def allgather_records(record: np.ndarray, comm: Any, label: str = "gather") -> np.ndarray:
     """Every rank's `record` (a small 1-D array, of the same length and
     dtype on every rank) as rows of one array, in rank order: one
     `Allgather` of raw bytes."""
-    stall.arrive("gather")
+    _arrive(label, comm)
     record = np.ascontiguousarray(record)
     out = np.empty((comm.Get_size(), record.size), record.dtype)
     from mpi4py import MPI
@@ -249,7 +295,7 @@ def allreduce_sum_array(array: np.ndarray, comm: Any) -> np.ndarray:
     """The element-wise sum over ranks of one array, in a new array (not a
     fusion buffer: the result may outlive later calls). 16-bit floats are
     summed as they are; dtypes MPI cannot reduce, in float64."""
-    stall.arrive("gradient exchange")
+    _arrive("gradient exchange", comm)
     from mpi4py import MPI
 
     array = np.ascontiguousarray(array)
@@ -275,10 +321,167 @@ def any_flags(flags: int, comm: Any) -> int:
         return flags
     from mpi4py import MPI
 
-    stall.arrive("agreement check")
+    _arrive("agreement check", comm)
     buf = np.array([flags], np.int32)
     comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.BOR)
     return int(buf[0])
+
+
+def allreduce_in_place(
+    array: np.ndarray, comm: Any, op: str = "sum", label: str = "a collective"
+) -> None:
+    """Reduces a contiguous numpy `array` over ranks in place, by `op`
+    ("sum" or "max")."""
+    from mpi4py import MPI
+
+    _arrive(label, comm)
+    comm.Allreduce(MPI.IN_PLACE, array, op={"sum": MPI.SUM, "max": MPI.MAX}[op])
+
+
+def allgather_object(value: Any, comm: Any, label: str = "gather") -> list[Any]:
+    """Every rank's `value` (small, picklable), in rank order; `[value]`
+    without a communicator."""
+    if comm is None:
+        return [value]
+    _arrive(label, comm)
+    return comm.allgather(value)
+
+
+def gather_object(value: Any, comm: Any, root: int = 0, label: str = "gather") -> list[Any] | None:
+    """Every rank's `value` in rank order on rank `root`, None elsewhere;
+    `[value]` without a communicator."""
+    if comm is None:
+        return [value]
+    _arrive(label, comm)
+    return comm.gather(value, root=root)
+
+
+def broadcast_object(value: Any, comm: Any, root: int = 0, label: str = "broadcast") -> Any:
+    """Rank `root`'s `value` (small, picklable) on every rank; `value`
+    itself without a communicator."""
+    if comm is None:
+        return value
+    _arrive(label, comm)
+    return comm.bcast(value, root=root)
+
+
+def barrier(comm: Any, label: str = "a collective") -> None:
+    """Waits until every rank of `comm` is here (nothing without one)."""
+    if comm is None:
+        return
+    _arrive(label, comm)
+    comm.Barrier()
+
+
+def rank_of(comm: Any) -> int:
+    """This process's rank in `comm`."""
+    return comm.Get_rank()
+
+
+def size_of(comm: Any) -> int:
+    """The number of ranks in `comm`."""
+    return comm.Get_size()
+
+
+def send(array: np.ndarray, dest: int, tag: int, comm: Any) -> None:
+    """Sends a numpy `array` to rank `dest` (point to point: not counted)."""
+    comm.Send(array, dest=dest, tag=tag)
+
+
+def recv(array: np.ndarray, source: int, tag: int, comm: Any) -> None:
+    """Receives into a numpy `array` from rank `source` (not counted)."""
+    comm.Recv(array, source=source, tag=tag)
+
+
+def isend(array: np.ndarray, dest: int, tag: int, comm: Any) -> Any:
+    """Starts sending `array` to `dest` (not counted); the array must live
+    until `completed(request)`."""
+    return comm.Isend(array, dest=dest, tag=tag)
+
+
+def completed(request: Any) -> bool:
+    """Whether a send started by `isend` has completed."""
+    return bool(request.Test())
+
+
+def probe(tag: int, comm: Any) -> int | None:
+    """The rank whose message with `tag` waits to be received, or None (does
+    not wait)."""
+    from mpi4py import MPI
+
+    status = MPI.Status()
+    if comm.Iprobe(source=MPI.ANY_SOURCE, tag=tag, status=status):
+        return status.Get_source()
+    return None
+
+
+def native_handles(comm: Any) -> list[int]:
+    """What compiled code needs to call MPI_Allreduce on `comm` itself, as
+    integers: the addresses of MPI_Allreduce and MPI_Op_create in the MPI
+    library mpi4py loaded, and the handles of `comm`, MPI_FLOAT,
+    MPI_DOUBLE, MPI_UINT16_T, MPI_SUM and MPI_IN_PLACE."""
+    import ctypes
+
+    from mpi4py import MPI
+
+    # dlsym on mpi4py's extension finds the MPI library it is linked to.
+    library = ctypes.CDLL(MPI.__file__)
+
+    def address(name: str) -> int:
+        return ctypes.cast(getattr(library, name), ctypes.c_void_p).value
+
+    return [
+        address("MPI_Allreduce"),
+        address("MPI_Op_create"),
+        MPI._handleof(comm),
+        MPI._handleof(MPI.FLOAT),
+        MPI._handleof(MPI.DOUBLE),
+        MPI._handleof(MPI.UINT16_T),
+        MPI._handleof(MPI.SUM),
+        int(MPI.IN_PLACE),
+    ]
+
+
+@contextlib.contextmanager
+def together(what: str, comm: Any = None) -> Iterator[None]:
+    """Runs the block on every rank; if it raised on any rank, every rank
+    raises a CollectiveError with the first failing rank's message.
+    Collective on `comm` (by default the training communicator).
+
+    ```python
+    with collectives.together(f"reading {path}"):
+        header = read_header(path)    # an OSError on rank 2 -> the same error everywhere
+    ```
+    """
+    w = world.get()
+    comm = w.comm if comm is None else comm
+    error: BaseException | None = None
+    try:
+        yield
+    except (OSError, KeyError, ValueError, IndexError, TypeError) as caught:
+        error = caught
+    if w.size == 1:
+        if error is not None:
+            raise _as_collective(error, what) from error
+        return
+    messages = allgather_object(None if error is None else _message(error, what), comm)
+    failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
+    if failed:
+        rank, message = failed[0]
+        where = "" if len(failed) == w.size else f" (on rank {rank})"
+        raise CollectiveError(message + where) from error
+
+
+def _message(error: BaseException, what: str) -> str:
+    if isinstance(error, CollectiveError):
+        return str(error)
+    if isinstance(error, FileNotFoundError):
+        return f"transparent_dist: {what}: no such file: {error.filename or error}"
+    return f"transparent_dist: {what}: {type(error).__name__}: {error}"
+
+
+def _as_collective(error: BaseException, what: str) -> CollectiveError:
+    return error if isinstance(error, CollectiveError) else CollectiveError(_message(error, what))
 
 
 _SAME_SCRIPT = "every rank must run the same script on data of the same shape"
@@ -291,8 +494,7 @@ def check_agreement(what: str, value: Any, comm: Any, rule: str = _SAME_SCRIPT) 
     without a communicator (a world of size 1)."""
     if comm is None:
         return
-    stall.arrive("agreement check")
-    values = comm.allgather(value)
+    values = allgather_object(value, comm, "agreement check")
     if all(v == values[0] for v in values[1:]):
         return
     differing = [r for r, v in enumerate(values) if v != values[0]]

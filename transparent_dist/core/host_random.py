@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 
-from transparent_dist.core import world
+from transparent_dist.core import collectives, world
 
 __all__ = ["agree"]
 
@@ -37,7 +37,7 @@ def agree() -> None:
     except ImportError:  # pragma: no cover - numpy comes with the stack
         np = None
     states = (random.getstate(), np.random.get_state() if np is not None else None)
-    python_state, numpy_state = w.comm.bcast(states if w.is_root else None, root=0)
+    python_state, numpy_state = collectives.broadcast_object(states if w.is_root else None, w.comm)
     random.setstate(python_state)
     if np is not None and numpy_state is not None:
         np.random.set_state(numpy_state)

@@ -13,9 +13,14 @@ import sys
 
 from transparent_dist.core import config, world
 
-__all__ = ["debug", "info", "warning"]
+__all__ = ["debug", "info", "reset", "warning"]
 
 _SAID: set[str] = set()
+
+
+def reset() -> None:
+    """Forgets which messages were said (`activation.reset`)."""
+    _SAID.clear()
 
 
 def _emit(text: str) -> None:

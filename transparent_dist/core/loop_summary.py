@@ -11,7 +11,7 @@ loop_summary.step_ended("custom training loop", batch=64)   # after each step
 ```
 
 Such a loop has no end the plugin can see, so its summary comes at the end
-of the script: `at_script_end` is called by `sequence`'s end-of-script
+of the script: `at_script_end` is called by `phases`' end-of-script
 check once every rank has passed it (every rank is alive, at its end, and
 MPI is not finalized), so the one gather it makes cannot hang on a rank
 that left or pair with another collective. Timed from the end of the first
@@ -28,9 +28,9 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from transparent_dist.core import log, stall, timeline, timeline_file, world
+from transparent_dist.core import collectives, log, timeline, timeline_file, world
 
-__all__ = ["at_script_end", "batch_size", "step_ended"]
+__all__ = ["at_script_end", "batch_size", "reset", "step_ended"]
 
 
 @dataclasses.dataclass
@@ -62,6 +62,11 @@ class _Tally:
 
 
 _TALLIES: dict[str, _Tally] = {}
+
+
+def reset() -> None:
+    """Forgets the loops' steps so far (`activation.reset`)."""
+    _TALLIES.clear()
 
 
 def step_ended(
@@ -116,10 +121,9 @@ def at_script_end(comm: Any) -> None:
 def _summarize(comm: Any) -> None:
     w = world.get()
     local = {kind: tally.figures() for kind, tally in _TALLIES.items() if tally.first is not None}
-    stall.arrive("gather")
-    gathered = comm.gather(local, root=0)
+    gathered = collectives.gather_object(local, comm)
     said = timeline_file.written()  # a fit's summary line gave the path
-    path = timeline.write(comm)
+    path = timeline_file.write(comm)
     if not w.is_root:
         return
     lines = [_line(kind, [g.get(kind) for g in gathered], w.size) for kind in local]

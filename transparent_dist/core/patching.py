@@ -19,10 +19,10 @@ callable it replaced as `__td_original__`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["is_patched", "original", "undo_all", "wrap", "wrap_everywhere"]
+__all__ = ["classes_defining", "is_patched", "original", "undo_all", "wrap", "wrap_everywhere"]
 
 _MISSING = object()
 # (id(owner), name) -> (owner, name, what owner.__dict__ held before, or _MISSING)
@@ -60,6 +60,18 @@ def wrap_everywhere(function: Any, make_wrapper: Callable[[Any], Any], prefix: s
     for module_name, module in list(sys.modules.items()):
         if module_name.startswith(prefix) and getattr(module, name, None) is function:
             wrap(module, name, make_wrapper)
+
+
+def classes_defining(bases: Iterable[type], name: str) -> list[type]:
+    """`bases` and all their subclasses that define `name` themselves: the
+    classes whose `name` a patch must wrap to cover every subclass."""
+    found, stack = [], list(bases)
+    while stack:
+        cls = stack.pop()
+        if name in vars(cls):
+            found.append(cls)
+        stack.extend(cls.__subclasses__())
+    return found
 
 
 def original(owner: Any, name: str) -> Any:

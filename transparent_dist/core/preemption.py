@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from transparent_dist.core import checkpoint, config, log, run_identity, sequence, world
-from transparent_dist.core.errors import together
+from transparent_dist.core import checkpoint, collectives, config, log, phases, run_identity, world
+from transparent_dist.core.collectives import together
 
 __all__ = [
     "PREEMPTED_STATUS",
@@ -134,7 +134,7 @@ class Service:
             if w.is_root:
                 resume = self._judge(meta, len(arrays), identity, limits, setting)
         if w.size > 1:
-            resume = w.comm.bcast(resume, root=0)
+            resume = collectives.broadcast_object(resume, w.comm)
         return resume
 
     def _judge(
@@ -228,10 +228,10 @@ class Service:
     def step(self, state: State, stopping: bool = False, where: str = "") -> int:
         """One step done (for adapters without a stop agreement of their
         own): counts it, agrees with the other ranks, acts. Returns the
-        agreed flags (`sequence.STOP` set if any rank stops)."""
+        agreed flags (`phases.STOP` set if any rank stops)."""
         self.global_step += 1
         where = where or f"step {self.global_step}"
-        flags = sequence.agree_to_stop(stopping, self.wanted(), where)
+        flags = phases.agree_to_stop(stopping, self.wanted(), where)
         self.after_agreement(flags, state)
         return flags
 
@@ -245,8 +245,7 @@ class Service:
             meta["identity"] = self.identity
         if w.is_root:
             checkpoint.save(self.directory, arrays or [], meta, self.keep)
-        if w.comm is not None:
-            w.comm.Barrier()
+        collectives.barrier(w.comm)
         self._last_save = time.monotonic()
 
 

@@ -17,9 +17,10 @@ killing the rank. A script's own handlers are left alone.
 
 Python runs signal handlers only between bytecodes of the main thread,
 which may be blocked in a collective that will never complete (the other
-ranks wait for this one). So the handlers also wake a listener thread
-through `signal.set_wakeup_fd`; if the main thread has not ended the job
-`_GRACE_SECONDS` after the signal, the listener prints its stack and does.
+ranks wait for this one). So the handlers also write to a pipe
+(`signal.set_wakeup_fd`) that the listener thread (`listener`, started by
+`install`) polls; if the main thread has not ended the job `_GRACE_SECONDS`
+after the signal, the listener prints its stack and does.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import threading
 import time
 from typing import Any
 
-from transparent_dist.core import world
+from transparent_dist.core import listener, stacks, world
 
 __all__ = ["install", "poll", "uninstall"]
 
@@ -93,6 +94,8 @@ def install() -> None:
         os.close(write)
         return
     _STATE["pipe"] = (read, write)
+    listener.register(poll)
+    listener.start()
 
 
 def uninstall() -> None:
@@ -100,7 +103,9 @@ def uninstall() -> None:
         if signal.getsignal(number) in (_on_sigterm, _on_sigusr1):
             signal.signal(number, previous)
     _STATE["previous"].clear()
+    _STATE["pending"].clear()  # a signal noted before must not end a later activation
     if _STATE["pipe"] is not None and threading.current_thread() is threading.main_thread():
+        listener.unregister(poll)
         signal.set_wakeup_fd(-1)
         for fd in _STATE["pipe"]:
             os.close(fd)
@@ -108,8 +113,8 @@ def uninstall() -> None:
 
 
 def poll() -> None:
-    """Called by the stall listener thread: ends the job for a SIGINT or
-    SIGTERM that the blocked main thread has not acted on in time."""
+    """A listener poller: ends the job for a SIGINT or SIGTERM that the
+    blocked main thread has not acted on in time."""
     pipe = _STATE["pipe"]
     if pipe is None:
         return
@@ -123,12 +128,10 @@ def poll() -> None:
             _STATE["pending"].setdefault(number, now)
     for number, since in list(_STATE["pending"].items()):
         if now - since >= _GRACE_SECONDS:
-            from transparent_dist.core import stall
-
             sys.stderr.write(
                 f"transparent_dist: rank {world.get().rank}: the main thread did not act on "
                 f"{signal.Signals(number).name} within {_GRACE_SECONDS:g} s; it is here:\n"
-                + stall.main_thread_stack()
+                + stacks.main_thread_stack()
             )
             _end(number)
 

@@ -4,49 +4,42 @@ after `TD_STALL_ABORT` seconds (600 by default; 0: never).
 
 ```python
 from transparent_dist.core import stall
-stall.arrive("gradient exchange")   # called by `collectives` on every rank
+stall.start()    # at activation, on every rank of a job of size > 1
 ```
 
 Every rank counts the collectives it enters (the same sequence on every
-rank) and tells two watcher ranks, 0 and the last, with a 32-byte
-non-blocking send on a communicator of its own: the count, what the
-collective is, and the phase (`sequence`) the rank is in. Each watcher notes
+rank: `collectives` notes each in `progress`, whose sink this module
+registers) and tells two watcher ranks, 0 and the last, with a 32-byte
+non-blocking send on a communicator of its own (`Communicators.watchdog`):
+the count, what the collective is, and the phase (`phases`) the rank is in. Each watcher notes
 when the first rank reached collective k. If some ranks are still short of
 k after `TD_STALL_WARN` seconds, one watcher names them: rank 0, unless rank
 0 is among the late (stopped, or busy), when the last rank does, so the
 watchdog survives any one rank. It then asks the late ranks and (up to 8)
-waiting ranks for the stack of their main thread, which a listener thread on
-every rank prints; a rank that prints none is stopped or holds the
+waiting ranks for the stack of their main thread, which the listener thread
+(`listener`) on every rank prints; a rank that prints none is stopped or holds the
 interpreter lock. After `TD_STALL_ABORT` seconds it ends the job.
 Collectives entered by the native op (which cannot call Python) are counted
 there and polled by the listener thread. This costs two tiny messages per
-collective and nothing else on the hot path.
+collective and nothing else on the hot path. The watchdog's own messages
+are point-to-point on its own communicator, so they are never counted, and
+never matched by a collective.
 """
 
 from __future__ import annotations
 
 import collections
-import os
 import socket
 import sys
 import threading
 import time
-import traceback
 from typing import Any
 
 import numpy as np
 
-from transparent_dist.core import config, signals, world
+from transparent_dist.core import collectives, config, listener, progress, stacks, world
 
-__all__ = [
-    "add_counter",
-    "arrive",
-    "enter_phase",
-    "main_thread_stack",
-    "start",
-    "stop",
-    "watchers",
-]
+__all__ = ["reset", "start", "stop", "watchers"]
 
 _TAG = 7301
 _DUMP_TAG = 7302
@@ -57,7 +50,7 @@ _MAX_STACKS = 8
 # difference (and says it better) end the job first.
 _MISMATCH_SECONDS = 3.0
 # Set when the script is done with MPI (its end check passed, or it called
-# MPI.Finalize): the threads stop polling before MPI goes away.
+# MPI.Finalize): the watchdog threads stop polling before MPI goes away.
 _STOP = threading.Event()
 _THREADS: list[threading.Thread] = []
 
@@ -73,17 +66,15 @@ class _Reporter:
         self.lock = threading.Lock()
 
     def _total(self) -> int:
-        return self.count + sum(counter() for counter, _ in _COUNTERS)
+        return self.count + sum(counter() for counter, _ in progress.counters())
 
     def _send(self, total: int, label_code: int) -> None:
-        from mpi4py import MPI
-
         self.sent = total
-        message = np.array([total, label_code, *_PHASE], np.int64)
+        message = np.array([total, label_code, *progress.phase()], np.int64)
         for watcher in self.watchers:
-            request = self.comm.Isend([message, MPI.INT64_T], dest=watcher, tag=_TAG)
+            request = collectives.isend(message, watcher, _TAG, self.comm)
             self.pending.append((request, message))
-        while self.pending and self.pending[0][0].Test():
+        while self.pending and collectives.completed(self.pending[0][0]):
             self.pending.popleft()
 
     def arrive(self, label_code: int) -> None:
@@ -92,47 +83,24 @@ class _Reporter:
             self._send(self._total(), label_code)
 
     def poll(self) -> None:
-        """Reports collectives entered outside Python (the native op)."""
+        """Reports collectives entered outside Python (the native op); a
+        listener poller."""
         with self.lock:
             total = self._total()
             if total != self.sent:
-                self._send(total, _COUNTERS[-1][1])
+                self._send(total, progress.counters()[-1][1])
 
-
-def main_thread_stack() -> str:
-    """The Python stack of the main thread, formatted, without the frames
-    of the interpreter's and our own command-line runner."""
-    frame = sys._current_frames().get(threading.main_thread().ident)
-    if frame is None:
-        return "(no frame)\n"
-    runner = os.path.join("transparent_dist", "__main__.py")
-    frames = [
-        f
-        for f in traceback.extract_stack(frame)
-        if not f.filename.startswith("<frozen") and not f.filename.endswith(runner)
-    ]
-    return "".join(traceback.format_list(frames))
-
-
-def _listen(reporter: _Reporter) -> None:
-    """Every rank: polls the native op's count, and prints the main
-    thread's stack when a watcher asks."""
-    from mpi4py import MPI
-
-    rank = world.get().rank
-    request = np.zeros(2, np.int64)
-    status = MPI.Status()
-    while not _STOP.wait(_POLL_SECONDS):
-        reporter.poll()
-        signals.poll()
-        while reporter.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_DUMP_TAG, status=status):
-            reporter.comm.Recv([request, MPI.INT64_T], source=status.Get_source(), tag=_DUMP_TAG)
+    def answer_stack_requests(self) -> None:
+        """Prints the main thread's stack when a watcher asks; a listener
+        poller."""
+        rank = world.get().rank
+        request = np.zeros(2, np.int64)
+        while (source := collectives.probe(_DUMP_TAG, self.comm)) is not None:
+            collectives.recv(request, source, _DUMP_TAG, self.comm)
             role = "late" if request[0] else "waiting"
-            from transparent_dist.core import sequence
-
-            lines = main_thread_stack().rstrip("\n").split("\n")
+            lines = stacks.main_thread_stack().rstrip("\n").split("\n")
             sys.stderr.write(
-                f"transparent_dist: stack of rank {rank} ({role}; in {sequence.current()}), "
+                f"transparent_dist: stack of rank {rank} ({role}; in {progress.current()}), "
                 f"main thread, most recent call last:\n"
                 + "".join(f"[rank {rank}] {line}\n" for line in lines)
             )
@@ -154,7 +122,7 @@ class _Watchdog(threading.Thread):
         super().__init__(name="transparent_dist-stall-watchdog", daemon=True)
         self.comm, self.rank, self.watchers = comm, rank, watchers
         self.hosts = hosts or []
-        self.size = comm.Get_size()
+        self.size = collectives.size_of(comm)
         self.warn, self.abort_after = warn, abort
         self.reached = [0] * self.size
         self.phase = [(0, 0)] * self.size
@@ -164,14 +132,11 @@ class _Watchdog(threading.Thread):
         self.mismatch: tuple[int, float] | None = None
 
     def run(self) -> None:
-        from mpi4py import MPI
-
         message = np.zeros(4, np.int64)
-        status = MPI.Status()
         while not _STOP.is_set():
-            while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG, status=status):
-                self.comm.Recv([message, MPI.INT64_T], source=status.Get_source(), tag=_TAG)
-                self._note(status.Get_source(), message)
+            while (source := collectives.probe(_TAG, self.comm)) is not None:
+                collectives.recv(message, source, _TAG, self.comm)
+                self._note(source, message)
             now = time.monotonic()
             self._check_phases(now)
             self._check(now)
@@ -199,18 +164,16 @@ class _Watchdog(threading.Thread):
         kind, index = self.phase[rank]
         if index == 0:  # collectives before any fit: a custom loop, a TF1 session
             return "the script's own training loop (before any fit / evaluate / predict)"
-        if sequence_kinds()[kind] == "script end":
-            return sequence_kinds()[kind]
-        return f"{sequence_kinds()[kind]} #{index}"
+        if progress.KINDS[kind] == "script end":
+            return progress.KINDS[kind]
+        return f"{progress.KINDS[kind]} #{index}"
 
     def _ask_for_stacks(self, behind: list[int]) -> None:
-        from mpi4py import MPI
-
         waiting = [r for r in range(self.size) if r not in behind]
         chosen = behind[:_MAX_STACKS] + waiting[: max(0, _MAX_STACKS - len(behind))]
         for rank in chosen:
             message = np.array([1 if rank in behind else 0, 0], np.int64)
-            self.comm.Send([message, MPI.INT64_T], dest=rank, tag=_DUMP_TAG)
+            collectives.send(message, rank, _DUMP_TAG, self.comm)
 
     def _check_phases(self, now: float) -> None:
         """Ends the job when ranks wait in the same collective number in
@@ -229,7 +192,7 @@ class _Watchdog(threading.Thread):
             return
         if now - self.mismatch[1] < _MISMATCH_SECONDS or not self._reports(at_front[1:]):
             return
-        end = sequence_kinds().index("script end")
+        end = progress.KINDS.index("script end")
         ended = [r for key, ranks in groups.items() if key[0] == end for r in ranks]
         if ended:
             others = [r for r in at_front if r not in ended]
@@ -256,7 +219,7 @@ class _Watchdog(threading.Thread):
         if not behind or not self._reports(behind):
             return
         waited = now - waiting_since
-        label = _LABELS[self.labels.get(front, 0)]
+        label = progress.LABELS[self.labels.get(front, 0)]
         where = "; ".join(
             f"rank {r} last entered collective #{self.reached[r]} in {self._phase(r)}"
             for r in behind[:4]
@@ -311,29 +274,7 @@ def _on_hosts(ranks: list[int], hosts: list[str]) -> str:
     return " (on " + "; ".join(parts[:8]) + ")"
 
 
-_LABELS = [
-    "a collective",
-    "gradient exchange",
-    "metric reduction",
-    "broadcast",
-    "agreement check",
-    "gather",
-    "phase check",
-]
-_CODES = {label: code for code, label in enumerate(_LABELS)}
 _REPORTER: _Reporter | None = None
-# (kind code, count) of the phase this rank is in (`sequence` sets it).
-_PHASE = [0, 0]
-# Counts of collectives entered where `arrive` cannot be called (inside the
-# native op), with their label code; polled every _POLL_SECONDS.
-_COUNTERS: list[tuple[Any, int]] = []
-
-
-def sequence_kinds() -> tuple[str, ...]:
-    """The phase kinds, by the code ranks report them with."""
-    from transparent_dist.core import sequence
-
-    return sequence.KINDS
 
 
 def watchers(size: int) -> list[int]:
@@ -347,13 +288,12 @@ def start() -> None:
     w = world.get()
     if _REPORTER is not None or w.size == 1:
         return
-    from mpi4py import MPI
-
-    comm = MPI.COMM_WORLD.Dup()
+    comm = w.comms.watchdog
     # TD_STALL_WARN=0: no watchdog, but the listener still serves `signals`.
     chosen = watchers(w.size) if config.SETTINGS.stall_warn > 0 else []
-    # Every rank's host, so that a report can name a node whose ranks are all late.
-    hosts = comm.allgather(socket.gethostname())
+    # Every rank's host, so that a report can name a node whose ranks are
+    # all late (before the sink is set: the watchdog never counts itself).
+    hosts = collectives.allgather_object(socket.gethostname(), comm)
     _STOP.clear()
     if w.rank in chosen:
         settings = config.SETTINGS
@@ -361,39 +301,36 @@ def start() -> None:
             _Watchdog(comm, w.rank, chosen, settings.stall_warn, settings.stall_abort, hosts)
         )
     _REPORTER = _Reporter(comm, chosen)
-    _THREADS.append(
-        threading.Thread(
-            target=_listen, args=(_REPORTER,), name="transparent_dist-stall-listener", daemon=True
-        )
-    )
     for thread in _THREADS:
         thread.start()
+    progress.set_sink(_REPORTER.arrive)
+    listener.register(_REPORTER.poll)
+    listener.register(_REPORTER.answer_stack_requests)
+    listener.start()
 
 
 def stop() -> None:
-    """Stops the watchdog and listener threads and waits for them (before
-    MPI is finalized: a thread polling MPI after that crashes the process)."""
+    """Stops counting, and stops the watchdog threads and waits for them
+    (before MPI is finalized: a thread polling MPI after that crashes the
+    process). The listener thread, which may be in one of this module's
+    pollers, is stopped first by whoever ends MPI's use (`listener.stop`:
+    the end-of-script check)."""
     global _REPORTER
+    progress.set_sink(None)
     _STOP.set()
     for thread in _THREADS:
         if thread is not threading.current_thread():
             thread.join(timeout=5 * _POLL_SECONDS + 1)
     _THREADS.clear()
+    if _REPORTER is not None:
+        listener.unregister(_REPORTER.poll)
+        listener.unregister(_REPORTER.answer_stack_requests)
     _REPORTER = None
 
 
-def add_counter(counter: Any, label: str) -> None:
-    """Counts `counter()` (a monotonic count of collectives, labelled
-    `label`) among this rank's arrivals."""
-    _COUNTERS.append((counter, _CODES.get(label, 0)))
-
-
-def enter_phase(kind_code: int, index: int) -> None:
-    """Notes the phase (`sequence.KINDS[kind_code]` #index) this rank is in."""
-    _PHASE[:] = [kind_code, index]
-
-
-def arrive(label: str) -> None:
-    """Notes that this rank enters its next collective (`label` says which)."""
-    if _REPORTER is not None:
-        _REPORTER.arrive(_CODES.get(label, 0))
+def reset() -> None:
+    """Stops the watchdog (`stop`; `activation.reset`); `start` begins
+    again. The counters and the phase are `progress.reset`'s, the listener
+    thread `listener.reset`'s. The watchdog's communicator belongs to the
+    world (`Communicators.watchdog`)."""
+    stop()

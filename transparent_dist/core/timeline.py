@@ -37,17 +37,17 @@ __all__ = [
     "add_source",
     "recording",
     "reset",
+    "restart_counters",
     "span",
     "stats",
     "take_events",
     "totals",
-    "write",
 ]
 
 
 @dataclasses.dataclass
 class Stats:
-    """Counters since the last `reset` (this rank)."""
+    """Counters since the last `restart_counters` (this rank)."""
 
     # Gradient exchange proper; with the native op, from the moment every
     # rank has arrived (the time before that is `wait_seconds`: another
@@ -80,7 +80,7 @@ def add_source(source: object) -> None:
 
 
 def stats() -> Stats:
-    """This rank's counters since the last `reset`, from every source."""
+    """This rank's counters since the last `restart_counters`, from every source."""
     total = dataclasses.replace(STATS)
     for source in _SOURCES:
         for name, value in source.counters().items():
@@ -88,7 +88,9 @@ def stats() -> Stats:
     return total
 
 
-def reset() -> None:
+def restart_counters() -> None:
+    """Starts new counters (a fit's summary counts its own), keeping the
+    old ones in `totals`."""
     global STATS
     # Kept for `totals`: a fit starting inside a custom loop resets the
     # counters the loop's summary reads.
@@ -105,11 +107,22 @@ _CARRIED = Stats()
 
 
 def totals() -> Stats:
-    """This rank's counters since the process started (`reset` or not)."""
+    """This rank's counters since the process started (or the last `reset`)."""
     now = stats()
     for field in dataclasses.fields(Stats):
         setattr(now, field.name, getattr(now, field.name) + getattr(_CARRIED, field.name))
     return now
+
+
+def reset() -> None:
+    """Forgets every counter, span and source (`activation.reset`); the
+    clock origin stays, so spans recorded after it line up with earlier ones."""
+    global STATS, _CARRIED
+    with _LOCK:
+        _EVENTS.clear()
+    STATS = Stats()
+    _CARRIED = Stats()
+    _SOURCES.clear()  # a source's own counters are its module's reset
 
 
 def recording() -> bool:
@@ -161,18 +174,3 @@ def take_events() -> tuple[float, list[dict]]:
         events = list(_EVENTS)
         _EVENTS.clear()
     return _ORIGIN, events
-
-
-def write(comm: object = None) -> str | None:
-    """Adds every rank's new spans to the job's one timeline file, written
-    by rank 0 (`timeline_file.write`); returns its path on rank 0 when it
-    wrote it. Collective when there is more than one rank: every rank calls
-    it at the same point (the end of a fit, the end of the script). A file
-    that cannot be written is a warning, not the end of a trained job."""
-    from transparent_dist.core import log, timeline_file
-
-    try:
-        return timeline_file.write(comm)
-    except OSError as error:
-        log.warning(str(error))
-        return None

@@ -2,8 +2,8 @@
 rank 0's clock, one process per rank, written by rank 0.
 
 ```python
-from transparent_dist.core import timeline
-path = timeline.write()     # every rank, at a point all reach together
+from transparent_dist.core import timeline_file
+path = timeline_file.write()     # every rank, at a point all reach together
 ```
 
 The file is `path` (`path.json` unless `path` ends in `.json`), in Chrome
@@ -27,15 +27,24 @@ import json
 import os
 from typing import Any
 
-from transparent_dist.core import clocks, config, stall, timeline, world
+from transparent_dist.core import clocks, collectives, config, files, log, timeline, world
 
-__all__ = ["path_for", "write", "written"]
+__all__ = ["path_for", "reset", "write", "written"]
 
 # Rank 0: every span written so far, on its clock, and the thread tracks.
 _EVENTS: list[dict] = []
 _THREADS: dict[tuple[int, str], int] = {}
 _RANKS: set[int] = set()
 _WRITTEN: list[str] = []
+
+
+def reset() -> None:
+    """Forgets the spans gathered so far (`activation.reset`): the next
+    write starts the file afresh."""
+    _EVENTS.clear()
+    _THREADS.clear()
+    _RANKS.clear()
+    _WRITTEN.clear()
 
 
 def written() -> bool:
@@ -50,9 +59,22 @@ def path_for(setting: str) -> str:
 
 
 def write(comm: Any = None) -> str | None:
+    """Adds every rank's new spans to the job's one timeline file, written
+    by rank 0; returns its path on rank 0 when it wrote it. Collective on
+    `comm` (by default `World.control_comm`) when there is more than one
+    rank: every rank calls it at the same point (the end of a fit, the end
+    of the script). A file that cannot be written is a warning, not the end
+    of a trained job."""
+    try:
+        return _gather_and_save(comm)
+    except OSError as error:
+        log.warning(str(error))
+        return None
+
+
+def _gather_and_save(comm: Any) -> str | None:
     """Gathers every rank's new spans into the file (rank 0 writes it).
-    Returns its path on rank 0 when written, else None. Collective on
-    `comm` (by default `World.control_comm`) when there are several ranks.
+    Returns its path on rank 0 when written, else None.
 
     Raises:
         OSError: rank 0 could not write the file (the message names it).
@@ -68,13 +90,11 @@ def write(comm: Any = None) -> str | None:
             return None
         _add(0, 0.0, events)
         return _save(path_for(setting))
-    stall.arrive("gather")
-    settings = comm.allgather(setting)
+    settings = collectives.allgather_object(setting, comm)
     if not any(settings):
         return None
     offsets = clocks.offsets(comm)
-    stall.arrive("gather")
-    parts = comm.gather((origin, [_compact(e) for e in events]), root=0)
+    parts = collectives.gather_object((origin, [_compact(e) for e in events]), comm)
     if offsets is None:
         return None
     origin0 = parts[0][0]
@@ -125,8 +145,6 @@ def _metadata() -> list[dict]:
 
 def _save(path: str) -> str:
     """The whole file, replaced in one rename."""
-    from transparent_dist.core import files
-
     _EVENTS.sort(key=lambda e: e["ts"])
     trace = {
         "traceEvents": _metadata() + _EVENTS,

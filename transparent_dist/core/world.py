@@ -10,6 +10,12 @@ MPI is started only when the process was started by an MPI launcher
 (`mpiexec`, `mpirun`, `srun`), or when `TD_MPI=on`; a plain `python train.py`
 gets a world of size 1 without importing `mpi4py` at all, so it behaves (and
 costs) exactly like plain Keras.
+
+This module owns the communicators (`Communicators`: training, data,
+control and the watchdog's, one `World.comms`; `rebuild` replaces them) and
+MPI's life: starting it, `abort`, the `at_finalize` callback, the library's
+description. Everything sent or received on a communicator goes through
+`collectives`, which counts each collective for the stall watchdog.
 """
 
 from __future__ import annotations
@@ -17,16 +23,27 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from transparent_dist.core import config
 
 __all__ = [
+    "Communicators",
     "World",
     "abort",
+    "at_finalize",
     "expected_size",
+    "forget_finalize",
+    "free",
     "get",
+    "is_finalized",
     "launched_by_mpi",
+    "mpi_library",
+    "rebuild",
+    "reset",
+    "split_by_node",
+    "thread_level",
     "yield_when_oversubscribed",
 ]
 
@@ -59,25 +76,64 @@ def launched_by_mpi(environ: dict | os._Environ | None = None) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
+class Communicators:
+    """The plugin's communicators, each a private duplicate of the job's
+    (COMM_WORLD), so that a user's own MPI traffic never interleaves with
+    ours and no two of our threads ever share one. All None in a world of
+    size 1 started without MPI. `World.comms` holds the job's; `rebuild`
+    replaces them."""
+
+    # The training collectives: gradient exchange, broadcasts, agreement checks.
+    training: Any = None
+    # The data-loading threads': collectives from two threads must never
+    # share a communicator, or their order could differ between ranks.
+    data: Any = None
+    # The phase checks (`phases`) and end-of-run gathers: a rank that checks
+    # its phase while another waits in a training collective must never
+    # pair the two (an Allgather of digests read as a pickle's size).
+    control: Any = None
+    # The stall watchdog's own messages (`stall`), which no collective
+    # may ever receive.
+    watchdog: Any = None
+
+    @classmethod
+    def duplicate(cls, parent: Any) -> Communicators:
+        """Four duplicates of `parent` (collective on it: every rank calls
+        it at the same point)."""
+        return cls(*(parent.Dup() for _ in dataclasses.fields(cls)))
+
+    def free(self) -> None:
+        """Frees every communicator (collective, like `duplicate`)."""
+        for field in dataclasses.fields(self):
+            comm = getattr(self, field.name)
+            if comm is not None:
+                comm.Free()
+
+
+@dataclasses.dataclass(frozen=True)
 class World:
-    """Who this process is in the job; `comm` is None in a world of size 1
-    started without MPI."""
+    """Who this process is in the job, and the communicators it uses."""
 
     rank: int = 0
     size: int = 1
     local_rank: int = 0
     local_size: int = 1
-    # A private duplicate of COMM_WORLD for the training collectives, so a
-    # user's own MPI traffic never interleaves with ours.
-    comm: Any = None
-    # A second duplicate for the data-loading threads: collectives from two
-    # threads must never share a communicator, or their order could differ
-    # between ranks.
-    data_comm: Any = None
-    # A third for the call-sequence checks (`sequence`): a rank that checks
-    # its phase while another waits in a training collective must never
-    # pair the two (an Allgather of digests read as a pickle's size).
-    control_comm: Any = None
+    comms: Communicators = Communicators()
+
+    @property
+    def comm(self) -> Any:
+        """The training communicator (None without MPI)."""
+        return self.comms.training
+
+    @property
+    def data_comm(self) -> Any:
+        """The data-loading threads' communicator."""
+        return self.comms.data
+
+    @property
+    def control_comm(self) -> Any:
+        """The phase checks' communicator."""
+        return self.comms.control
 
     @property
     def is_root(self) -> bool:
@@ -130,18 +186,7 @@ def _start_mpi() -> World:
     yield_when_oversubscribed()
     from mpi4py import MPI
 
-    comm_world = MPI.COMM_WORLD
-    node = comm_world.Split_type(MPI.COMM_TYPE_SHARED, key=comm_world.Get_rank())
-    world = World(
-        rank=comm_world.Get_rank(),
-        size=comm_world.Get_size(),
-        local_rank=node.Get_rank(),
-        local_size=node.Get_size(),
-        comm=comm_world.Dup(),
-        data_comm=comm_world.Dup(),
-        control_comm=comm_world.Dup(),
-    )
-    node.Free()
+    world = _over(MPI.COMM_WORLD)
     expected = expected_size()
     if expected > 1 and world.size == 1:
         raise RuntimeError(
@@ -151,6 +196,35 @@ def _start_mpi() -> World:
             "launcher's (see the README: Using a system MPI)"
         )
     return world
+
+
+def _over(parent: Any) -> World:
+    """The world of the ranks of `parent`, with fresh duplicates of it
+    (collective on `parent`)."""
+    node = split_by_node(parent)
+    try:
+        return World(
+            rank=parent.Get_rank(),
+            size=parent.Get_size(),
+            local_rank=node.Get_rank(),
+            local_size=node.Get_size(),
+            comms=Communicators.duplicate(parent),
+        )
+    finally:
+        free(node)
+
+
+def split_by_node(comm: Any) -> Any:
+    """A communicator of the ranks of `comm` on this node (collective on
+    `comm`); the caller frees it (`free`)."""
+    from mpi4py import MPI
+
+    return comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+
+
+def free(comm: Any) -> None:
+    """Frees a communicator made here (`split_by_node`); collective on it."""
+    comm.Free()
 
 
 def expected_size(environ: dict | os._Environ | None = None) -> int:
@@ -176,6 +250,35 @@ def get() -> World:
     return _WORLD
 
 
+def rebuild(parent: Any) -> Communicators:
+    """Makes the world the ranks of `parent` (their rank, size and node),
+    with fresh duplicates of it, and returns the communicators it replaces
+    (the caller frees them once nothing uses them: `Communicators.free`).
+    Collective on `parent`.
+
+    The seam for continuing a job on fewer ranks (a communicator shrunk
+    after a lost rank): everything that asks `get()` for a communicator
+    after the call uses the new ones. What holds one across calls must be
+    started again over the new world: the stall watchdog (`stall.stop`,
+    `stall.start`), the native op (configured with the training
+    communicator's handle) and the listener's pollers."""
+    global _WORLD
+    old = get().comms
+    _WORLD = _over(parent)
+    return old
+
+
+def reset() -> None:
+    """Forgets the world of a single process (`activation.reset`), so the
+    next `get` reads the settings again. A world of several ranks is kept:
+    another would need collective calls every rank makes at the same point
+    (duplicating COMM_WORLD), its communicators may be held by compiled ops,
+    and MPI, which is never finalized here, cannot start twice."""
+    global _WORLD
+    if _WORLD is not None and _WORLD.size == 1:
+        _WORLD = None
+
+
 def abort(code: int = 1) -> None:
     """Ends every rank of the job now (MPI_Abort); plain exit without MPI."""
     for stream in (sys.stdout, sys.stderr):
@@ -194,3 +297,69 @@ def abort(code: int = 1) -> None:
         time.sleep(1.0)
         MPI.COMM_WORLD.Abort(code)
     os._exit(code)
+
+
+# The callback MPI_Finalize makes first (`at_finalize`), by its keyval.
+_FINALIZE: dict[str, Any] = {"keyval": None, "callback": None}
+
+
+def at_finalize(callback: Callable[[], None]) -> None:
+    """Calls `callback()` first thing in MPI_Finalize, should the script
+    finalize MPI itself (MPI is still usable then: attributes of COMM_SELF
+    are deleted before anything else); once, and only in a job with MPI."""
+    if _FINALIZE["keyval"] is not None or get().comm is None:
+        return
+    from mpi4py import MPI
+
+    def on_delete(comm: Any, keyval: int, value: Any) -> None:
+        hook = _FINALIZE["callback"]
+        if hook is not None:
+            hook()
+
+    _FINALIZE["callback"] = callback
+    _FINALIZE["keyval"] = MPI.Comm.Create_keyval(delete_fn=on_delete)
+    MPI.COMM_SELF.Set_attr(_FINALIZE["keyval"], None)
+
+
+def forget_finalize() -> None:
+    """Takes the `at_finalize` callback off while Python can still run it
+    (mpi4py finalizes MPI after the interpreter has shut down), without
+    calling it."""
+    keyval = _FINALIZE["keyval"]
+    if keyval is None or is_finalized():
+        return
+    from mpi4py import MPI
+
+    _FINALIZE["keyval"] = None
+    _FINALIZE["callback"] = None  # deleting the attribute calls on_delete: make it a no-op
+    MPI.COMM_SELF.Delete_attr(keyval)
+    MPI.Comm.Free_keyval(keyval)
+
+
+def is_finalized() -> bool:
+    """Whether MPI has been finalized (by the script: we never do)."""
+    if "mpi4py.MPI" not in sys.modules:
+        return False
+    from mpi4py import MPI
+
+    return bool(MPI.Is_finalized())
+
+
+def mpi_library() -> tuple[str, str]:
+    """(The MPI library mpi4py loads, mpi4py's version), asked without
+    starting MPI when it has not started (MPI-3 allows it before MPI_Init)."""
+    import mpi4py
+
+    if "mpi4py.MPI" not in sys.modules:
+        mpi4py.rc.initialize = False
+        mpi4py.rc.finalize = False
+    from mpi4py import MPI
+
+    return MPI.Get_library_version().strip().splitlines()[0], mpi4py.__version__
+
+
+def thread_level() -> str:
+    """The thread support MPI gave this process (e.g. "multiple")."""
+    from mpi4py import MPI
+
+    return ["single", "funneled", "serialized", "multiple"][MPI.Query_thread()]

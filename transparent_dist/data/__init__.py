@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from transparent_dist.core import world
+from transparent_dist.core import collectives, world
+from transparent_dist.core.collectives import together
 from transparent_dist.core.errors import CollectiveError as DataError
-from transparent_dist.core.errors import together
 from transparent_dist.core.sharding import shard_range
 from transparent_dist.data.csv import read_csv
 from transparent_dist.data.hdf5 import read_hdf5
@@ -105,7 +105,7 @@ class DataSet:
         self.training_labels = None if y is None else y[:cut]
         self.validation_labels = None if y is None else y[cut:]
         w = world.get()
-        counts = [cut] if w.size == 1 else w.comm.allgather(cut)
+        counts = collectives.allgather_object(cut, w.comm)
         self.num_training = sum(counts)
         self._max_local = max(counts)
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from transparent_dist.core import world
-from transparent_dist.core.errors import CollectiveError, together
+from transparent_dist.core import collectives, world
+from transparent_dist.core.collectives import together
+from transparent_dist.core.errors import CollectiveError
 from transparent_dist.core.sharding import rank_rows, shard_range
 from transparent_dist.data import missing
 
@@ -77,7 +78,7 @@ def read_rank_block(
         # NaN needs a float: one dtype on every rank, even where this
         # rank's rows are whole.
         w = world.get()
-        anywhere = found is not None if w.size == 1 else any(w.comm.allgather(found is not None))
+        anywhere = any(collectives.allgather_object(found is not None, w.comm))
         if anywhere:
             return rank_rows(missing.to_nan(values, mask, fills))
     elif found is not None:

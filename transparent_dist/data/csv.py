@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from transparent_dist.core import world
-from transparent_dist.core.errors import CollectiveError, together
+from transparent_dist.core import collectives, world
+from transparent_dist.core.collectives import together
+from transparent_dist.core.errors import CollectiveError
 from transparent_dist.core.sharding import rank_rows
 from transparent_dist.data import missing
 
@@ -240,7 +241,7 @@ def read_csv(
         if w.is_root:
             info = _header(path, header, delimiter)
     if w.size > 1:
-        info = w.comm.bcast(info, root=0)
+        info = collectives.broadcast_object(info, w.comm)
     names, data_start, count = info
     names = names or [str(i) for i in range(count)]
 
@@ -271,7 +272,7 @@ def read_csv(
             )
             f.seek(start)
             block = f.read(stop - start)
-    newlines = [block.count(b"\n")] if w.size == 1 else w.comm.allgather(block.count(b"\n"))
+    newlines = collectives.allgather_object(block.count(b"\n"), w.comm)
     first_line = 1 + (1 if header else 0) + sum(newlines[: w.rank])
 
     wanted = features + ([label_name] if label_name is not None else [])
@@ -316,7 +317,7 @@ def read_csv(
                         "read with a float dtype"
                     )
     local_rows = 0 if table is None else table.num_rows
-    rows = [local_rows] if w.size == 1 else w.comm.allgather(local_rows)
+    rows = collectives.allgather_object(local_rows, w.comm)
     if min(rows) == 0:
         raise CollectiveError(
             f"transparent_dist: {path} has {sum(rows)} data rows, too few for the {w.size} "
@@ -328,7 +329,7 @@ def read_csv(
         if target is None:
             # One type on every rank, even where one rank's rows alone look integral.
             local = any(arrays[n].dtype.kind == "f" for n in selected)
-            anywhere = local if w.size == 1 else any(w.comm.allgather(local))
+            anywhere = any(collectives.allgather_object(local, w.comm))
             target = np.float64 if anywhere else np.int64
         stacked = np.column_stack([arrays[n] for n in selected])
         return rank_rows(stacked.astype(target, copy=False))

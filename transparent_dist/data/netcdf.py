@@ -29,9 +29,8 @@ def open_file(path: str) -> Any:
     w = world.get()
     parallel = netCDF4.__has_parallel4_support__ or netCDF4.__has_pnetcdf_support__
     if w.size > 1 and parallel:
-        from mpi4py import MPI
-
-        return netCDF4.Dataset(path, "r", parallel=True, comm=w.comm, info=MPI.INFO_NULL)
+        # No `info`: netCDF4 passes MPI_INFO_NULL then.
+        return netCDF4.Dataset(path, "r", parallel=True, comm=w.comm)
     return netCDF4.Dataset(path, "r")
 
 

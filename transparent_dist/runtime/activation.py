@@ -4,7 +4,8 @@ when the script imports the framework they adapt.
 ```python
 from transparent_dist.runtime import activation
 activation.activate()     # done by `import transparent_dist`; idempotent
-activation.deactivate()   # every patch, hook and redirection undone
+activation.deactivate()   # every patch, hook and redirection undone, all state reset
+activation.activate()     # and on again, as in a fresh process
 ```
 
 | the script imports | adapters installed |
@@ -26,14 +27,14 @@ from transparent_dist.core import (
     log,
     output,
     patching,
-    sequence,
+    phases,
     signals,
     stall,
     world,
 )
 from transparent_dist.runtime import import_hook
 
-__all__ = ["activate", "deactivate"]
+__all__ = ["RESETS", "activate", "deactivate", "reset"]
 
 
 def _on_tensorflow(tf: ModuleType) -> None:
@@ -110,11 +111,11 @@ def activate() -> None:
         failures.install()
         signals.install()
         stall.start()
-        sequence.install_end_check()
+        phases.install_end_check()
     # Bad, misspelt or (between ranks) different settings end the job now,
     # not at the walltime; the doctor reports them instead.
     if not _running_the_doctor():
-        sequence.check_settings()
+        phases.check_settings()
         host_random.agree()
         _say_how_the_job_runs()
     output.quiet_unless_root()
@@ -127,12 +128,52 @@ def activate() -> None:
 
 def deactivate() -> None:
     """Undoes `activate`: every patch, the import hook, the exception hook
-    and the standard-output redirection."""
+    and the standard-output redirection; then forgets all state (`reset`),
+    so `activate` starts afresh."""
     global _ACTIVE
     import_hook.remove()
     patching.undo_all()
     failures.uninstall()
-    sequence.remove_end_check()
+    phases.remove_end_check()
     signals.uninstall()
     output.restore()
+    reset()
     _ACTIVE = False
+
+
+# The modules holding state, each with a `reset()`, in the order they are
+# reset: the threads that poll MPI stop first; the adapters let go of what
+# they hold (signal handlers, sessions) before the exchange, the native op
+# and the core forget theirs; the world, which the others read, goes last.
+RESETS = (
+    "transparent_dist.core.stall",
+    "transparent_dist.core.listener",
+    "transparent_dist.core.phases",
+    "transparent_dist.adapters.tf1",
+    "transparent_dist.adapters.custom_loops",
+    "transparent_dist.adapters.fit_start",
+    "transparent_dist.tf.exchange",
+    "transparent_dist.tf.native.op",
+    "transparent_dist.tf.native.build",
+    "transparent_dist.core.step_state",
+    "transparent_dist.core.collectives",
+    "transparent_dist.core.loop_summary",
+    "transparent_dist.core.timeline_file",
+    "transparent_dist.core.timeline",
+    "transparent_dist.core.progress",
+    "transparent_dist.core.log",
+    "transparent_dist.core.world",
+)
+
+
+def reset() -> None:
+    """Forgets the state of every module in `RESETS` that this process has
+    imported (one that is not has none, and importing it could import
+    TensorFlow). Called by `deactivate`, with the plugin's patches and hooks
+    already off. MPI is never finalized and a world of several ranks is
+    kept (`world.reset`); every rank must call it, and `activate` after it,
+    at the same point, as it does the first `activate`."""
+    for name in RESETS:
+        module = sys.modules.get(name)
+        if module is not None:
+            module.reset()

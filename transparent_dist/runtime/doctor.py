@@ -30,7 +30,7 @@ __all__ = ["main"]
 
 def main() -> int:
     import transparent_dist
-    from transparent_dist.core import world
+    from transparent_dist.core import collectives, world
 
     w = world.get()
     lines = [
@@ -40,14 +40,8 @@ def main() -> int:
     if w.comm is None:
         lines += _mpi_outside_a_job()
     else:
-        import mpi4py
-        from mpi4py import MPI
-
-        library = MPI.Get_library_version().strip().splitlines()[0]
-        lines.append(
-            f"MPI: {library}; mpi4py {mpi4py.__version__}; thread level "
-            f"{['single', 'funneled', 'serialized', 'multiple'][MPI.Query_thread()]}"
-        )
+        library, version = world.mpi_library()
+        lines.append(f"MPI: {library}; mpi4py {version}; thread level {world.thread_level()}")
     lines.append(f"world: {w.size} rank(s)")
 
     import tensorflow as tf
@@ -87,17 +81,15 @@ def main() -> int:
         "settings": config.shared(),
         "problems": _setting_problems(),
     }
-    everyone = [me] if w.comm is None else w.comm.gather(me, root=0)
+    everyone = collectives.gather_object(me, w.comm)
     bandwidth = None
     if w.comm is not None and w.size > 1:
-        from mpi4py import MPI
-
         buf = np.ones(2 * 1024 * 1024, np.float32)  # 8 MB
-        w.comm.Allreduce(MPI.IN_PLACE, buf)
-        w.comm.Barrier()
+        collectives.allreduce_in_place(buf, w.comm)
+        collectives.barrier(w.comm)
         start = time.perf_counter()
         for _ in range(10):
-            w.comm.Allreduce(MPI.IN_PLACE, buf)
+            collectives.allreduce_in_place(buf, w.comm)
         seconds = (time.perf_counter() - start) / 10
         bandwidth = (buf.nbytes / seconds / 1e9, seconds * 1e3)
     exchange = _exchange_path(w.size)
@@ -170,33 +162,19 @@ def _exchange_path(size: int) -> str:
         return f"numpy fallback: the native op does not build ({error})"
 
 
-def _library_version() -> str:
-    """The MPI library mpi4py loads, asked without starting MPI (MPI-3
-    allows it before MPI_Init)."""
-    import mpi4py
-
-    if "mpi4py.MPI" not in sys.modules:
-        mpi4py.rc.initialize = False
-        mpi4py.rc.finalize = False
-    from mpi4py import MPI
-
-    return MPI.Get_library_version().strip().splitlines()[0]
-
-
 def _mpi_outside_a_job() -> list[str]:
     """On a login node: the MPI library a job would use, the launcher
     `tdrun` would pick, and whether the two are of one family (a launcher
     of another MPI starts N separate one-rank worlds)."""
+    from transparent_dist.core import world
     from transparent_dist.runtime import launcher
 
     lines = ["MPI: not started (not launched by mpiexec/srun; TD_MPI=on forces it)"]
     try:
-        library = _library_version()
+        library, version = world.mpi_library()
     except Exception as error:  # noqa: BLE001 - reported, not raised
         return [*lines, f"  mpi4py cannot load an MPI library: {error}"]
-    import mpi4py
-
-    lines.append(f"  library a job would use: {library} (mpi4py {mpi4py.__version__})")
+    lines.append(f"  library a job would use: {library} (mpi4py {version})")
     try:
         kind, path = launcher.find_launcher()
     except SystemExit as error:

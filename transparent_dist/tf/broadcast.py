@@ -27,6 +27,7 @@ __all__ = [
     "in_graph",
     "is_synced",
     "mark_synced",
+    "metric_variables",
     "model_and_optimizer",
     "optimizer_variables",
     "unique",
@@ -36,6 +37,9 @@ __all__ = [
 # Optimizers whose variables have been made equal across ranks; their first
 # update need not broadcast again.
 _SYNCED_OPTIMIZERS: weakref.WeakSet = weakref.WeakSet()
+# Optimizer -> the variable its traced first update sets once it has synced
+# (`before_first_update`, for variables created inside the trace).
+_FIRST_UPDATE_DONE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def unique(items: Iterable[Any]) -> list[Any]:
@@ -72,6 +76,11 @@ def optimizer_variables(optimizer: Any) -> list[Any]:
     optimizers, a method in tf_keras's legacy ones)."""
     found = optimizer.variables
     return list(found() if callable(found) else found)
+
+
+def metric_variables(metrics: Iterable[Any]) -> list[Any]:
+    """Every variable of `metrics`, each once, in a fixed order."""
+    return unique(v for metric in metrics for v in metric.variables)
 
 
 def model_and_optimizer(model: Any, build_optimizer: Any = None) -> None:
@@ -120,12 +129,12 @@ def before_first_update(optimizer: Any, trainable: list[Any]) -> None:
             variables(targets, what="trainable variables and optimizer state")
             mark_synced(optimizer)
             return
-    done = getattr(optimizer, "_td_first_update_synced", None)
+    done = _FIRST_UPDATE_DONE.get(optimizer)
     if done is None:
         with tf.init_scope():
             done = tf.Variable(False, trainable=False, name="td_first_update_synced")
-        # Past Keras's attribute tracking: this flag is not optimizer state.
-        object.__setattr__(optimizer, "_td_first_update_synced", done)
+        # Kept here, not on the optimizer: this flag is not optimizer state.
+        _FIRST_UPDATE_DONE[optimizer] = done
 
     def sync():
         with tf.control_dependencies([in_graph(targets)]):

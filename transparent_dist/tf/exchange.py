@@ -16,29 +16,33 @@ them at the same point of the same step, so the order of collectives is the
 same everywhere.
 
 The mean is weighted by each rank's number of samples in the step when the
-train step told us (its `StepContext`), so a short last batch split unevenly
-over the ranks still gives exactly the gradient one process would compute
-on the whole global batch. Custom loops get the plain mean.
+train step told us (`step`, the `samples` of `core.step_state`), so a short
+last batch split unevenly over the ranks still gives exactly the gradient
+one process would compute on the whole global batch. Custom loops get the
+plain mean. `arithmetic` is that rule, in one place, for every path.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from transparent_dist.core import collectives, config, log, timeline, world
+from transparent_dist.core import collectives, config, log, step_state, timeline, world
+from transparent_dist.core.step_state import StepState
 from transparent_dist.tf import native, sparse
 
 __all__ = [
-    "StepContext",
+    "Arithmetic",
+    "arithmetic",
     "average",
     "collective_op",
     "current_sample_count",
-    "current_step",
     "divide_loss",
+    "divides_loss",
+    "prepare",
+    "reset",
     "step",
     "sum_over_ranks",
     "target_was_summed",
@@ -49,54 +53,19 @@ __all__ = [
 _COMPRESSED = {"fp16": "float16", "bf16": "bfloat16"}
 
 
-@dataclasses.dataclass
-class StepContext:
-    """What decides the arithmetic of one step's exchange.
-
-    Args:
-        samples: this rank's sample count in the step (a tensor while the
-            step is traced), or None for a plain mean (custom loops).
-        divided: the loss was divided by N already (`divide_loss`), so the
-            gradients arrive as shares of the mean.
-        summed: the target was a vector TensorFlow summed (per-sample
-            losses), so one process's gradient is a sum over the batch.
-    """
-
-    samples: Any = None
-    divided: bool = False
-    summed: bool = False
-
-
-_THREAD = threading.local()
-
-
-def current_step() -> StepContext:
-    """The context of the step this thread is tracing or running: the one
-    `step` opened, else this thread's context for code outside any
-    framework step (a custom loop)."""
-    context = getattr(_THREAD, "step", None)
-    if context is None:
-        context = _THREAD.step = StepContext()
-    return context
-
-
 @contextlib.contextmanager
-def step(samples: Any) -> Iterator[StepContext]:
-    """Opens the context of one train / test step in which this rank holds
-    `samples` samples; `average` inside it weights this rank's gradient by
-    them. Opened by the adapters' step wrappers.
+def step(samples: Any) -> Iterator[StepState]:
+    """Opens one train / test step in which this rank holds `samples`
+    samples; `average` inside it weights this rank's gradient by them.
+    Opened by the adapters' step wrappers.
 
     ```python
-    with exchange.step(tf.shape(x)[0]) as context:
-        grads = exchange.average(grads, context)
+    with exchange.step(tf.shape(x)[0]):
+        grads = exchange.average(grads)
     ```
     """
-    previous = getattr(_THREAD, "step", None)
-    _THREAD.step = StepContext(samples=samples)
-    try:
-        yield _THREAD.step
-    finally:
-        _THREAD.step = previous
+    with step_state.within(samples=samples, divided=False, summed=False) as state:
+        yield state
 
 
 def target_was_summed() -> None:
@@ -104,26 +73,68 @@ def target_was_summed() -> None:
     TensorFlow summed (a vector of per-sample losses given to
     `GradientTape.gradient`): one process's gradient is then the sum over
     the global batch, so `average` sums the ranks' gradients instead."""
-    current_step().summed = True
+    step_state.declare(summed=True)
+
+
+# ------------------------------------------------------------ the arithmetic
+
+
+@dataclasses.dataclass(frozen=True)
+class Arithmetic:
+    """How this rank's gradients of one step enter the exchange, and what
+    comes out: sum_r(w_r * g_r) / sum_r(w_r), times N if `times_ranks`.
+
+    Attributes:
+        weight: this rank's w_r: its sample count in the step (a tensor
+            while the step is traced), or None for 1 (a plain mean).
+        divided: the loss was divided by N already (`divide_loss`): the
+            gradients arrive as g_r / N, and where every rank has the same
+            weight the native op sums them untouched (no pass over them).
+        times_ranks: the target was summed (`target_was_summed`): one
+            process's gradient is the sum over the global batch, so the
+            plain mean is multiplied by N (a sum over the ranks).
+    """
+
+    weight: Any = None
+    divided: bool = False
+    times_ranks: bool = False
+
+
+def arithmetic(state: StepState) -> Arithmetic:
+    """The rule for a step in `state`, used by every exchange path (native
+    op, numpy fallback, sparse gradients)."""
+    if state.summed:
+        # A sum over the global batch: every rank counts alike. Never with
+        # a divided loss (only Keras's own train step divides, and its
+        # loss is a scalar).
+        return Arithmetic(times_ranks=True)
+    return Arithmetic(weight=current_sample_count(state), divided=state.divided)
+
+
+def divides_loss(state: StepState) -> bool:
+    """Whether the loss of the step in `state` is divided by N before its
+    gradients are taken (`divide_loss`): in a framework step, more than one
+    rank, and only through the native op, whose `divided` mode takes the
+    shares; the numpy path always gets whole gradients."""
+    return state.samples is not None and world.get().size > 1 and uses_native()
 
 
 def divide_loss(loss: Any) -> Any:
-    """`loss` / N for the step being traced (inside `step`), when the native
-    exchange is in use; else `loss`. The step's gradients then arrive
-    divided by N already, and on every step where the ranks have the same
-    sample count the exchange sums them untouched: no pass over the
-    gradients (it costs a third of a large model's exchange time here)."""
-    context = current_step()
-    if context.samples is None or world.get().size == 1 or not uses_native():
+    """`loss` / N for the step being traced (inside `step`), when
+    `divides_loss`; else `loss`. The step's gradients then arrive divided by
+    N already, and on every step where the ranks have the same sample count
+    the exchange sums them untouched: no pass over the gradients (it costs
+    a third of a large model's exchange time here)."""
+    if not divides_loss(step_state.current()):
         return loss
-    context.divided = True
+    step_state.declare(divided=True)
     return loss / world.get().size
 
 
-def current_sample_count() -> Any:
-    """This rank's sample count in the current step, or None outside a
-    framework train step (custom loops)."""
-    count = current_step().samples
+def current_sample_count(state: StepState | None = None) -> Any:
+    """This rank's sample count in the current step (or `state`'s), or None
+    outside a framework train step (custom loops)."""
+    count = (state or step_state.current()).samples
     if count is None:
         return None
     import tensorflow as tf
@@ -137,25 +148,43 @@ def current_sample_count() -> Any:
     return count
 
 
+# ------------------------------------------------------------ the path
+
 _PATH: dict[str, bool] = {}
 
 
 def uses_native() -> bool:
     """Whether this process exchanges through the compiled op (`native`) or
     through `tf.numpy_function` over `collectives`: decided once, at the
-    first exchange, and the same for every later one."""
+    first exchange (or `prepare`), and the same for every later one.
+    Collective on the first call."""
     if "native" not in _PATH:
         _PATH["native"] = native.load()
     return _PATH["native"]
 
 
-def average(grads: Sequence[Any], context: StepContext | None = None) -> list[Any]:
+def reset() -> None:
+    """Forgets the path taken (`activation.reset`): the next exchange
+    decides again, on every rank at once, as the first did."""
+    _PATH.clear()
+
+
+def prepare() -> None:
+    """Decides the path now, on every rank at once (fit start): the native
+    op's load is a collective and may compile, which must not happen inside
+    the first step's trace."""
+    if world.get().size > 1:
+        uses_native()
+
+
+def average(grads: Sequence[Any], state: StepState | None = None) -> list[Any]:
     """Sample-weighted mean of `grads` over all ranks (graph or eager).
 
     Args:
         grads: gradients; may hold None (left as is) and `tf.IndexedSlices`
             (sparse gradients: rows gathered or summed, `sparse.exchange`).
-        context: the step's `StepContext`; by default the current one.
+        state: the step's facts (`core.step_state`); by default the current
+            ones, whose summed target is then used up.
 
     Returns:
         The averaged gradients, in the same structure and dtypes.
@@ -169,14 +198,14 @@ def average(grads: Sequence[Any], context: StepContext | None = None) -> list[An
     present = [i for i, g in enumerate(grads) if g is not None]
     if not present:
         return grads
-    context = context or current_step()
-    summed = context.summed
-    context.summed = False  # one declaration per gradient call
-    weight = None if summed else current_sample_count()  # summed: a plain mean, times N below
-    weight = tf.cast(1.0 if weight is None else weight, tf.float64)
-    divided = context.divided
+    if state is None:
+        state = step_state.current()
+        if state.summed:
+            step_state.declare(summed=False)  # one declaration per gradient call
+    rule = arithmetic(state)
+    weight = tf.cast(1.0 if rule.weight is None else rule.weight, tf.float64)
     for i in [i for i in present if isinstance(grads[i], tf.IndexedSlices)]:
-        grads[i] = sparse.exchange(grads[i], weight, divided and not summed, summed, w.comm)
+        grads[i] = sparse.exchange(grads[i], weight, rule.divided, rule.times_ranks, w.comm)
     present = [i for i in present if not isinstance(grads[i], tf.IndexedSlices)]
     if not present:
         return grads
@@ -190,10 +219,10 @@ def average(grads: Sequence[Any], context: StepContext | None = None) -> list[An
     )
     if uses_native():
         for number, bucket in enumerate(buckets):
-            _native_average(bucket, dense, grads, weight, number == 0, divided)
+            _native_average(bucket, dense, grads, weight, number == 0, rule.divided)
     else:
         _numpy_average(buckets, dense, grads, weight, w.comm)
-    if summed:
+    if rule.times_ranks:
         for i in present:
             grads[i] = grads[i] * tf.cast(w.size, grads[i].dtype)
     return grads

@@ -92,7 +92,7 @@ def exchange(
         comm = world.get().comm
     parts = _parts(slices.values, slices.indices)
     shared = [not _depends_on_batch(indices) for _, indices in parts]
-    size = comm.Get_size()
+    size = collectives.size_of(comm)
 
     def run(step_weight, *arrays):
         count = len(parts)

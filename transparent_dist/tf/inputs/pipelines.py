@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -59,6 +60,7 @@ __all__ = [
     "file_batches",
     "generator_batches",
     "is_file_backed",
+    "iterator_made",
     "num_rows",
     "rank_rows_batches",
     "read_on_demand",
@@ -169,7 +171,7 @@ def rank_rows_batches(inputs: Any, num_rows: int, plan: ShardPlan, what: str) ->
     steps and no empty batch. With `shuffle`, each rank permutes its rows
     anew every epoch."""
     w = world.get()
-    counts = w.comm.allgather(num_rows)
+    counts = collectives.allgather_object(num_rows, w.comm)
     per_rank = max(1, plan.global_batch // w.size)
     steps = math.ceil(max(counts) / per_rank)
     short = [r for r, n in enumerate(counts) if n < steps]
@@ -359,11 +361,10 @@ def _round_agreement(comm: Any, what: str) -> Callable[[bool], None]:
     ranks whose datasets differ in length stop with an error instead of
     waiting for each other. One tiny allreduce per round, on the data
     communicator (this runs on a tf.data thread)."""
-    from mpi4py import MPI
 
     def agree(has_round: bool) -> None:
         flags = np.array([int(has_round), -int(has_round)], np.int32)
-        comm.Allreduce(MPI.IN_PLACE, flags, op=MPI.MAX)
+        collectives.allreduce_in_place(flags, comm, "max", "agreement check")
         if flags[0] != -flags[1]:
             raise CollectiveError(
                 f"transparent_dist: {what} has a different number of batches on "
@@ -380,6 +381,23 @@ def _any_batch_size(spec: Any) -> Any:
         return s
 
     return tf.nest.map_structure(relax, spec)
+
+
+# A dataset `dataset_batches` made -> what it does when an iterator of it
+# is made (counts it: `iterator_made`).
+_ON_ITER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def iterator_made(dataset: Any) -> None:
+    """Called as an iterator of `dataset` is made (the patched
+    `Dataset.__iter__`): a dataset `dataset_batches` made counts its
+    iterators, so that it draws the orders plain Keras draws."""
+    try:
+        on_iter = _ON_ITER.get(dataset)
+    except TypeError:  # a dataset kind that cannot be a weak key: not ours
+        return
+    if on_iter is not None:
+        on_iter()
 
 
 def dataset_batches(dataset: tf.data.Dataset, plan: ShardPlan) -> tf.data.Dataset:
@@ -420,7 +438,7 @@ def dataset_batches(dataset: tf.data.Dataset, plan: ShardPlan) -> tf.data.Datase
         )
     else:
         balanced = read_on_demand(balanced)
-    balanced._td_on_iter = lambda: iterators.update(created=iterators["created"] + 1)
+    _ON_ITER[balanced] = lambda: iterators.update(created=iterators["created"] + 1)
     return balanced
 
 

@@ -20,7 +20,7 @@ import random
 from collections.abc import Iterator
 from types import ModuleType
 
-from transparent_dist.core import world
+from transparent_dist.core import collectives, world
 
 __all__ = ["agree_on_global_seed", "agreed_seed", "common_global_seed"]
 
@@ -36,7 +36,7 @@ def _drawn_by_root() -> int:
     # Not the script's `random` stream: drawing from it on rank 0 only
     # would set rank 0's numbers apart from the other ranks' (host_random).
     seed = random.SystemRandom().randrange(2**31) if w.is_root else None
-    return w.comm.bcast(seed, root=0)
+    return collectives.broadcast_object(seed, w.comm)
 
 
 def agree_on_global_seed(tf: ModuleType) -> None:
@@ -50,7 +50,7 @@ def agreed_seed() -> int:
     """The script's TF global seed as rank 0 has it (0 if unset)."""
     w = world.get()
     seed = _global_seed() or 0
-    return seed if w.size == 1 else w.comm.bcast(seed, root=0)
+    return seed if w.size == 1 else collectives.broadcast_object(seed, w.comm)
 
 
 @contextlib.contextmanager
@@ -66,7 +66,7 @@ def common_global_seed() -> Iterator[None]:
     if w.size == 1:
         yield
         return
-    seeds = w.comm.allgather(seed)
+    seeds = collectives.allgather_object(seed, w.comm)
     if seed is not None and all(s == seed for s in seeds):
         yield
         return

@@ -1,9 +1,10 @@
-"""The calls every rank must make in the same order, checked rather than trusted.
+"""The phases every rank must enter alike, checked rather than trusted: each
+`fit` / `evaluate` / `predict` call, the settings, the end of the script.
 
 ```python
-from transparent_dist.core import sequence
-sequence.enter("fit", {"epochs": 3, "steps_per_epoch": None})   # in the fit patch
-print(sequence.current())      # "fit #1 at train.py:40"
+from transparent_dist.core import phases, progress
+phases.enter("fit", {"epochs": 3, "steps_per_epoch": None})   # in the fit patch
+print(progress.current())      # "fit #1 at train.py:40"
 ```
 
 Each phase of a job that issues collectives (every `fit`, `evaluate` and
@@ -22,8 +23,8 @@ Every check also carries the settings that must be alike on every rank
 the next phase. The checks run on a communicator of their own
 (`World.control_comm`), so a rank checking its phase never pairs with a
 training collective another rank waits in; the stall watchdog (`stall`)
-sees such a rank (same collective number, another phase) and ends the job
-within seconds, naming both. A rank that ends its script (return,
+sees such a rank (same collective number, another phase: `progress`) and
+ends the job within seconds, naming both. A rank that ends its script (return,
 `sys.exit()` with any status, falling off the end) or calls `MPI.Finalize()`
 takes the end-of-script check, so it is named too.
 """
@@ -39,15 +40,29 @@ from typing import Any
 
 import numpy as np
 
-from transparent_dist.core import collectives, config, log, stall, world
+from transparent_dist.core import (
+    collectives,
+    config,
+    failures,
+    listener,
+    log,
+    loop_summary,
+    progress,
+    stall,
+    world,
+)
 from transparent_dist.core.errors import CollectiveError
 
-__all__ = ["check_settings", "current", "enter", "install_end_check", "remove_end_check"]
+__all__ = [
+    "agree_to_stop",
+    "check_settings",
+    "enter",
+    "install_end_check",
+    "remove_end_check",
+    "reset",
+]
 
-# Phase kinds, in the code the stall watchdog carries for them.
-KINDS = ("start", "fit", "evaluate", "predict", "script end")
 _COUNTS: collections.Counter = collections.Counter()
-_STATE = {"description": "the start of the script"}
 _FRAMEWORK_DIRS = tuple(
     os.sep + name + os.sep
     for name in ("transparent_dist", "keras", "tf_keras", "tensorflow", "runpy", "importlib")
@@ -63,11 +78,6 @@ def user_site() -> str:
             return f"{os.path.basename(name)}:{frame.f_lineno}"
         frame = frame.f_back
     return "?"
-
-
-def current() -> str:
-    """What this rank is doing, for messages: e.g. "fit #2 at train.py:40"."""
-    return _STATE["description"]
 
 
 # Exit status of a job whose settings are wrong (as for a command-line error).
@@ -93,7 +103,7 @@ def check_settings() -> None:
         else:
             log.info(f"{name} is not a setting of transparent_dist: ignored")
     if w.control_comm is not None:
-        everyone = w.control_comm.allgather(problems)
+        everyone = collectives.allgather_object(problems, w.control_comm, "agreement check")
         problems = list(dict.fromkeys(p for rank_problems in everyone for p in rank_problems))
         for p in problems:
             ranks = [r for r, rank_problems in enumerate(everyone) if p in rank_problems]
@@ -143,21 +153,19 @@ def enter(kind: str, arguments: dict | None = None, comm: Any = None) -> None:
         "index": _COUNTS[kind],
         "site": user_site(),
         "arguments": {**(arguments or {}), **config.shared()},
-        "after": _STATE["description"],
+        "after": progress.current(),
     }
-    _STATE["description"] = _describe(phase)
-    stall.enter_phase(KINDS.index(kind), phase["index"])
+    progress.enter_phase(kind, phase["index"], _describe(phase))
     comm = world.get().control_comm if comm is None else comm
     if comm is None:
         return
-    stall.arrive("phase check")
     text = repr((kind, phase["index"], sorted(phase["arguments"].items())))
-    digests = np.empty(comm.Get_size(), np.int64)
-    comm.Allgather(np.array([_digest(text)], np.int64), digests)
+    record = np.array([_digest(text)], np.int64)
+    digests = collectives.allgather_records(record, comm, "phase check")[:, 0]
     if (digests == digests[0]).all():
         return
     # Rare path: every rank saw the same digests, so all take it together.
-    phases = comm.allgather(phase)
+    phases = collectives.allgather_object(phase, comm, "phase check")
     names = {name for p in phases for name in p["arguments"]}
     differing = tuple(
         name
@@ -174,22 +182,19 @@ def enter(kind: str, arguments: dict | None = None, comm: Any = None) -> None:
     )
 
 
-_END: dict[str, Any] = {"done": False, "keyval": None}
+_END: dict[str, Any] = {"done": False}
 
 
 def _end_check() -> None:
     """The end-of-script phase, once: at interpreter exit, or earlier when
     the script calls `MPI.Finalize()` itself (MPI is still usable in the
-    callback MPI_Finalize makes first). The watchdog's threads stop after
-    it, since nothing may call MPI once the script has finalized it."""
-    from mpi4py import MPI
-
-    from transparent_dist.core import failures
-
+    callback MPI_Finalize makes first: `world.at_finalize`). The listener
+    and the watchdog's threads stop after it, since nothing may call MPI
+    once the script has finalized it."""
     if _END["done"]:
         return
     _END["done"] = True
-    if MPI.Is_finalized():
+    if world.is_finalized():
         return
     try:
         enter("script end")
@@ -198,54 +203,36 @@ def _end_check() -> None:
     else:
         # Every rank is here and MPI still works: the one safe point for
         # the end-of-run summaries' gathers (before the watchdog stops).
-        from transparent_dist.core import loop_summary
-
         loop_summary.at_script_end(world.get().control_comm)
+    # The listener first: it may be in one of the watchdog's pollers.
+    listener.stop()
     stall.stop()
-
-
-def _on_finalize(comm: Any, keyval: int, value: Any) -> None:
-    _end_check()
 
 
 def install_end_check() -> None:
     """Checks, when the interpreter exits normally or the script finalizes
     MPI, that every rank got there."""
-    from mpi4py import MPI
-
     atexit.unregister(_atexit)
     atexit.register(_atexit)
-    if _END["keyval"] is None and world.get().comm is not None:
-        # Attributes of COMM_SELF are deleted first thing in MPI_Finalize.
-        _END["keyval"] = MPI.Comm.Create_keyval(delete_fn=_on_finalize)
-        MPI.COMM_SELF.Set_attr(_END["keyval"], None)
+    world.at_finalize(_end_check)
 
 
 def _atexit() -> None:
     _end_check()
-    _forget_finalize_hook()
-
-
-def _forget_finalize_hook() -> None:
-    """Removes the MPI_Finalize callback while Python can still run it
-    (mpi4py finalizes MPI after the interpreter has shut down)."""
-    from mpi4py import MPI
-
-    keyval = _END["keyval"]
-    if keyval is None or MPI.Is_finalized():
-        return
-    _END["keyval"] = None
-    done = _END["done"]
-    _END["done"] = True  # deleting the attribute calls _on_finalize: make it a no-op
-    MPI.COMM_SELF.Delete_attr(keyval)
-    MPI.Comm.Free_keyval(keyval)
-    _END["done"] = done
+    world.forget_finalize()
 
 
 def remove_end_check() -> None:
     atexit.unregister(_atexit)
-    if "mpi4py.MPI" in sys.modules:
-        _forget_finalize_hook()
+    world.forget_finalize()
+
+
+def reset() -> None:
+    """Forgets the phases entered and takes the end check off
+    (`activation.reset`): the next `fit` is #1 again."""
+    remove_end_check()
+    _COUNTS.clear()
+    _END["done"] = False
 
 
 # Bits of the flags ranks agree on after each training step (the lower bits
@@ -260,7 +247,8 @@ def agree_to_stop(stopping: bool, flags: int, where: str) -> int:
     w = world.get()
     flags = collectives.any_flags(flags | (STOP if stopping else 0), w.comm)
     if flags & STOP and w.comm is not None:
-        stoppers = [r for r, s in enumerate(w.comm.allgather(bool(stopping))) if s]
+        everyone = collectives.allgather_object(bool(stopping), w.comm, "agreement check")
+        stoppers = [r for r, s in enumerate(everyone) if s]
         if len(stoppers) < w.size and w.is_root:
             log.warning(
                 f"rank(s) {', '.join(map(str, stoppers[:8]))} stopped training at {where} "

@@ -1,65 +1,30 @@
-"""Pieces the adapters share (Keras 3, tf_keras, TF1, custom loops).
+"""A patched `fit` / `evaluate` / `predict` call: its arguments by name, the
+check that every rank makes the same call (and compiled alike), and
+`predict`'s rows gathered.
 
 ```python
-from transparent_dist.adapters import common
-with common.flag("fitting"):
-    assert common.is_set("fitting")
+from transparent_dist.adapters import calls
+a = calls.bind(original_fit, model, args, kwargs)   # {"self": model, "x": ..., "epochs": 1, ...}
+calls.enter_phase("fit", a)                         # every rank makes the same call
+history = calls.call(original_fit, a)
 ```
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import threading
-from collections.abc import Iterable, Iterator
 from typing import Any
 
-from transparent_dist.core import collectives, sequence, world
-from transparent_dist.tf import broadcast
+from transparent_dist.core import collectives, phases, world
 
 __all__ = [
     "agree_on_compile",
     "bind",
     "call",
-    "classes_defining",
     "compile_settings",
-    "distributed",
     "enter_phase",
-    "flag",
     "gathered_rows",
-    "is_set",
-    "metric_variables",
-    "no_op",
-    "output_on_root_only",
 ]
-
-_LOCAL = threading.local()
-
-
-def no_op(*args: Any, **kwargs: Any) -> None:
-    """Stands in for a callback method that must not act on this rank."""
-    return None
-
-
-def distributed() -> bool:
-    return world.get().size > 1
-
-
-def is_set(name: str) -> bool:
-    """Whether this thread is inside `flag(name)` (e.g. "fitting", or
-    "applying": an outer optimizer already averaged the gradients)."""
-    return getattr(_LOCAL, name, False)
-
-
-@contextlib.contextmanager
-def flag(name: str) -> Iterator[None]:
-    previous = is_set(name)
-    setattr(_LOCAL, name, True)
-    try:
-        yield
-    finally:
-        setattr(_LOCAL, name, previous)
 
 
 def bind(original: Any, self: Any, args: tuple, kwargs: dict) -> dict:
@@ -78,26 +43,6 @@ def call(original: Any, arguments: dict) -> Any:
     return original(self, **arguments)
 
 
-def output_on_root_only(arguments: dict, callbacks: Any) -> None:
-    """Sets the callbacks this rank runs (`callbacks`, from the framework's
-    own rule) and turns the progress bar off on every rank but 0."""
-    arguments["callbacks"] = callbacks
-    if not world.get().is_root:
-        arguments["verbose"] = 0
-
-
-def classes_defining(bases: Iterable[type], name: str) -> list[type]:
-    """`bases` and all their subclasses that define `name` themselves: the
-    classes whose `name` a patch must wrap to cover every subclass."""
-    found, stack = [], list(bases)
-    while stack:
-        cls = stack.pop()
-        if name in vars(cls):
-            found.append(cls)
-        stack.extend(cls.__subclasses__())
-    return found
-
-
 def gathered_rows(outputs: Any) -> Any:
     """`predict`'s outputs (nested numpy arrays) with every rank's rows, in
     rank order, on every rank."""
@@ -105,11 +50,6 @@ def gathered_rows(outputs: Any) -> Any:
 
     comm = world.get().comm
     return tf.nest.map_structure(lambda o: collectives.allgather_rows(o, comm), outputs)
-
-
-def metric_variables(metrics: Iterable[Any]) -> list[Any]:
-    """Every variable of `metrics`, each once, in a fixed order."""
-    return broadcast.unique(v for metric in metrics for v in metric.variables)
 
 
 # The arguments of fit / evaluate / predict that decide how many collectives
@@ -127,7 +67,7 @@ _DECIDING = (
 
 
 def enter_phase(kind: str, arguments: dict) -> None:
-    """`sequence.enter` for a fit / evaluate / predict call, with the
+    """`phases.enter` for a fit / evaluate / predict call, with the
     arguments that decide its collectives."""
     import numbers
 
@@ -142,7 +82,7 @@ def enter_phase(kind: str, arguments: dict) -> None:
         shown["validation"] = arguments.get("validation_data") is not None or bool(
             arguments.get("validation_split")
         )
-    sequence.enter(kind, shown)
+    phases.enter(kind, shown)
 
 
 def compile_settings(model: Any) -> dict:

@@ -1,0 +1,199 @@
+"""Loading the native op into every rank (or none) and calling it.
+
+```python
+import tensorflow as tf
+from transparent_dist.tf.native import op
+if op.load():                          # collective: every rank, or none
+    mean, = op.allreduce([tf.ones(3)], weight=1.0)
+```
+
+One rank per node builds the op (`build`) while the others wait. MPI is
+not linked at build time: the op gets the function addresses and handles
+of the MPI library mpi4py loaded, so it always talks to the same MPI, on
+the same communicator, as the Python side. `TD_NATIVE=auto` (the default)
+falls back to the numpy exchange in `collectives` with one warning if the
+op cannot be built or loaded on some rank (every rank then takes the
+fallback); `on` makes that an error; `off` always uses the fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from transparent_dist.core import collectives, config, log, progress, timeline, world
+
+# By name from the module: the package's `build` is the function.
+from transparent_dist.tf.native.build import build as build_library
+from transparent_dist.tf.native.build import compiled_here, library_path
+
+__all__ = ["DTYPES", "WIRES", "allreduce", "load", "reset", "status"]
+
+# Float dtypes the op reduces (others go through the numpy exchange).
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+WIRES = {"none": "same", "fp16": "fp16", "bf16": "bf16"}
+_SPAN_NAMES = ("wait", "exchange", "metrics")
+
+# Whether `load` ran, the loaded op (its TF module and its C functions),
+# and why it is not in use.
+_STATE: dict[str, Any] = {"tried": False, "module": None, "lib": None, "reason": ""}
+
+
+def reset() -> None:
+    """Forgets the loaded op (`activation.reset`): the next `load` loads it
+    again, on every rank at once, as the first did. The library stays in
+    the process (it cannot be unloaded); TensorFlow hands back the same op,
+    with its counters, which are zeroed here."""
+    if _STATE.get("lib") is not None:
+        _STATE["lib"].td_reset_counters()
+    _STATE.clear()
+    _STATE.update(tried=False, module=None, lib=None, reason="")
+
+
+def _configure(lib: Any, comm: Any) -> None:
+    import ctypes
+
+    lib.td_configure.argtypes = [ctypes.c_ssize_t] * 8
+    lib.td_configure.restype = ctypes.c_int
+    code = lib.td_configure(*collectives.native_handles(comm))
+    if code != 0:
+        raise RuntimeError(f"MPI_Op_create failed with code {code}")
+    lib.td_counters.argtypes = [ctypes.POINTER(ctypes.c_double)]
+    lib.td_take_spans.argtypes = [ctypes.POINTER(ctypes.c_double), ctypes.c_int]
+    lib.td_arrivals.restype = ctypes.c_int64
+    lib.td_record_spans(1 if timeline.recording() else 0)
+
+
+def _load_here(comm: Any) -> None:
+    import ctypes
+
+    import tensorflow as tf
+
+    path = build_library()
+    module = tf.load_op_library(str(path))
+    lib = ctypes.CDLL(str(path))  # the same loaded object: its td_* functions
+    _configure(lib, comm)
+    _STATE["module"], _STATE["lib"] = module, lib
+
+
+def load() -> bool:
+    """Makes the op ready on every rank, or on none: True when gradients go
+    through it. Collective on the first call (all ranks agree); cached."""
+    if config.SETTINGS.native == "off":
+        return False
+    if _STATE["tried"]:
+        return _STATE["module"] is not None
+    _STATE["tried"] = True
+    w = world.get()
+    mode = config.SETTINGS.native
+    if w.size == 1:
+        _STATE["reason"] = "a single process"
+        return False
+    failure = ""
+    started = time.perf_counter()
+    # One rank per node compiles (when needed) while the others wait, so a
+    # failing compiler runs once, not once per rank.
+    node = world.split_by_node(w.comm)
+    try:
+        if collectives.rank_of(node) == 0:
+            with contextlib.suppress(Exception):  # the same error comes again below
+                build_library()
+        collectives.barrier(node)
+        _load_here(w.comm)
+    except Exception as error:  # noqa: BLE001 - any failure means the fallback
+        failure = f"{type(error).__name__}: {error}"
+    finally:
+        world.free(node)
+    failures = [f for f in collectives.allgather_object(failure, w.comm, "agreement check") if f]
+    # Inside a fit's first step: its summary leaves this time out.
+    timeline.add_build(started, time.perf_counter(), compiled_here())
+    if not failures:
+        timeline.add_source(_Source())
+        progress.add_counter(lambda: int(_STATE["lib"].td_arrivals()), "gradient exchange")
+        log.debug(f"native gradient exchange loaded from {library_path()}")
+        return True
+    _STATE["module"] = None
+    _STATE["reason"] = failures[0]
+    # The reason may hold the compiler's lines: they go after the sentence.
+    message = f"the native gradient exchange is not available: {failures[0]}"
+    if mode == "on":
+        raise RuntimeError(f"transparent_dist: TD_NATIVE=on, but {message}")
+    if w.is_root:
+        log.warning(
+            "using the slower numpy exchange (TD_NATIVE=off to silence this): " + message.rstrip()
+        )
+    return False
+
+
+def status() -> str:
+    """One line for `doctor`: whether the op is in use, and why not."""
+    if config.SETTINGS.native == "off":
+        return "numpy fallback (TD_NATIVE=off)"
+    if _STATE["module"] is not None:
+        return f"native op ({library_path()})"
+    return f"numpy fallback ({_STATE['reason'] or 'not loaded yet'})"
+
+
+def allreduce(
+    tensors: Sequence[Any],
+    weight: Any = 1.0,
+    *,
+    average: bool = True,
+    compression: str = "none",
+    count_samples: bool = False,
+    divided: bool = False,
+) -> list[Any]:
+    """Sums (average=False) or `weight`-weighted means of `tensors` (one
+    dtype among DTYPES) over ranks, as one op; `load()` must be True.
+    `divided`: the tensors were computed from a loss already divided by the
+    number of ranks (see `exchange.divide_loss`)."""
+    import tensorflow as tf
+
+    return list(
+        _STATE["module"].td_allreduce(
+            weight=tf.cast(weight, tf.float64),
+            tensors=list(tensors),
+            wire=WIRES[compression],
+            average=average,
+            count_samples=count_samples,
+            divided=divided,
+        )
+    )
+
+
+class _Source:
+    """The op's counters and spans, for `timeline`."""
+
+    def counters(self) -> dict[str, float]:
+        import ctypes
+
+        values = (ctypes.c_double * 6)()
+        _STATE["lib"].td_counters(values)
+        names = (
+            "exchange_seconds",
+            "wait_seconds",
+            "exchange_bytes",
+            "exchanges",
+            "samples",
+            "reduce_seconds",
+        )
+        return dict(zip(names, values, strict=True))
+
+    def reset(self) -> None:
+        _STATE["lib"].td_reset_counters()
+
+    def spans(self) -> list[tuple[str, float, float]]:
+        import ctypes
+
+        out: list[tuple[str, float, float]] = []
+        buffer = (ctypes.c_double * (3 * 4096))()
+        while True:
+            count = _STATE["lib"].td_take_spans(buffer, 4096)
+            out.extend(
+                (_SPAN_NAMES[int(buffer[3 * i])], buffer[3 * i + 1], buffer[3 * i + 2])
+                for i in range(count)
+            )
+            if count < 4096:
+                return out
