@@ -121,7 +121,11 @@ def run(
         cwd=cwd,
         stdin=subprocess.DEVNULL,
     )
-    return Finished(proc, time.monotonic() - start)
+    finished = Finished(proc, time.monotonic() - start)
+    if os.environ.get("TD_TEST_TIMES"):
+        with open(os.environ["TD_TEST_TIMES"], "a") as f:
+            f.write(f"{finished.seconds:7.1f} {ranks} {' '.join(map(str, args))[:150]}\n")
+    return finished
 
 
 def load_ranks(directory: Path, prefix: str, ranks: int) -> list[dict]:

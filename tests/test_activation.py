@@ -61,11 +61,11 @@ from keras.src.optimizers.base_optimizer import BaseOptimizer
 originals = (TensorFlowTrainer.fit, BaseOptimizer.apply, keras.Model.save)
 import transparent_dist
 from transparent_dist.core import patching
-from transparent_dist.adapters import keras3
+from transparent_dist.adapters import keras3_tensorflow
 patched = (TensorFlowTrainer.fit, BaseOptimizer.apply, keras.Model.save)
 assert all(p is not o for p, o in zip(patched, originals))
 assert all(p.__td_original__ is o for p, o in zip(patched, originals))
-keras3.install(); transparent_dist.activate()   # again: nothing changes
+keras3_tensorflow.install(); transparent_dist.activate()   # again: nothing changes
 assert (TensorFlowTrainer.fit, BaseOptimizer.apply, keras.Model.save) == patched
 transparent_dist.deactivate()
 assert (TensorFlowTrainer.fit, BaseOptimizer.apply, keras.Model.save) == originals
@@ -178,3 +178,19 @@ def test_deactivate_stops_the_threads_and_activate_starts_them_on_every_rank(tmp
         assert record["again"] == record["before"], record
         assert record["native"] == [True, True], record
         assert record["mean"] == [1.5, 1.5]
+
+
+def test_a_keras_backend_without_an_adapter_is_refused_on_several_ranks(monkeypatch):
+    import types
+
+    from transparent_dist.runtime import activation
+
+    jax_keras = types.SimpleNamespace(backend=types.SimpleNamespace(backend=lambda: "jax"))
+    monkeypatch.setattr(activation.world, "get", lambda: types.SimpleNamespace(size=2))
+    with pytest.raises(RuntimeError) as refused:
+        activation._on_keras(jax_keras)
+    assert str(refused.value) == (
+        "transparent_dist supports the TensorFlow backend of Keras; KERAS_BACKEND is 'jax'"
+    )
+    monkeypatch.setattr(activation.world, "get", lambda: types.SimpleNamespace(size=1))
+    assert activation._on_keras(jax_keras) is None  # one process: plain Keras, no patches

@@ -27,7 +27,7 @@ def test_a_generator_read_to_tell_its_size_is_given_back_whole():
 
 def test_fit_summary_counts_steps_not_calls_of_steps_per_execution(monkeypatch):
     pytest.importorskip("keras")
-    from transparent_dist.adapters import keras3, keras_callbacks
+    from transparent_dist.adapters import keras3_tensorflow, keras_callbacks
     from transparent_dist.core import timeline
 
     said = []
@@ -39,7 +39,7 @@ def test_fit_summary_counts_steps_not_calls_of_steps_per_execution(monkeypatch):
         "stats",
         lambda: timeline.Stats(exchange_seconds=2.06, exchange_bytes=7.7e8, samples=1e4),
     )
-    summary = keras_callbacks.for_framework(keras3.FRAMEWORK).FitSummary()
+    summary = keras_callbacks.for_framework(keras3_tensorflow.FRAMEWORK).FitSummary()
     # Two epochs of 103 steps at steps_per_execution=50: three calls each,
     # the last one reaching past the epoch's end (steps 100..149).
     summary.set_params({"steps": 103, "epochs": 2})

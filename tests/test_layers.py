@@ -20,11 +20,14 @@ FORBIDDEN = {
     "data": ("tensorflow", "keras", "tf_keras"),
     "tf": ("keras", "tf_keras"),
 }
-# Each framework's private modules: imported in one file of the package.
+# Each framework's private modules: imported only in the files named (Keras
+# 3's: its backend-neutral adapter and its backend's; the backend's own
+# modules only in the backend's file).
 PRIVATE = {
-    "keras.src": "adapters/keras3.py",
-    "tf_keras.src": "adapters/tf_keras.py",
-    "tensorflow.python": "tf/internals.py",
+    "keras.src": ("adapters/keras3.py", "adapters/keras3_tensorflow.py"),
+    "keras.src.backend.tensorflow": ("adapters/keras3_tensorflow.py",),
+    "tf_keras.src": ("adapters/tf_keras.py",),
+    "tensorflow.python": ("tf/internals.py",),
 }
 
 
@@ -74,9 +77,9 @@ def test_each_frameworks_private_modules_are_imported_in_one_place():
     for path in PACKAGE.rglob("*.py"):
         where = str(path.relative_to(PACKAGE))
         for name in _imports(path):
-            for private, home in PRIVATE.items():
-                if (name == private or name.startswith(private + ".")) and where != home:
-                    wrong.append(f"{where} imports {name} (only {home} may)")
+            for private, homes in PRIVATE.items():
+                if (name == private or name.startswith(private + ".")) and where not in homes:
+                    wrong.append(f"{where} imports {name} (only {', '.join(homes)} may)")
     assert wrong == []
 
 
@@ -168,3 +171,12 @@ def test_mpi_is_called_only_through_world_and_collectives():
         if str(path.relative_to(PACKAGE)) not in MPI_HOMES:
             wrong += _raw_mpi(path)
     assert wrong == []
+
+
+def test_every_keras_backend_named_in_activation_has_its_adapter():
+    from transparent_dist.runtime import activation
+
+    for name, module in activation.KERAS_BACKENDS.items():
+        path = PACKAGE.joinpath(*module.split(".")[1:]).with_suffix(".py")
+        assert path.exists(), f"{name}: {module} missing"
+        assert "\ndef install() -> None:" in path.read_text(), f"{name}: {module} has no install()"

@@ -184,4 +184,4 @@ def test_a_near_miss_of_a_setting_is_an_error_a_stranger_a_note(monkeypatch, cap
 
 def test_agree_to_stop_on_one_rank_sets_the_stop_bit():
     assert phases.agree_to_stop(False, 1, "epoch 1") == 1
-    assert phases.agree_to_stop(True, 2, "epoch 1") == 2 | phases.STOP
+    assert phases.agree_to_stop(True, 2, "epoch 1") == 2 | phases.Wish.STOP

@@ -112,10 +112,20 @@ def test_global_batch_sizes_uneven_last_batch():
 
 
 def test_global_batch_sizes_short_last_batch_takes_rows_from_the_one_before():
-    # 9 = 4 + 4 + 1 on 3 ranks: the last batch takes 2 rows of the one before.
-    assert global_batch_sizes(9, 4, 3) == [4, 2, 3]
+    # 13 = 6 + 6 + 1 on 3 ranks: the last batch takes 2 rows of the one before.
+    assert global_batch_sizes(13, 6, 3) == [6, 4, 3]
+    # 9 = 4 + 4 + 1: taking 2 would leave 2 rows for 3 ranks; the two merge.
+    assert global_batch_sizes(9, 4, 3) == [4, 5]
     # A single short batch has nothing to borrow from (refused by the caller).
     assert global_batch_sizes(2, 4, 3) == [2]
+
+
+def test_global_batch_sizes_merge_the_last_two_when_the_one_before_cannot_spare_rows():
+    # 4 = 3 + 1 on 3 ranks (batch 1 per rank): borrowing two rows would leave
+    # [1, 3], two ranks with an empty first batch; one step of 4 instead.
+    assert global_batch_sizes(4, 3, 3) == [4]
+    assert global_batch_sizes(7, 3, 3) == [3, 4]
+    assert global_batch_sizes(5, 4, 3) == [5]
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
@@ -125,9 +135,11 @@ def test_global_batch_sizes_sum_to_the_data_and_fit_the_global_batch(size):
         for n in range(size, 4 * global_batch + 2):
             sizes = global_batch_sizes(n, global_batch, size)
             assert sum(sizes) == n
-            assert len(sizes) == steps_for(n, global_batch)
-            assert all(0 < s <= global_batch for s in sizes)
-            assert sizes[-1] >= size, (n, global_batch, sizes)
+            # One step fewer only where the last two merged.
+            assert len(sizes) in (steps_for(n, global_batch), steps_for(n, global_batch) - 1)
+            assert all(size <= s <= global_batch for s in sizes[:-1]), (n, global_batch, sizes)
+            # Every rank gets a sample in every step: no empty local batch.
+            assert size <= sizes[-1] < max(global_batch + 1, 2 * size), (n, global_batch, sizes)
 
 
 # ---------------------------------------------------------- balanced_rounds

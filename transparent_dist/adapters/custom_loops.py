@@ -43,7 +43,15 @@ from typing import Any
 
 import tensorflow as tf
 
-from transparent_dist.core import log, loop_summary, patching, preemption, step_state, world
+from transparent_dist.core import (
+    log,
+    loop_summary,
+    patching,
+    preemption,
+    step_state,
+    unique,
+    world,
+)
 from transparent_dist.tf import broadcast, exchange, internals
 from transparent_dist.tf.inputs import pipelines
 
@@ -144,7 +152,9 @@ class _Loop:
         self._signals.__enter__()  # for the rest of the process
 
     def resume(self, optimizer: Any, variables: list[Any]) -> None:
-        self.targets = broadcast.unique(list(variables) + broadcast.optimizer_variables(optimizer))
+        self.targets = unique.by_identity(
+            list(variables) + broadcast.optimizer_variables(optimizer)
+        )
         with tf.init_scope():
             self.resume_at = self.service.resume_replaying(
                 self.targets, lambda v, value: v.assign(value), "updates of the loop"

@@ -22,8 +22,8 @@ import dataclasses
 from typing import Any
 
 from transparent_dist.core import config, log, world
+from transparent_dist.core.shard_plan import DEFAULT_BATCH_SIZE
 from transparent_dist.tf import inputs as tf_inputs
-from transparent_dist.tf.inputs.plan import DEFAULT_BATCH_SIZE
 
 __all__ = ["Batch", "describe", "line", "reset", "say"]
 

@@ -3,18 +3,18 @@
 
 ```python
 import keras
-from transparent_dist.adapters import keras3
-keras3.install()      # idempotent; the import hook calls it (tf_keras.install alike)
+from transparent_dist.adapters import keras3_tensorflow
+keras3_tensorflow.install()   # idempotent; the import hook calls it (tf_keras.install alike)
 ```
 
-A framework is described by a `Framework` (`keras3.FRAMEWORK`,
+A framework is described by a `Framework` (`keras3_tensorflow.FRAMEWORK`,
 `tf_keras.FRAMEWORK`): its classes, its private helpers and how to reach
 its train step. Everything else is written here once:
 
 - the optimizer's update (`update`): rank 0's weights and optimizer state
-  are broadcast before the first update, the gradients averaged
-  (`tf.exchange`), and in a custom loop the preemption service sees the
-  step (`custom_loops`);
+  are broadcast before the first update, the gradients averaged (both
+  through the framework's `Backend`, `core.backend`), and in a custom loop
+  the preemption service sees the step (`custom_loops`);
 - `fit`, `evaluate`, `predict` (`wrap_fit` ...): the data is classified
   once and sharded by one `ShardPlan` (`tf.inputs`), the callbacks chosen
   per rank (`keras_callbacks`), XLA turned off for the steps that
@@ -24,6 +24,10 @@ its train step. Everything else is written here once:
   rank (`tf.inputs.fewer_than_ranks`), as one process runs them;
 - the loss of an empty local batch is 0, not NaN (`wrap_compute_loss`).
 
+The data side (`tf.inputs`: classifying, sharding, `tf.data` pipelines)
+is TensorFlow's for every backend: Keras 3 takes a `tf.data.Dataset` under
+any of its backends.
+
 In a world of size 1 every patch calls straight through to Keras.
 """
 
@@ -31,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -53,13 +56,12 @@ from transparent_dist.core import (
     step_state,
     world,
 )
-from transparent_dist.tf import broadcast, exchange
+from transparent_dist.core.backend import Backend
 from transparent_dist.tf import inputs as tf_inputs
 
 __all__ = [
     "Framework",
     "callbacks_of",
-    "epoch_lengths",
     "fitting",
     "update",
     "wrap_evaluate",
@@ -74,6 +76,8 @@ class Framework:
 
     Attributes:
         name: "keras" or "tf_keras".
+        backend: the tensor library's `Backend` (gradients, metric states,
+            variables, batches).
         callback_base, callback_list: its `Callback` and `CallbackList`.
         root_only_callbacks: callbacks that write or print (rank 0 only).
         backup_and_restore: its `BackupAndRestore`, which writes on rank 0
@@ -95,6 +99,7 @@ class Framework:
     """
 
     name: str
+    backend: Backend
     callback_base: type
     callback_list: type
     root_only_callbacks: tuple[type, ...]
@@ -145,16 +150,22 @@ def _distributed() -> bool:
 # ------------------------------------------------------------ the update
 
 
-def update(optimizer: Any, grads: list, variables: list, apply: Callable[[list], Any]) -> Any:
+def update(
+    backend: Backend,
+    optimizer: Any,
+    grads: list,
+    variables: list,
+    apply: Callable[[list], Any],
+) -> Any:
     """One optimizer update under N ranks: rank 0's variables and optimizer
     state everywhere before the first one, then `apply(averaged grads)`.
     A wrapping optimizer (LossScaleOptimizer) calls its inner one's update:
     the gradients are averaged once, by the outermost."""
-    broadcast.before_first_update(optimizer, variables)
+    backend.before_first_update(optimizer, variables)
     in_loop = not fitting()
     if in_loop:
         custom_loops.warn_if_loop_data_is_whole()
-    averaged = exchange.average(grads)
+    averaged = backend.average(grads)
     with step_state.within(applying=True):
         if in_loop:
             return custom_loops.applied(optimizer, variables, lambda: apply(averaged))
@@ -164,20 +175,18 @@ def update(optimizer: Any, grads: list, variables: list, apply: Callable[[list],
 # ------------------------------------------------------------ loss
 
 
-def wrap_compute_loss(original: Any) -> Any:
+def wrap_compute_loss(backend: Backend) -> Callable[[Any], Any]:
     """A patch for a trainer's loss method: 0 when this rank's batch is
     empty (a mean over no samples is NaN; such a rank counts as nothing)."""
 
-    def compute_loss(self, *args, **kwargs):
-        loss = original(self, *args, **kwargs)
-        count = exchange.current_sample_count() if _distributed() else None
-        if count is None:
-            return loss
-        import tensorflow as tf
+    def wrap(original: Any) -> Any:
+        def compute_loss(self, *args, **kwargs):
+            loss = original(self, *args, **kwargs)
+            return backend.zero_if_empty(loss) if _distributed() else loss
 
-        return tf.where(count > 0, loss, tf.zeros_like(loss))
+        return compute_loss
 
-    return compute_loss
+    return wrap
 
 
 # ------------------------------------------------------------ fit / evaluate / predict
@@ -235,48 +244,26 @@ def _shard_validation(fw: Framework, a: dict, batch_size: Any) -> bool:
     return whole
 
 
-# A resumed dataset (`_skip_first`) -> (its resumed epoch's length, a full
-# epoch's length).
-_EPOCH_LENGTHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def epoch_lengths(dataset: Any) -> tuple[int, int] | None:
-    """(resumed epoch, full epoch) lengths of a dataset `_skip_first` made,
-    for `Framework.exact_epochs_after_resume`; None for any other."""
-    return None if dataset is None else _EPOCH_LENGTHS.get(dataset)
-
-
-def _skip_first(dataset: Any, skip: Any) -> Any:
-    """`dataset` less its first `skip` batches, `skip` read afresh at every
-    epoch's iterator (the resumed epoch skips what it had done); its
-    lengths are `epoch_lengths`."""
-    import tensorflow as tf
-
-    resumed = tf.data.Dataset.range(1).flat_map(lambda _: dataset.skip(skip))
-    full = int(dataset.cardinality())
-    if full > 0:
-        _EPOCH_LENGTHS[resumed] = (full - int(skip.numpy()), full)
-    return resumed
-
-
 def _checkpointing(
     fw: Framework, a: dict, unit: tuple[str, int] | None, data: tf_inputs.Data
 ) -> Any:
     """The CheckpointAndResume callback for this fit (TD_CHECKPOINT_DIR):
     the service proves the directory writable and picks the checkpoint all
-    ranks resume from; the resumed epoch's data skips what was done."""
-    import tensorflow as tf
-
+    ranks resume from; the resumed epoch's data skips what was done
+    (`Backend.skip_batches`)."""
     service = preemption.Service.from_settings()
     state = service.resume(*keras_identity.of_fit(fw, a["self"], data, a["epochs"]))
     skip = None
     if state is not None:
         meta = state[1]
         a["initial_epoch"] = max(int(a["initial_epoch"] or 0), int(meta["epoch"]))
-        if meta["step"] > 0 and isinstance(a["x"], tf.data.Dataset):
-            steps = checkpoint.steps_to_skip(meta, unit, world.get().size)
-            skip = tf.Variable(steps, dtype=tf.int64, trainable=False)
-            a["x"] = _skip_first(a["x"], skip)
+        resumed = None
+        if meta["step"] > 0:
+            resumed = fw.backend.skip_batches(
+                a["x"], lambda: checkpoint.steps_to_skip(meta, unit, world.get().size)
+            )
+        if resumed is not None:
+            a["x"], skip = resumed
     user = a["callbacks"]
     user = [] if user is None or isinstance(user, fw.callback_list) else list(user)
     made = keras_callbacks.for_framework(fw)

@@ -5,8 +5,8 @@ callbacks run on which rank.
 
 ```python
 import keras
-from transparent_dist.adapters import keras3, keras_callbacks
-made = keras_callbacks.for_framework(keras3.FRAMEWORK)
+from transparent_dist.adapters import keras3_tensorflow, keras_callbacks
+made = keras_callbacks.for_framework(keras3_tensorflow.FRAMEWORK)
 callbacks = made.for_this_rank([keras.callbacks.CSVLogger("log.csv")])
 ```
 
@@ -39,9 +39,10 @@ from transparent_dist.core import (
     preemption,
     timeline,
     timeline_file,
+    unique,
     world,
 )
-from transparent_dist.tf import broadcast, exchange
+from transparent_dist.tf import broadcast
 
 __all__ = [
     "AgreeToStop",
@@ -182,7 +183,7 @@ class CheckpointAndResume:
         optimizer = self.model.optimizer
         # tf_keras's learning rate is a variable outside its optimizer's list.
         rate = self.framework.learning_rate(optimizer)
-        return broadcast.unique(
+        return unique.by_identity(
             [
                 *self.model.variables,
                 *broadcast.optimizer_variables(optimizer),
@@ -301,7 +302,7 @@ class CheckpointAndResume:
     def after_agreement(self, flags: int) -> None:
         """The flags the ranks agreed on after a step or an epoch: a
         checkpoint due or asked for is written at the next boundary."""
-        self._pending |= self.service.due(flags) & (preemption.EXIT | preemption.DUE)
+        self._pending |= self.service.due(flags) & (phases.Wish.EXIT | phases.Wish.DUE)
 
     def _act(self, stopped: bool = False) -> None:
         flags, self._pending = self._pending, 0
@@ -313,7 +314,7 @@ class CheckpointAndResume:
         # Every rank takes part in the sum, rank 0 writes it.
         metrics = [
             np.asarray(t)
-            for t in exchange.sum_over_ranks(
+            for t in self.framework.backend.sum(
                 [tf.convert_to_tensor(v) for v in self._metric_variables()]
             )
         ]
@@ -357,7 +358,7 @@ class AgreeToStop:
     def _agree(self, where: str) -> int:
         wanted = self.checkpointer.wanted() if self.checkpointer is not None else 0
         flags = phases.agree_to_stop(bool(self.model.stop_training), wanted, where)
-        if flags & phases.STOP:
+        if flags & phases.Wish.STOP:
             self.model.stop_training = True
         if self.checkpointer is not None:
             self.checkpointer.after_agreement(flags)
@@ -442,12 +443,15 @@ class FitSummary:
 
 class ExchangeReady:
     """Makes the gradient exchange ready when a fit begins, on every rank
-    (`exchange.prepare`: the native op's load is a collective, and may
-    compile it), outside the first step's trace. It runs after
-    `FitSummary` started its clock, which leaves a build out of the rate."""
+    (`Backend.prepare`; TensorFlow's `exchange.prepare`: the native op's
+    load is a collective, and may compile it), outside the first step's
+    trace. It runs after `FitSummary` started its clock, which leaves a
+    build out of the rate."""
+
+    framework: Any = None  # set by `for_framework`
 
     def on_train_begin(self, logs: Any = None) -> None:
-        exchange.prepare()
+        self.framework.backend.prepare()
 
 
 # ------------------------------------------------------------ one set per framework

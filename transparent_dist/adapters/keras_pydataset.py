@@ -6,7 +6,7 @@ every rank when it has fewer batches than ranks, or an unknown number).
 ```python
 import keras
 from transparent_dist.adapters import keras_pydataset
-from transparent_dist.tf.inputs import ShardPlan
+from transparent_dist.core.shard_plan import ShardPlan
 class Squares(keras.utils.PyDataset):
     def __len__(self): return 5
     def __getitem__(self, i): return [[i * i]], [[i]]
@@ -23,7 +23,8 @@ import keras
 
 from transparent_dist.core import collectives, sharding, world
 from transparent_dist.core.errors import CollectiveError
-from transparent_dist.tf.inputs import ShardPlan, pipelines
+from transparent_dist.core.shard_plan import ShardPlan
+from transparent_dist.tf.inputs import pipelines
 
 __all__ = ["part"]
 

@@ -4,9 +4,10 @@ the step: Keras's own `train_step` or a script's override.
 ```python
 import keras
 from transparent_dist.adapters import keras_steps
+from transparent_dist.tf.backend import TENSORFLOW
 model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
 model.compile("sgd", "mse", metrics=["mae"])
-logs = keras_steps.global_metric_results(model.metrics)   # {'loss': ..., 'mae': ...}
+logs = keras_steps.global_metric_results(model.metrics, TENSORFLOW)   # {'loss': ..., 'mae': ...}
 ```
 
 - The logs a step returns are made global, so callbacks that steer
@@ -36,6 +37,13 @@ logs = keras_steps.global_metric_results(model.metrics)   # {'loss': ..., 'mae':
   and N ranks drawing the same noise would train a GAN on N copies of the
   same fakes. Draws with an integer seed (initializers, explicit stateless
   draws) stay as they are.
+
+The exchanges and a batch's sample count go through the `Backend`; the
+arithmetic around them is `keras.ops` where that is TensorFlow's op
+itself, and TensorFlow's where Keras's op differs (its dtype promotion in
+`where`, `not_equal`, `divide_no_nan`) or has no equal (`add_n`, a
+traced graph's identity, `init_scope`): what a JAX or torch backend would
+rewrite.
 """
 
 from __future__ import annotations
@@ -48,7 +56,8 @@ import keras
 import tensorflow as tf
 from keras import tree
 
-from transparent_dist.core import step_state, world
+from transparent_dist.core import step_state, unique, world
+from transparent_dist.core.backend import Backend
 from transparent_dist.tf import broadcast, exchange
 
 __all__ = ["counted_on_root_only", "global_metric_results", "wrap_step"]
@@ -85,7 +94,7 @@ def _counted() -> Any:
 def _counted_part(variable: Any, counted: Any) -> Any:
     """What `variable` (a metric state) adds to the sum over the ranks."""
     value = tf.convert_to_tensor(variable)
-    return value * tf.cast(counted, value.dtype)
+    return value * keras.ops.cast(counted, value.dtype)
 
 
 @contextlib.contextmanager
@@ -102,13 +111,13 @@ def counted_on_root_only() -> Iterator[None]:
         counted.assign(1.0)
 
 
-def global_metric_results(metrics: list[Any]) -> dict[str, Any]:
-    """The results of `metrics` over the ranks' summed states, keyed as
-    Keras's `get_metrics_result` keys them."""
-    metrics = broadcast.unique(list(metrics))
+def global_metric_results(metrics: list[Any], backend: Backend) -> dict[str, Any]:
+    """The results of `metrics` over the ranks' summed states (summed by
+    `backend`), keyed as Keras's `get_metrics_result` keys them."""
+    metrics = unique.by_identity(list(metrics))
     variables = broadcast.metric_variables(metrics)
     counted = tf.convert_to_tensor(_counted())
-    summed = exchange.sum_over_ranks([_counted_part(v, counted) for v in variables])
+    summed = backend.sum([_counted_part(v, counted) for v in variables])
     by_id = {id(v): s for v, s in zip(variables, summed, strict=True)}
     results: dict[str, Any] = {}
     for metric in metrics:
@@ -126,7 +135,7 @@ def _overriding(metrics: list[Any], name: str, wrap: Any, only: Any = None) -> I
     instance (once per metric, those `only` accepts, none already
     overridden) while the block runs; the class's method is back after."""
     wrapped = []
-    for metric in broadcast.unique(list(metrics)):
+    for metric in unique.by_identity(list(metrics)):
         if name in vars(metric) or (only is not None and not only(metric)):
             continue
         object.__setattr__(metric, name, wrap(metric, getattr(metric, name)))
@@ -185,10 +194,10 @@ def _recording_once_per_step(metrics: list[Any], count: Any) -> Iterator[dict[in
         def update_state(values, sample_weight=None):
             if not _is_once_per_step(values, sample_weight):
                 return original(values, sample_weight=sample_weight)
-            value = tf.reshape(tf.cast(values, metric.dtype), [])
+            value = keras.ops.reshape(keras.ops.cast(values, metric.dtype), [])
             if not tf.executing_eagerly() and value.graph is not count.graph:
                 return original(values, sample_weight=sample_weight)
-            value = tf.where(count > 0, value, tf.zeros_like(value))
+            value = tf.where(count > 0, value, keras.ops.zeros_like(value))
             recorded.setdefault(id(metric), [metric]).append(value)
             return original(value)
 
@@ -215,8 +224,8 @@ def _once_per_step_terms(once: dict[int, list[Any]], n: Any) -> list[Any]:
     terms = []
     for entry in once.values():
         c = tf.add_n(entry[1:])
-        terms += [tf.reshape(c, [1]), tf.reshape(c * tf.cast(n, c.dtype), [1])]
-    return [*terms, tf.reshape(n * n, [1]), tf.reshape(n, [1])]
+        terms += [keras.ops.reshape(c, [1]), keras.ops.reshape(c * keras.ops.cast(n, c.dtype), [1])]
+    return [*terms, keras.ops.reshape(n * n, [1]), keras.ops.reshape(n, [1])]
 
 
 def _weigh_once_per_step(once: dict[int, list[Any]], summed: list[Any], n: Any) -> dict[int, Any]:
@@ -233,18 +242,20 @@ def _weigh_once_per_step(once: dict[int, list[Any]], summed: list[Any], n: Any) 
     for k, entry in enumerate(once.values()):
         metric, c = entry[0], tf.add_n(entry[1:])
         sum_c, sum_nc = summed[2 * k][0], summed[2 * k + 1][0]
-        t = tf.cast(total, c.dtype)
-        share = tf.math.divide_no_nan(tf.cast(n, c.dtype) * size, t)
-        metric.total.assign_add(tf.where(uneven, (share - 1) * c, tf.zeros_like(c)))
+        t = keras.ops.cast(total, c.dtype)
+        share = tf.math.divide_no_nan(keras.ops.cast(n, c.dtype) * size, t)
+        metric.total.assign_add(tf.where(uneven, (share - 1) * c, keras.ops.zeros_like(c)))
         fix = tf.math.divide_no_nan(size * sum_nc - t * sum_c, t)
-        corrections[id(metric.total)] = tf.where(uneven, fix, tf.zeros_like(fix))
+        corrections[id(metric.total)] = tf.where(uneven, fix, keras.ops.zeros_like(fix))
     return corrections
 
 
-def _global_logs(logs: Any, recorded: dict, count: Any, once: dict | None = None) -> Any:
+def _global_logs(
+    logs: Any, recorded: dict, count: Any, backend: Backend, once: dict | None = None
+) -> Any:
     """`logs` with metric results replaced by global results and other
     floating-point values by their sample-weighted mean over ranks, in one
-    fused exchange (which also weighs `once`, the trackers given values
+    fused exchange by `backend` (which also weighs `once`, the trackers given values
     once per step: `_weigh_once_per_step`). Where only rank 0's states
     count (`counted_on_root_only`), the others add nothing."""
     once = once or {}
@@ -253,25 +264,27 @@ def _global_logs(logs: Any, recorded: dict, count: Any, once: dict | None = None
     for index, leaf in enumerate(leaves):
         if _recorded_as(leaf, recorded):
             metrics.append(_recorded_as(leaf, recorded)[0])
-        elif tf.is_tensor(leaf) and leaf.dtype.is_floating:
+        elif keras.ops.is_tensor(leaf) and leaf.dtype.is_floating:
             others.append(index)
-    metrics = broadcast.unique(metrics)
+    metrics = unique.by_identity(metrics)
     variables = broadcast.metric_variables(metrics)
-    n = tf.cast(count, tf.float32)
+    n = keras.ops.cast(count, "float32")
     counted = tf.convert_to_tensor(_counted())
     weight = n * counted
     payload = [_counted_part(v, counted) for v in variables]
     # A rank whose batch counts for nothing adds 0, not 0 times a NaN.
-    payload += [tf.where(weight > 0, tf.cast(leaves[i], tf.float32) * weight, 0.0) for i in others]
+    payload += [
+        tf.where(weight > 0, keras.ops.cast(leaves[i], "float32") * weight, 0.0) for i in others
+    ]
     terms = _once_per_step_terms(once, n) if once else []
-    summed = exchange.sum_over_ranks([*payload, *terms, tf.reshape(weight, [1])])
+    summed = backend.sum([*payload, *terms, keras.ops.reshape(weight, [1])])
     total = summed[-1][0]
     by_id = {id(v): s for v, s in zip(variables, summed[: len(variables)], strict=True)}
     if once:
         extra = summed[len(payload) : len(payload) + len(terms)]
         for key, fix in _weigh_once_per_step(once, extra, n).items():
             if key in by_id:
-                by_id[key] = by_id[key] + tf.cast(fix, by_id[key].dtype)
+                by_id[key] = by_id[key] + keras.ops.cast(fix, by_id[key].dtype)
     results = {
         id(metric): tree.flatten(_result_from(metric, [by_id[id(v)] for v in metric.variables]))
         for metric in metrics
@@ -282,22 +295,23 @@ def _global_logs(logs: Any, recorded: dict, count: Any, once: dict | None = None
             metric, position = _recorded_as(leaf, recorded)
             out[index] = results[id(metric)][position]
     for index, value in zip(others, summed[len(variables) : len(payload)], strict=True):
-        out[index] = tf.cast(value / total, leaves[index].dtype)
+        out[index] = keras.ops.cast(value / total, leaves[index].dtype)
     return tree.pack_sequence_as(logs, out)
 
 
 # ------------------------------------------------------------ the step
 
 
-def wrap_step(model: Any, step_function: Any) -> Any:
+def wrap_step(model: Any, step_function: Any, backend: Backend) -> Any:
     """`step_function` (a train or test step) as it runs on one rank: it
-    declares the rank's sample count to the gradient exchange, draws its
-    own random numbers, and returns global logs."""
+    declares the rank's sample count (`backend.sample_count`) to the
+    gradient exchange, draws its own random numbers, and returns global
+    logs."""
 
     def step(data):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         first = next(leaf for leaf in tree.flatten(x) if leaf is not None)
-        count = tf.shape(first)[0]
+        count = backend.sample_count(first)
         with (
             exchange.step(count),
             step_state.within(in_step=True),
@@ -305,6 +319,6 @@ def wrap_step(model: Any, step_function: Any) -> Any:
             _recording_once_per_step(model.metrics, count) as once,
         ):
             logs = step_function(data)
-        return _global_logs(logs, recorded, count, once)
+        return _global_logs(logs, recorded, count, backend, once)
 
     return step

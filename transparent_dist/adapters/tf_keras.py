@@ -38,6 +38,8 @@ from transparent_dist.adapters import root_output
 from transparent_dist.core import patching, step_state, world
 from transparent_dist.tf import broadcast, exchange
 from transparent_dist.tf import inputs as tf_inputs
+from transparent_dist.tf.backend import TENSORFLOW
+from transparent_dist.tf.inputs import resume
 
 __all__ = ["FRAMEWORK", "install"]
 
@@ -93,7 +95,7 @@ def _silence_backup(callback: Any) -> None:
 
 @contextlib.contextmanager
 def _exact_epochs_after_resume() -> Iterator[None]:
-    """The resumed epoch of a resumed dataset (`adapter._skip_first`) runs
+    """The resumed epoch of a resumed dataset (`tf.inputs.resume.skip_first`) runs
     its remaining steps, the epochs after it their full length: tf_keras's
     DataHandler starts the first epoch at the step already done (its own
     mid-epoch resume, `_initial_step`, which `fit` resets after building
@@ -105,7 +107,7 @@ def _exact_epochs_after_resume() -> Iterator[None]:
 
     def configure_lengths(self, *args, **kwargs):
         configure(self, *args, **kwargs)
-        lengths = adapter.epoch_lengths(getattr(self._adapter, "_dataset", None))
+        lengths = resume.epoch_lengths(getattr(self._adapter, "_dataset", None))
         if lengths is not None:
             self._inferred_steps = lengths[1]
             first_steps[self] = lengths[1] - lengths[0]
@@ -126,6 +128,7 @@ def _exact_epochs_after_resume() -> Iterator[None]:
 
 FRAMEWORK = adapter.Framework(
     name="tf_keras",
+    backend=TENSORFLOW,
     **adapter.callbacks_of(tf_keras.callbacks),
     arrays=tf_inputs.ArrayFormat(
         is_arrays=tf_inputs.PLAIN_ARRAYS.is_arrays, pack=_pack, index_batches=_index_batches
@@ -153,6 +156,7 @@ def _wrap_apply_gradients(original: Any) -> Any:
         pairs = list(grads_and_vars)
         variables = [v for _, v in pairs]
         return adapter.update(
+            FRAMEWORK.backend,
             self,
             [g for g, _ in pairs],
             variables,
@@ -224,6 +228,6 @@ def install() -> None:
         patching.wrap(cls, "apply_gradients", _wrap_apply_gradients)
     patching.wrap(Model, "make_train_function", lambda o: _wrap_make_function(o, "train_step"))
     patching.wrap(Model, "make_test_function", lambda o: _wrap_make_function(o, "test_step"))
-    patching.wrap(Model, "compute_loss", adapter.wrap_compute_loss)
+    patching.wrap(Model, "compute_loss", adapter.wrap_compute_loss(FRAMEWORK.backend))
     patching.wrap(Model, "get_metrics_result", _wrap_get_metrics_result)
     adapter.install_calls(FRAMEWORK, Model, Model, saving_api.save_model, "tf_keras")

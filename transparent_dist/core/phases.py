@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import enum
 import hashlib
 import os
 import sys
@@ -235,18 +236,22 @@ def reset() -> None:
     _END["done"] = False
 
 
-# Bits of the flags ranks agree on after each training step (the lower bits
-# belong to the checkpointer: a signal asked for one, one is due).
-STOP = 4
+class Wish(enum.IntFlag):
+    """What a rank wants after a training step; the ranks OR them in one
+    collective (`agree_to_stop`), so all act alike on the next step."""
+
+    EXIT = 1  # a signal asked for a checkpoint and exit (`preemption`)
+    DUE = 2  # a timed checkpoint is due; rank 0's clock decides (`preemption`)
+    STOP = 4  # the script stopped training (`model.stop_training`)
 
 
 def agree_to_stop(stopping: bool, flags: int, where: str) -> int:
-    """The OR over ranks of `flags`, with STOP set if any rank is `stopping`
+    """The OR over ranks of `flags`, with `Wish.STOP` set if any rank is `stopping`
     (its `model.stop_training`): a rank that left the training loop alone
     would leave the others waiting in the next gradient exchange."""
     w = world.get()
-    flags = collectives.any_flags(flags | (STOP if stopping else 0), w.comm)
-    if flags & STOP and w.comm is not None:
+    flags = collectives.any_flags(flags | (Wish.STOP if stopping else 0), w.comm)
+    if flags & Wish.STOP and w.comm is not None:
         everyone = collectives.allgather_object(bool(stopping), w.comm, "agreement check")
         stoppers = [r for r, s in enumerate(everyone) if s]
         if len(stoppers) < w.size and w.is_root:

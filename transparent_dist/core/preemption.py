@@ -48,9 +48,9 @@ __all__ = [
 # try again" (EX_TEMPFAIL), so a batch script can requeue on it.
 PREEMPTED_STATUS = 75
 
-# Bits of the flags the ranks OR after a step.
-EXIT = 1  # a signal asked for a checkpoint and exit
-DUE = 2  # a timed checkpoint is due (rank 0's clock decides)
+# The wishes the ranks OR after a step (`phases.Wish`, one enum for them all).
+EXIT = phases.Wish.EXIT
+DUE = phases.Wish.DUE
 
 
 class Preempted(SystemExit):
@@ -228,7 +228,7 @@ class Service:
     def step(self, state: State, stopping: bool = False, where: str = "") -> int:
         """One step done (for adapters without a stop agreement of their
         own): counts it, agrees with the other ranks, acts. Returns the
-        agreed flags (`phases.STOP` set if any rank stops)."""
+        agreed flags (`phases.Wish.STOP` set if any rank stops)."""
         self.global_step += 1
         where = where or f"step {self.global_step}"
         flags = phases.agree_to_stop(stopping, self.wanted(), where)

@@ -135,13 +135,20 @@ def global_batch_sizes(n: int, global_batch: int, size: int) -> list[int]:
     """The global batch sizes of an epoch of `n` in-memory samples: `global_batch`
     each, the last one short; if that one has fewer samples than ranks, it
     takes the missing ones from the batch before it (so every rank gets at
-    least one sample in every step)."""
+    least one sample in every step); when the batch before it cannot spare
+    them (fewer than two samples per rank left in the two), the two become
+    one step."""
     sizes = [global_batch] * (n // global_batch)
     if n % global_batch:
         sizes.append(n % global_batch)
     if len(sizes) > 1 and sizes[-1] < size:
-        sizes[-2] -= size - sizes[-1]
-        sizes[-1] = size
+        missing = size - sizes[-1]
+        if sizes[-2] - missing >= size:
+            sizes[-2] -= missing
+            sizes[-1] = size
+        else:
+            last = sizes.pop()
+            sizes[-1] += last
     return sizes
 
 

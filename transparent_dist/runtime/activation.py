@@ -11,12 +11,13 @@ activation.activate()     # and on again, as in a fresh process
 | the script imports | adapters installed |
 |--------------------|--------------------|
 | `tensorflow`       | placement, `adapters.tf1`, `adapters.custom_loops`, one global seed |
-| `keras` (3)        | `adapters.keras3` |
+| `keras` (3)        | its backend's: `adapters.keras3_tensorflow` (`KERAS_BACKENDS`) |
 | `tf_keras`         | `adapters.tf_keras` |
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from types import ModuleType
 
@@ -34,7 +35,14 @@ from transparent_dist.core import (
 )
 from transparent_dist.runtime import import_hook
 
-__all__ = ["RESETS", "activate", "deactivate", "reset"]
+__all__ = ["KERAS_BACKENDS", "RESETS", "activate", "deactivate", "reset"]
+
+# Keras 3's backend (`keras.backend.backend()`) -> the module adapting Keras
+# 3 on it (its `install()`), over that backend's `core.backend.Backend`.
+# Adding a backend is a line here and its files (docs/architecture.md).
+KERAS_BACKENDS = {
+    "tensorflow": "transparent_dist.adapters.keras3_tensorflow",
+}
 
 
 def _on_tensorflow(tf: ModuleType) -> None:
@@ -49,16 +57,15 @@ def _on_tensorflow(tf: ModuleType) -> None:
 
 
 def _on_keras(keras: ModuleType) -> None:
-    if keras.backend.backend() != "tensorflow":
+    adapter = KERAS_BACKENDS.get(keras.backend.backend())
+    if adapter is None:
         if world.get().size > 1:
             raise RuntimeError(
                 "transparent_dist supports the TensorFlow backend of Keras; "
                 f"KERAS_BACKEND is {keras.backend.backend()!r}"
             )
         return
-    from transparent_dist.adapters import keras3
-
-    keras3.install()
+    importlib.import_module(adapter).install()
 
 
 def _on_tf_keras(module: ModuleType) -> None:

@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 from transparent_dist.core import config
+from transparent_dist.runtime import activation
 
 __all__ = ["main"]
 
@@ -53,7 +54,7 @@ def main() -> int:
 
         backend = keras.backend.backend()
         lines.append(f"Keras {keras.__version__} (backend {backend})")
-        if backend == "tensorflow":
+        if backend in activation.KERAS_BACKENDS:
             patches.insert(0, "keras3 (fit/evaluate/predict, optimizers, metrics, saving)")
     except ImportError:
         lines.append("Keras 3: not installed")

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from transparent_dist.core import collectives, world
+from transparent_dist.core import collectives, unique, world
+from transparent_dist.tf import host_op
 
 __all__ = [
     "before_first_update",
@@ -30,7 +31,6 @@ __all__ = [
     "metric_variables",
     "model_and_optimizer",
     "optimizer_variables",
-    "unique",
     "variables",
 ]
 
@@ -42,17 +42,6 @@ _SYNCED_OPTIMIZERS: weakref.WeakSet = weakref.WeakSet()
 _FIRST_UPDATE_DONE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def unique(items: Iterable[Any]) -> list[Any]:
-    """`items` without repeats (by identity), in first-seen order."""
-    seen: set[int] = set()
-    out = []
-    for item in items:
-        if id(item) not in seen:
-            seen.add(id(item))
-            out.append(item)
-    return out
-
-
 def variables(targets: Iterable[Any], root: int = 0, what: str = "model variables") -> None:
     """Assigns rank `root`'s values to `variables` on every rank (eagerly;
     call under `tf.init_scope()` from traced code) of `targets`. The ranks first check
@@ -61,7 +50,7 @@ def variables(targets: Iterable[Any], root: int = 0, what: str = "model variable
     w = world.get()
     if w.size == 1:
         return
-    targets = unique(targets)
+    targets = unique.by_identity(targets)
     values = [np.asarray(v.numpy()) for v in targets]
     layout = [(tuple(int(d) for d in a.shape), a.dtype.str) for a in values]
     collectives.check_agreement(
@@ -80,7 +69,7 @@ def optimizer_variables(optimizer: Any) -> list[Any]:
 
 def metric_variables(metrics: Iterable[Any]) -> list[Any]:
     """Every variable of `metrics`, each once, in a fixed order."""
-    return unique(v for metric in metrics for v in metric.variables)
+    return unique.by_identity(v for metric in metrics for v in metric.variables)
 
 
 def model_and_optimizer(model: Any, build_optimizer: Any = None) -> None:
@@ -113,7 +102,7 @@ def before_first_update(optimizer: Any, trainable: list[Any]) -> None:
         return
     import tensorflow as tf
 
-    targets = unique(list(trainable) + optimizer_variables(optimizer))
+    targets = unique.by_identity(list(trainable) + optimizer_variables(optimizer))
     # Variables that already hold values (a model built before the step was
     # traced) are set now, before the first step runs at all: its forward
     # pass then already sees rank 0's weights.
@@ -150,8 +139,6 @@ def in_graph(targets: list[Any], after: Any = None) -> Any:
     and dtypes (the same error everywhere if not)."""
     import tensorflow as tf
 
-    from transparent_dist.tf import exchange
-
     comm = world.get().comm
 
     def receive(*arrays):
@@ -166,7 +153,7 @@ def in_graph(targets: list[Any], after: Any = None) -> Any:
         # A new read under the dependency: a TF1 ref variable's identity
         # reads its snapshot op, made before, which may run before `after`.
         values = [v.read_value() if hasattr(v, "read_value") else tf.identity(v) for v in targets]
-    received = exchange.collective_op(receive, values, values, "td_broadcast_variables")
+    received = host_op.collective_op(receive, values, values, "td_broadcast_variables")
     return tf.group(*[v.assign(r) for v, r in zip(targets, received, strict=True)])
 
 

@@ -31,13 +31,12 @@ from typing import Any
 
 from transparent_dist.core import collectives, config, log, step_state, timeline, world
 from transparent_dist.core.step_state import StepState
-from transparent_dist.tf import native, sparse
+from transparent_dist.tf import host_op, native, sparse
 
 __all__ = [
     "Arithmetic",
     "arithmetic",
     "average",
-    "collective_op",
     "current_sample_count",
     "divide_loss",
     "divides_loss",
@@ -276,7 +275,7 @@ def _numpy_average(
         if compress is not None:
             sent = [tf.cast(t, compress) if t.dtype == tf.float32 else t for t in sent]
         fn = exchange_and_count if number == 0 else exchange
-        averaged = collective_op(fn, [weight, *sent], sent, "td_average_gradients")
+        averaged = host_op.collective_op(fn, [weight, *sent], sent, "td_average_gradients")
         _put_back(bucket, averaged, dense, grads)
 
 
@@ -342,17 +341,4 @@ def sum_over_ranks(tensors: Sequence[Any]) -> list[Any]:
     def exchange(*arrays):
         return collectives.allreduce_sum(arrays, comm)
 
-    return collective_op(exchange, tensors, tensors, "td_sum_metric_states")
-
-
-def collective_op(fn: Any, inputs: list, like: list, name: str) -> list[Any]:
-    """`fn` (a numpy-level collective) as one stateful TF op whose outputs
-    have the dtypes and static shapes of `like`. Stateful ops keep program
-    order inside a `tf.function`, which keeps the collectives in the same
-    order on every rank."""
-    import tensorflow as tf
-
-    outputs = tf.numpy_function(fn, inputs, [t.dtype for t in like], stateful=True, name=name)
-    for tensor, reference in zip(outputs, like, strict=True):
-        tensor.set_shape(reference.shape)
-    return list(outputs)
+    return host_op.collective_op(exchange, tensors, tensors, "td_sum_metric_states")

@@ -45,9 +45,9 @@ from typing import Any
 import tensorflow as tf
 
 from transparent_dist.core import collectives, log, sharding, world
+from transparent_dist.core.shard_plan import ShardPlan, global_batch
 from transparent_dist.tf.inputs import pipelines, seeds
 from transparent_dist.tf.inputs.pipelines import is_file_backed
-from transparent_dist.tf.inputs.plan import ShardPlan, global_batch
 
 __all__ = [
     "PLAIN_ARRAYS",

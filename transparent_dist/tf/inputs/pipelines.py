@@ -4,7 +4,8 @@ framework: each function takes the data and the `ShardPlan`.
 ```python
 import numpy as np
 import tensorflow as tf
-from transparent_dist.tf.inputs import ShardPlan, pipelines
+from transparent_dist.core.shard_plan import ShardPlan
+from transparent_dist.tf.inputs import pipelines
 ds = tf.data.Dataset.from_tensor_slices(np.arange(10.0)).batch(2)
 mine = pipelines.dataset_batches(ds, ShardPlan(rank=0, size=1))
 ```
@@ -45,8 +46,8 @@ import tensorflow as tf
 
 from transparent_dist.core import collectives, sharding, world
 from transparent_dist.core.errors import CollectiveError
+from transparent_dist.core.shard_plan import ShardPlan
 from transparent_dist.tf.inputs import seeds
-from transparent_dist.tf.inputs.plan import ShardPlan
 
 __all__ = [
     "agree_on_samples",
@@ -126,7 +127,8 @@ def array_batches(
     framework itself would take them (see `keras_inputs.global_batch_indices`).
     Global batch k is the k-th run of that order (`sharding.global_batch_sizes`:
     the framework's own batches, except that a last batch with fewer
-    samples than ranks takes the missing ones from the batch before it),
+    samples than ranks takes the missing ones from the batch before it, or
+    merges with it),
     and this rank takes its `shard_range` of it.
     """
     rank, size = plan.rank, plan.size

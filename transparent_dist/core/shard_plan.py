@@ -1,7 +1,8 @@
-"""`ShardPlan`: how one call's data is split over the ranks.
+"""`ShardPlan`: how one call's data is split over the ranks (arithmetic
+only: the pipelines that follow it are a backend's, `tf.inputs`).
 
 ```python
-from transparent_dist.tf.inputs.plan import ShardPlan
+from transparent_dist.core.shard_plan import ShardPlan
 plan = ShardPlan(rank=1, size=4, global_batch=128, seed=7, shuffle=True)
 plan.local_batch   # 32
 ```
@@ -31,12 +32,12 @@ def global_batch(batch_size: int | None, size: int | None = None) -> int:
 class ShardPlan:
     """This rank's place, the global batch, and the seed every rank draws
     the same orders from; one per `fit` / `evaluate` / `predict` input,
-    passed to every pipeline (`pipelines`).
+    passed to every pipeline (`tf.inputs.pipelines`).
 
     Args:
         rank, size: this rank and the number of ranks.
         global_batch: samples per step over all ranks.
-        seed: the seed agreed by the ranks (`seeds.agreed_seed`).
+        seed: the seed agreed by the ranks (`tf.inputs.seeds.agreed_seed`).
         shuffle: whether each epoch draws a new order.
     """
 
