@@ -122,8 +122,8 @@ def run(
         stdin=subprocess.DEVNULL,
     )
     finished = Finished(proc, time.monotonic() - start)
-    if os.environ.get("TD_TEST_TIMES"):
-        with open(os.environ["TD_TEST_TIMES"], "a") as f:
+    if os.environ.get("TEST_JOB_TIMES"):
+        with open(os.environ["TEST_JOB_TIMES"], "a") as f:
             f.write(f"{finished.seconds:7.1f} {ranks} {' '.join(map(str, args))[:150]}\n")
     return finished
 
