@@ -53,6 +53,26 @@ def test_importing_the_package_imports_neither_tensorflow_nor_mpi():
     assert out.strip() == "[] 1"
 
 
+def test_keras_is_patched_even_when_tensorflow_first_imports_it_mid_plugin_import():
+    """TensorFlow's own import imports Keras (swallowing its ImportError);
+    when that happens while a plugin module is still being imported, the
+    Keras hook fails there, and must run again at the script's own
+    `import keras` (it was lost: Keras unpatched, every rank alone)."""
+    code = (
+        "import transparent_dist\n"
+        "from transparent_dist.tf import inputs\n"
+        "import keras\n"
+        "from keras.src.backend.tensorflow.trainer import TensorFlowTrainer\n"
+        "from transparent_dist.core import patching\n"
+        "print(patching.is_patched(TensorFlowTrainer, 'fit'))\n"
+    )
+    out = subprocess.run(
+        [PYTHON, "-c", code], env=job_env(), capture_output=True, text=True, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "True"
+
+
 def test_patches_install_once_and_undo_cleanly():
     code = """
 import keras

@@ -34,8 +34,21 @@ _BUSY = threading.local()
 def _run(name: str, module: ModuleType) -> None:
     with _LOCK:
         callbacks = _CALLBACKS.pop(name, [])
-    for callback in callbacks:
-        callback(module)
+    for done, callback in enumerate(callbacks):
+        try:
+            callback(module)
+        except BaseException:
+            # The import fails with the callback's error; keep the callbacks
+            # not yet run for the next attempt. TensorFlow's own import
+            # imports Keras and swallows its ImportError / AttributeError: a
+            # callback failing there (the plugin's modules still being
+            # imported) must not leave the script's later `import keras`
+            # unpatched, every rank training alone.
+            with _LOCK:
+                _CALLBACKS.setdefault(name, [])[:0] = callbacks[done:]
+                if _FINDER not in sys.meta_path:
+                    sys.meta_path.insert(0, _FINDER)
+            raise
 
 
 class _Loader(importlib.abc.Loader):
