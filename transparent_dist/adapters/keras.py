@@ -143,10 +143,6 @@ def fitting() -> bool:
     return step_state.current().fitting
 
 
-def _distributed() -> bool:
-    return world.get().distributed
-
-
 # ------------------------------------------------------------ the update
 
 
@@ -182,7 +178,7 @@ def wrap_compute_loss(backend: Backend) -> Callable[[Any], Any]:
     def wrap(original: Any) -> Any:
         def compute_loss(self, *args, **kwargs):
             loss = original(self, *args, **kwargs)
-            return backend.zero_if_empty(loss) if _distributed() else loss
+            return backend.zero_if_empty(loss) if world.get().distributed else loss
 
         return compute_loss
 
@@ -193,7 +189,7 @@ def wrap_compute_loss(backend: Backend) -> Callable[[Any], Any]:
 
 
 def _turn_off_xla(fw: Framework, model: Any) -> None:
-    if _distributed() and fw.turn_off_xla(model):
+    if world.get().distributed and fw.turn_off_xla(model):
         model.train_function = model.test_function = model.predict_function = None
         log.info(
             "jit_compile (XLA) is turned off: the gradient exchange runs MPI "
@@ -207,7 +203,7 @@ def _pass_through(arguments: dict, fit: bool = False) -> bool:
     even then)."""
     if fit and config.SETTINGS.checkpoint_dir:
         return False
-    return not _distributed() and not tf_inputs.is_file_backed(arguments["x"])
+    return not world.get().distributed and not tf_inputs.is_file_backed(arguments["x"])
 
 
 def _sharded(data: tf_inputs.Data, batch_size: Any, shuffle: Any, what: str) -> tuple:

@@ -53,10 +53,6 @@ from transparent_dist.tf import inputs as tf_inputs
 __all__ = ["framework", "install"]
 
 
-def _distributed() -> bool:
-    return world.get().distributed
-
-
 # ------------------------------------------------------------ the description
 
 
@@ -140,7 +136,7 @@ def framework(
 def _wrap_apply(backend: Backend) -> Callable[[Any], Any]:
     def wrap(original: Any) -> Any:
         def apply(self, grads, trainable_variables=None):
-            if not _distributed() or step_state.current().applying:
+            if not world.get().distributed or step_state.current().applying:
                 return original(self, grads, trainable_variables)
             grads = list(grads)
             if not grads:
@@ -201,7 +197,7 @@ def _wrap_get_metrics_result(backend: Backend) -> Callable[[Any], Any]:
         def get_metrics_result(self):
             # Inside a step the logs are made global by the step wrapper, in
             # one exchange with the step's other log values.
-            if not _distributed() or in_stateless_scope() or step_state.current().in_step:
+            if not world.get().distributed or in_stateless_scope() or step_state.current().in_step:
                 return original(self)
             return keras_steps.global_metric_results(self.metrics, backend)
 

@@ -56,10 +56,6 @@ from transparent_dist.tf import broadcast, exchange, internals
 __all__ = ["install", "reset"]
 
 
-def _distributed() -> bool:
-    return world.get().distributed
-
-
 # The name of these loops in the end-of-script summary.
 _KIND = "TF1 session loop"
 
@@ -67,7 +63,7 @@ _KIND = "TF1 session loop"
 def _wrap_apply_gradients(original: Any) -> Any:
     def apply_gradients(self, grads_and_vars, global_step=None, name=None):
         # Wrapping optimizers call their inner one's: average once.
-        if not _distributed() or step_state.current().applying:
+        if not world.get().distributed or step_state.current().applying:
             return original(self, grads_and_vars, global_step=global_step, name=name)
         pairs = list(grads_and_vars)
         averaged = exchange.average([g for g, _ in pairs])
@@ -156,7 +152,7 @@ def _check_feeds(fetches: Any, feed_dict: Any) -> None:
     """Once, at the first training step: every rank feeding the same values
     means the script's loop uses all the data on every rank (N ranks doing
     one rank's work), which it cannot know."""
-    if _FED["checked"] or not feed_dict or not _distributed() or not _trains(fetches):
+    if _FED["checked"] or not feed_dict or not world.get().distributed or not _trains(fetches):
         return
     _FED["checked"] = True
     digest = _digest([_digest(v) for v in feed_dict.values()])
@@ -195,7 +191,7 @@ def _wrap_session_run(original: Any) -> Any:
 def _wrap_variables_initializer(original: Any) -> Any:
     def variables_initializer(var_list, name="init"):
         init = original(var_list, name=name)
-        if not _distributed() or tf.executing_eagerly() or not var_list:
+        if not world.get().distributed or tf.executing_eagerly() or not var_list:
             return init
         return broadcast.in_graph(list(var_list), after=init)
 
@@ -211,7 +207,7 @@ def _wrap_saver_init(original: Any) -> Any:
     def __init__(self, *args, **kwargs):
         original(self, *args, **kwargs)
         # Built now: a MonitoredSession finalizes the graph before restoring.
-        if _distributed() and not tf.executing_eagerly():
+        if world.get().distributed and not tf.executing_eagerly():
             variables = tf.compat.v1.global_variables()
             if variables:
                 _RESTORE_BROADCASTS[self] = broadcast.in_graph(variables)
@@ -275,7 +271,7 @@ _QUIET = (
 
 def _wrap_monitored_training_session(original: Any) -> Any:
     def MonitoredTrainingSession(*args, **kwargs):  # noqa: N802 - TF's name
-        if _distributed() and not world.get().is_root:
+        if world.get().distributed and not world.get().is_root:
             for name in _QUIET:
                 kwargs[name] = None
             kwargs["summary_dir"] = None

@@ -46,10 +46,6 @@ __all__ = ["FRAMEWORK", "install"]
 Model = training_module.Model
 
 
-def _distributed() -> bool:
-    return world.get().distributed
-
-
 # ------------------------------------------------------------ the description
 
 
@@ -151,7 +147,7 @@ FRAMEWORK = adapter.Framework(
 
 def _wrap_apply_gradients(original: Any) -> Any:
     def apply_gradients(self, grads_and_vars, *args, **kwargs):
-        if not _distributed() or step_state.current().applying:
+        if not world.get().distributed or step_state.current().applying:
             return original(self, grads_and_vars, *args, **kwargs)
         pairs = list(grads_and_vars)
         variables = [v for _, v in pairs]
@@ -189,7 +185,7 @@ def _with_sample_count(step: Any) -> Any:
 def _wrap_make_function(original: Any, step_name: str) -> Any:
     def make_function(self, force=False):
         step = getattr(self, step_name)
-        if _distributed() and step not in _COUNTED:
+        if world.get().distributed and step not in _COUNTED:
             # The step function looks `train_step` up on the model when it is
             # traced: an instance attribute wraps it, overrides included.
             object.__setattr__(self, step_name, _with_sample_count(step))
@@ -200,7 +196,7 @@ def _wrap_make_function(original: Any, step_name: str) -> Any:
 
 def _wrap_get_metrics_result(original: Any) -> Any:
     def get_metrics_result(self):
-        if not _distributed():
+        if not world.get().distributed:
             return original(self)
         variables = broadcast.metric_variables(self.metrics)
         if not variables:
