@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -96,6 +97,21 @@ class Finished:
         return self
 
 
+def _command(args: list[str], ranks: int | None) -> list[str]:
+    command = list(args)
+    if command[0] != PYTHON and not command[0].endswith("mpiexec"):
+        command = [PYTHON, *command]
+    if ranks is not None:
+        command = [_mpiexec(), "-n", str(ranks), *command]
+    return command
+
+
+def _log_time(finished: Finished, args: list[str], ranks: int | None) -> None:
+    if os.environ.get("TEST_JOB_TIMES"):
+        with open(os.environ["TEST_JOB_TIMES"], "a") as f:
+            f.write(f"{finished.seconds:7.1f} {ranks} {' '.join(map(str, args))[:150]}\n")
+
+
 def run(
     args: list[str],
     ranks: int | None = None,
@@ -106,14 +122,9 @@ def run(
     """Runs `args` (a python command line without the interpreter when it
     starts with a .py file or -m/-c) under `mpiexec -n ranks`, or plainly
     when `ranks` is None."""
-    command = list(args)
-    if command[0] != PYTHON and not command[0].endswith("mpiexec"):
-        command = [PYTHON, *command]
-    if ranks is not None:
-        command = [_mpiexec(), "-n", str(ranks), *command]
     start = time.monotonic()
     proc = subprocess.run(
-        command,
+        _command(args, ranks),
         env=env or job_env(),
         capture_output=True,
         text=True,
@@ -122,9 +133,48 @@ def run(
         stdin=subprocess.DEVNULL,
     )
     finished = Finished(proc, time.monotonic() - start)
-    if os.environ.get("TEST_JOB_TIMES"):
-        with open(os.environ["TEST_JOB_TIMES"], "a") as f:
-            f.write(f"{finished.seconds:7.1f} {ranks} {' '.join(map(str, args))[:150]}\n")
+    _log_time(finished, args, ranks)
+    return finished
+
+
+def run_together(*jobs: dict, timeout: float = 900) -> list[Finished]:
+    """Runs several jobs at once, each given as `run`'s keyword arguments
+    (`args`, `ranks`, `env`), and returns them finished, in order.
+
+    For the throughput jobs of a fixture (a one-process reference beside
+    the MPI job it is compared with): one process leaves a core of this
+    2-core machine idle, so running them side by side takes the time of
+    the longest, not the sum. Never for a job whose test times it.
+    """
+    started = []
+    for job in jobs:
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        proc = subprocess.Popen(
+            _command(job["args"], job.get("ranks")),
+            env=job.get("env") or job_env(),
+            stdout=out,
+            stderr=err,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
+        started.append((job, proc, out, err, time.monotonic()))
+    deadline = time.monotonic() + timeout
+    finished = []
+    for job, proc, out, err, start in started:
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for _, other, *_ in started:
+                other.kill()
+            raise
+        seconds = time.monotonic() - start
+        out.seek(0)
+        err.seek(0)
+        done = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
+        out.close()
+        err.close()
+        finished.append(Finished(done, seconds))
+        _log_time(finished[-1], job["args"], job.get("ranks"))
     return finished
 
 

@@ -7,7 +7,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import JOBS, PYTHON, ROOT, job_env, load_ranks, run
+from conftest import JOBS, PYTHON, ROOT, job_env, load_ranks, run, run_together
 
 
 def _weights(directory, tag, ranks):
@@ -16,15 +16,21 @@ def _weights(directory, tag, ranks):
 
 @pytest.mark.mpi
 def test_three_activation_forms_match_one_process(tmp_path):
-    run([str(JOBS / "tiny_plain.py"), str(tmp_path), "reference", "40"]).check()
-    reference = _weights(tmp_path, "reference", 1)[0]
     forms = {
         "zero-change": ["-m", "transparent_dist", str(JOBS / "tiny_plain.py")],
         "import-line": [str(JOBS / "tiny_import.py")],
         "aliases": [str(JOBS / "tiny_alias.py")],
     }
+    # The one-process reference beside the first job (nothing here is timed).
+    for job in run_together(
+        dict(args=[str(JOBS / "tiny_plain.py"), str(tmp_path), "reference", "40"]),
+        dict(args=[*forms["zero-change"], str(tmp_path), "zero-change", "20"], ranks=2),
+    ):
+        job.check()
+    reference = _weights(tmp_path, "reference", 1)[0]
     for tag, command in forms.items():
-        run([*command, str(tmp_path), tag, "20"], ranks=2).check()
+        if tag != "zero-change":
+            run([*command, str(tmp_path), tag, "20"], ranks=2).check()
         for rank, weights in enumerate(_weights(tmp_path, tag, 2)):
             np.testing.assert_allclose(weights, reference, atol=1e-5, err_msg=f"{tag} rank {rank}")
     # The control: the plain script under mpiexec trains each rank alone.
@@ -35,8 +41,11 @@ def test_three_activation_forms_match_one_process(tmp_path):
 
 def test_single_process_without_mpi_is_plain_keras(tmp_path):
     """`python train.py` with the import line: no MPI, bit-identical results."""
-    run([str(JOBS / "tiny_plain.py"), str(tmp_path), "plain", "20"]).check()
-    run([str(JOBS / "tiny_import.py"), str(tmp_path), "plugin", "20"]).check()
+    for job in run_together(
+        dict(args=[str(JOBS / "tiny_plain.py"), str(tmp_path), "plain", "20"]),
+        dict(args=[str(JOBS / "tiny_import.py"), str(tmp_path), "plugin", "20"]),
+    ):
+        job.check()
     plain = json.loads((tmp_path / "plain-rank0.json").read_text())
     plugin = json.loads((tmp_path / "plugin-rank0.json").read_text())
     assert plain == plugin

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import JOBS, ROOT, job_env, load_ranks, run
+from conftest import JOBS, ROOT, job_env, load_ranks, run_together
 
 pytestmark = pytest.mark.mpi
 
@@ -104,26 +104,39 @@ def _pairs(names) -> list[tuple[int, str]]:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    out = {}
-    for ranks in (2, 3):
-        directory = tmp_path_factory.mktemp(f"corpus{ranks}")
-        job = run(
-            ["-m", "transparent_dist", RUNNER, str(directory), "plugin", str(B), *_scripts(ranks)],
-            ranks=ranks,
-        ).check()
-        run([RUNNER, str(directory), "reference", str(B * ranks), *_scripts(ranks)]).check()
-        out[ranks] = {
-            "dir": directory,
-            "stderr": job.stderr,
-            "ranks": load_ranks(directory, "plugin", ranks),
-            "reference": load_ranks(directory, "reference", 1)[0],
-        }
+    directories = {ranks: tmp_path_factory.mktemp(f"corpus{ranks}") for ranks in (2, 3)}
+    plain = tmp_path_factory.mktemp("corpus_plain")
     # One plain process at B: what the whole-data loop trains like, and the
     # control (what every rank of a job without the plugin trains: each
     # its own copy of one process at B).
-    plain = tmp_path_factory.mktemp("corpus_plain")
-    scripts = [s for s in CORPUS if Path(s).stem in {*EXACT, WHOLE_DATA_LOOP}]
-    run([RUNNER, str(plain), "plain", str(B), *scripts], env=job_env(TD_DISABLE="1")).check()
+    whole = [s for s in CORPUS if Path(s).stem in {*EXACT, WHOLE_DATA_LOOP}]
+    jobs = {}
+    for ranks in (2, 3):
+        scripts = _scripts(ranks)
+        jobs[f"plugin{ranks}"] = dict(
+            args=["-m", "transparent_dist", RUNNER, str(directories[ranks]), "plugin", str(B)]
+            + scripts,
+            ranks=ranks,
+        )
+        jobs[f"reference{ranks}"] = dict(
+            args=[RUNNER, str(directories[ranks]), "reference", str(B * ranks), *scripts]
+        )
+    jobs["plain"] = dict(
+        args=[RUNNER, str(plain), "plain", str(B), *whole], env=job_env(TD_DISABLE="1")
+    )
+    # The one-process runs beside the MPI jobs: nothing here is timed.
+    done = {}
+    for group in (["plugin2", "reference2", "reference3"], ["plugin3", "plain"]):
+        for name, job in zip(group, run_together(*(jobs[n] for n in group)), strict=True):
+            done[name] = job.check()
+    out = {}
+    for ranks in (2, 3):
+        out[ranks] = {
+            "dir": directories[ranks],
+            "stderr": done[f"plugin{ranks}"].stderr,
+            "ranks": load_ranks(directories[ranks], "plugin", ranks),
+            "reference": load_ranks(directories[ranks], "reference", 1)[0],
+        }
     out["whole"] = out["control"] = load_ranks(plain, "plain", 1)[0]
     return out
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import JOBS, load_ranks, run
+from conftest import JOBS, load_ranks, run, run_together
 
 pytestmark = pytest.mark.mpi
 
@@ -52,11 +52,13 @@ def test_ranks_with_their_own_data_end_identical(own_data, kind):
 # broadcast once read the variables before their initializer had run.
 @pytest.mark.parametrize("kind", ["tf1", "tf1ref", "tf2"])
 def test_same_data_everywhere_equals_one_process(tmp_path, kind):
-    run([SCRIPT, kind, "same", str(tmp_path), "one"]).check()
+    one, job = run_together(
+        dict(args=[SCRIPT, kind, "same", str(tmp_path), "one"]),
+        dict(args=["-m", "transparent_dist", SCRIPT, kind, "same", str(tmp_path), "p2"], ranks=2),
+    )
+    one.check()
+    job.check()
     reference = _weights(tmp_path, "one", 1)[0]
-    job = run(
-        ["-m", "transparent_dist", SCRIPT, kind, "same", str(tmp_path), "p2"], ranks=2
-    ).check()
     for weights in _weights(tmp_path, "p2", 2):
         np.testing.assert_allclose(weights, reference, atol=1e-5)
     if kind.startswith("tf1"):

@@ -81,7 +81,9 @@ def test_core_equivalence_and_fault_matrix_pass_under_open_mpi(open_mpi_venv):
     )
     assert job.returncode == 0, job.stdout[-6000:]
     passed = int(re.search(r"(\d+) passed", job.stdout).group(1))
-    assert passed >= 48, job.stdout[-2000:]  # 42 equivalence checks at 2 ranks, 6 faults
+    # 20 checks of the core scenarios at 2 ranks (test_keras_core.py
+    # OPEN_MPI_SCENARIOS), 6 faults, 1 resume.
+    assert passed >= 27, job.stdout[-2000:]
 
 
 def test_doctor_and_tdrun_know_open_mpi(open_mpi_venv):

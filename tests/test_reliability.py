@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 
 import numpy as np
@@ -516,9 +517,6 @@ def test_every_kind_of_script_survives_the_walltime(tmp_path, kind):
     full, out, ckpt = tmp_path / "full", tmp_path / "run", tmp_path / "ckpt"
     full.mkdir()
     out.mkdir()
-    run(
-        ["-m", "transparent_dist", KINDS, str(full), "full"], ranks=2, env=job_env(KIND=kind)
-    ).check()
     command = [_mpiexec(), "-n", "2", PYTHON, "-m", "transparent_dist", KINDS, str(out), "run"]
     env = job_env(KIND=kind, TD_CHECKPOINT_DIR=str(ckpt))
     job = subprocess.Popen(
@@ -528,10 +526,24 @@ def test_every_kind_of_script_survives_the_walltime(tmp_path, kind):
         stderr=subprocess.PIPE,
         text=True,
     )
+    # The uninterrupted run beside it (that one mostly sleeps between steps).
+    uninterrupted = []
+    beside = threading.Thread(
+        target=lambda: uninterrupted.append(
+            run(
+                ["-m", "transparent_dist", KINDS, str(full), "full"],
+                ranks=2,
+                env=job_env(KIND=kind),
+            )
+        )
+    )
+    beside.start()
     _wait_for(out / "progress-rank0", lines=40)  # in the second of three epochs
     for rank in (0, 1):
         os.kill(int((out / f"pid-rank{rank}").read_text()), signal.SIGTERM)
     _, stderr = job.communicate(timeout=120)
+    beside.join(timeout=300)
+    uninterrupted[0].check()
     assert job.returncode == preemption.PREEMPTED_STATUS, stderr[-3000:]
     meta = checkpoint.peek(str(ckpt))
     assert 40 <= meta["global_step"] < 90

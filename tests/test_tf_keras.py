@@ -6,7 +6,7 @@ import csv
 
 import numpy as np
 import pytest
-from conftest import JOBS, job_env, load_ranks, run
+from conftest import JOBS, job_env, load_ranks, run, run_together
 
 pytestmark = pytest.mark.mpi
 
@@ -17,8 +17,11 @@ SCRIPT = str(JOBS / "tf_keras_fit.py")
 def results(tmp_path_factory):
     env = job_env(TF_USE_LEGACY_KERAS="1")
     out = tmp_path_factory.mktemp("tf_keras")
-    run(["-m", "transparent_dist", SCRIPT, str(out), "plugin"], ranks=2, env=env).check()
-    run([SCRIPT, str(out), "reference", "2"], env=env).check()
+    for job in run_together(
+        dict(args=["-m", "transparent_dist", SCRIPT, str(out), "plugin"], ranks=2, env=env),
+        dict(args=[SCRIPT, str(out), "reference", "2"], env=env),
+    ):
+        job.check()
     run([SCRIPT, str(out), "control"], ranks=2, env=env).check()
     return {
         "dir": out,
