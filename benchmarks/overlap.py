@@ -47,6 +47,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -75,6 +76,7 @@ def _fit_worker(args: argparse.Namespace) -> None:
         import transparent_dist
 
         rank, size = transparent_dist.rank(), transparent_dist.size()
+        plugin_file = transparent_dist.__file__
     import keras
 
     keras.utils.set_random_seed(0)
@@ -121,6 +123,7 @@ def _fit_worker(args: argparse.Namespace) -> None:
         "ranks": size,
     }
     if args.plugin:
+        result["plugin_file"] = plugin_file
         try:  # which exchange ran (native op or numpy fallback); internal, may move
             from transparent_dist.tf import native
 
@@ -284,7 +287,11 @@ def run(args: argparse.Namespace) -> dict:
     why = Cluster.unavailable()
     if why:
         raise SystemExit(f"overlap.py needs the namespace harness: {why}")
+    if shutil.which("tc") is None:
+        raise SystemExit("overlap.py shapes the link with `tc` (iproute2): not found")
     tree = Path(args.tree).resolve()
+    if not (tree / "transparent_dist" / "__init__.py").exists():
+        raise SystemExit(f"--tree {tree}: no transparent_dist/ there")
     env = _env(tree, args.threads)
     # The op compiled (or found in the cache) before any timing.
     subprocess.run(
@@ -327,6 +334,10 @@ def run(args: argparse.Namespace) -> dict:
                         timeout=900,
                     )
                     result = _result(proc, f"plugin {rate} TD_FUSION_MB={config}")
+                    if not Path(result["plugin_file"]).resolve().is_relative_to(tree):
+                        raise SystemExit(
+                            f"the ranks ran {result['plugin_file']}, not --tree {tree}'s plugin"
+                        )
                     plugin_runs[rate][config].append(result)
                     print(
                         f"  {rate} {config}: {result['step_ms']:.1f} ms/step "
