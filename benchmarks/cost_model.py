@@ -3,7 +3,7 @@
 here by benchmarks/overlap.py; the numbers of docs/scaling.md.
 
     python benchmarks/cost_model.py [--links docs/overlap.json] [--out results/cost_model]
-    python benchmarks/cost_model.py --link ib100:2:11.5     # name:alpha_us:GB/s, by hand
+    python benchmarks/cost_model.py --links none --link ib100:2:11.5   # name:alpha_us:GB/s
     python benchmarks/cost_model.py --model ResNet-101=44549160:620   # name=parameters:compute_ms
 
 Allreduce of S bytes on P ranks (alpha per message, beta per byte; the
@@ -250,7 +250,11 @@ def _print_rows(rows: list[dict]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--links", default=str(ROOT / "docs" / "overlap.json"))
+    parser.add_argument(
+        "--links",
+        default=str(ROOT / "docs" / "overlap.json"),
+        help="overlap.py's JSON with the measured links; none: only --link",
+    )
     parser.add_argument(
         "--link", action="append", default=[], help="name:alpha_us:GB/s, added by hand"
     )
@@ -269,7 +273,7 @@ def main() -> int:
     parser.add_argument("--markdown", action="store_true", help="print the doc's tables only")
     args = parser.parse_args()
     links = {}
-    if Path(args.links).exists():
+    if args.links != "none" and Path(args.links).exists():
         measured = json.loads(Path(args.links).read_text())["links"]
         links = {k: _link(v) for k, v in measured.items()}
     for spec in args.link:
