@@ -120,7 +120,7 @@ class StepTimes(keras.callbacks.Callback):
         if epoch == 1 and args.mode == "td":
             from transparent_dist.core import timeline
 
-            timeline.reset()  # exchange counters for the warm epoch only
+            timeline.restart_counters()  # exchange counters for the warm epoch only
 
     def on_train_batch_begin(self, batch, logs=None):
         self._start = time.perf_counter()
