@@ -120,7 +120,7 @@ class StepTimes(keras.callbacks.Callback):
         if epoch == 1 and args.mode == "td":
             from transparent_dist.core import timeline
 
-            timeline.reset()  # exchange counters for the warm epoch only
+            timeline.restart_counters()  # exchange counters for the warm epoch only
 
     def on_train_batch_begin(self, batch, logs=None):
         self._start = time.perf_counter()
@@ -198,10 +198,13 @@ if args.mode == "td" and size > 1:
     from transparent_dist.tf import native
 
     stats = timer.stats  # the warm (second) epoch
-    with open(f"{trace}.rank{rank}.json") as f:
-        events = json.load(f)["traceEvents"]
-    result["exchange_ms"] = per_step(events, "exchange")
-    result["wait_ms"] = per_step(events, "wait")
+    if rank == 0:
+        # One file for the job, written by rank 0 at the end of the fit;
+        # each rank's spans under pid = its rank.
+        with open(f"{trace}.json") as f:
+            events = [e for e in json.load(f)["traceEvents"] if e.get("pid") == 0]
+        result["exchange_ms"] = per_step(events, "exchange")
+        result["wait_ms"] = per_step(events, "wait")
     result["exchange_mean_ms"] = 1e3 * stats.exchange_seconds / args.steps
     result["mpi_mean_ms"] = 1e3 * stats.reduce_seconds / args.steps
     result["exchange_path"] = native.status().split(" (")[0]
