@@ -27,6 +27,12 @@ else:
     )
     EMULATED = SIZE
 
+if MODE == "plugin":
+    # XLA's own record of what it compiled, per rank (test_keras_core reads
+    # it): set before TensorFlow reads it.
+    os.environ["XLA_FLAGS"] = (
+        f"--xla_dump_to={OUT}/xla-{MODE}-{EMULATED}-rank{RANK} --xla_dump_hlo_as_text"
+    )
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -263,10 +269,39 @@ def scenario_lr_scaling():
 
 
 def scenario_xla():
+    # Keras's own train step keeps XLA (compiled up to the update, the
+    # exchange after it), in float32 and under mixed precision's
+    # LossScaleOptimizer; a script's own train step, the update inside it,
+    # runs without (said once). XLA_FLAGS above: XLA's own record.
     model = mlp()
-    model.compile(optimizer="sgd", loss="mse", jit_compile=True)
-    model.fit(X, Y, batch_size=LOCAL_B, epochs=1, verbose=0)
-    return {"jit_compile": bool(model.jit_compile), "weights": weights(model)}
+    model.compile(optimizer="sgd", loss="mse", metrics=["mae"], jit_compile=True)
+    history = model.fit(X, Y, batch_size=LOCAL_B, epochs=1, verbose=0)
+    out = {
+        "jit_compile": bool(model.jit_compile),
+        "weights": weights(model),
+        "history": history.history,
+        "evaluate": model.evaluate(X, Y, batch_size=LOCAL_B, verbose=0),
+    }
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        mixed = mlp()  # scenario_mixed_precision's model, with XLA
+        mixed.compile(
+            optimizer=keras.optimizers.SGD(0.05, momentum=0.5),
+            loss="mse",
+            metrics=["mae"],
+            jit_compile=True,
+        )
+        history = mixed.fit(X, Y, batch_size=LOCAL_B, epochs=2, shuffle=False, verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    out["mixed"] = {"weights": weights(mixed), "history": history.history}
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((8,))
+    own = TrackedModel(inputs, keras.layers.Dense(1)(keras.layers.Dense(16)(inputs)))
+    own.compile(optimizer=keras.optimizers.SGD(0.05), jit_compile=True)
+    own.fit(X, Y, batch_size=LOCAL_B, epochs=1, shuffle=False, verbose=0)
+    out["own_step"] = {"jit_compile": bool(own.jit_compile), "weights": weights(own)}
+    return out
 
 
 def scenario_mixed_precision():

@@ -86,7 +86,9 @@ class Framework:
             its sequence class).
         split_validation: `((x, y, w), split) -> ((x, y, w), validation)`.
         unpack: `data -> (x, y, sample_weight)`.
-        turn_off_xla: `model -> bool`, True if XLA was on.
+        turn_off_xla: `(model, training) -> bool`: turns XLA off where
+            the gradient exchange would be inside a compiled step (in `fit`
+            if `training`), True if it did.
         build_optimizer: `(optimizer, variables)` builds an unbuilt one.
         learning_rate: `optimizer -> variable` (None for a schedule).
         own_train_step: `model -> bool`, its train step is the framework's.
@@ -107,7 +109,7 @@ class Framework:
     arrays: tf_inputs.ArrayFormat
     split_validation: Callable[[tuple, float], tuple]
     unpack: Callable[[Any], tuple]
-    turn_off_xla: Callable[[Any], bool]
+    turn_off_xla: Callable[[Any, bool], bool]
     build_optimizer: Callable[[Any, list], None]
     learning_rate: Callable[[Any], Any]
     own_train_step: Callable[[Any], bool]
@@ -165,6 +167,9 @@ def update(
     with step_state.within(applying=True):
         if in_loop:
             return custom_loops.applied(optimizer, variables, lambda: apply(averaged))
+        if step_state.current().compiled_update:
+            # A split step's update, after its exchange: XLA again.
+            return backend.compiled(lambda: apply(averaged))
         return apply(averaged)
 
 
@@ -188,12 +193,12 @@ def wrap_compute_loss(backend: Backend) -> Callable[[Any], Any]:
 # ------------------------------------------------------------ fit / evaluate / predict
 
 
-def _turn_off_xla(fw: Framework, model: Any) -> None:
-    if world.get().distributed and fw.turn_off_xla(model):
+def _turn_off_xla(fw: Framework, model: Any, training: bool = False) -> None:
+    if world.get().distributed and fw.turn_off_xla(model, training):
         model.train_function = model.test_function = model.predict_function = None
         log.info(
             "jit_compile (XLA) is turned off: the gradient exchange runs MPI "
-            "from inside the step, which XLA cannot compile"
+            "from inside the train step, which XLA cannot compile"
         )
 
 
@@ -276,7 +281,7 @@ def wrap_fit(fw: Framework) -> Callable[[Any], Any]:
                 return original(self, *args, **kwargs)
             calls.enter_phase("fit", a)
             calls.agree_on_compile(self)
-            _turn_off_xla(fw, self)
+            _turn_off_xla(fw, self, training=True)
             x, y, sample_weight, batch_size = a["x"], a["y"], a["sample_weight"], a["batch_size"]
             data = tf_inputs.classify(x, y, sample_weight, fw.arrays)
             if a["validation_split"] and a["validation_data"] is None and data.kind == "arrays":

@@ -66,11 +66,19 @@ def _pack(x: Any, y: Any = None, sample_weight: Any = None) -> tuple[Any, int]:
     return inputs, int(leaves[0].shape[0])
 
 
-def _turn_off_xla(model: Any) -> bool:
-    if not model.jit_compile:
-        return False
-    model.jit_compile = False
-    return True
+def _turn_off_xla(own_train_step: Callable[[Any], bool]) -> Callable[[Any, bool], bool]:
+    """`turn_off_xla` for Keras 3: only a script's own train step loses
+    XLA, in `fit` (its update, and so the exchange, is somewhere inside
+    it); Keras's own train step and every test and predict step keep it
+    (`keras_steps.wrap_step`)."""
+
+    def turn_off(model: Any, training: bool) -> bool:
+        if not (training and model.jit_compile) or own_train_step(model):
+            return False
+        model.jit_compile = False
+        return True
+
+    return turn_off
 
 
 def _build_optimizer(optimizer: Any, variables: list) -> None:
@@ -119,7 +127,7 @@ def framework(
             xyw, validation_split=split
         ),
         unpack=data_adapter_utils.unpack_x_y_sample_weight,
-        turn_off_xla=_turn_off_xla,
+        turn_off_xla=_turn_off_xla(own_train_step),
         build_optimizer=_build_optimizer,
         learning_rate=_learning_rate,
         own_train_step=own_train_step,
@@ -136,7 +144,14 @@ def framework(
 def _wrap_apply(backend: Backend) -> Callable[[Any], Any]:
     def wrap(original: Any) -> Any:
         def apply(self, grads, trainable_variables=None):
-            if not world.get().distributed or step_state.current().applying:
+            state = step_state.current()
+            if state.deferred is not None and not state.applying:
+                # The XLA-compiled part of a split step (`keras_steps`):
+                # its gradients leave it; the step updates after it,
+                # exchange first.
+                state.deferred.append((self, list(grads), trainable_variables))
+                return None
+            if not world.get().distributed or state.applying:
                 return original(self, grads, trainable_variables)
             grads = list(grads)
             if not grads:

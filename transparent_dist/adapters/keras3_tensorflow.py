@@ -140,11 +140,37 @@ FRAMEWORK = keras3.framework(
 # ------------------------------------------------------------ steps, random draws
 
 
+def _xla_kind(model: Any, step_function: Any) -> str:
+    """How a step of `model` keeps XLA under N ranks (`keras_steps`):
+    Keras's own train step is split around its update, a test step
+    compiled whole; a script's own train step runs plain (its update, and
+    so the exchange, is somewhere inside it: `fit` said so)."""
+    if not model.jit_compile:
+        return keras_steps.PLAIN
+    function = getattr(step_function, "__func__", step_function)
+    if function is TensorFlowTrainer.train_step:
+        return keras_steps.SPLIT
+    if getattr(function, "__name__", "") == "test_step":
+        return keras_steps.WHOLE
+    return keras_steps.PLAIN
+
+
 def _wrap_make_function(original: Any) -> Any:
     def _make_function(self, step_function):
         if not world.get().distributed:
             return original(self, step_function)
-        return original(self, keras_steps.wrap_step(self, step_function, FRAMEWORK.backend))
+        xla = self.jit_compile
+        step = keras_steps.wrap_step(
+            self, step_function, FRAMEWORK.backend, _xla_kind(self, step_function)
+        )
+        # Keras's function around the step is traced plain: the step holds
+        # the exchanges, host ops XLA cannot compile; what XLA can, the
+        # step compiles itself.
+        self._jit_compile = False
+        try:
+            return original(self, step)
+        finally:
+            self._jit_compile = xla
 
     return _make_function
 

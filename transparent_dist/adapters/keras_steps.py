@@ -60,7 +60,7 @@ from transparent_dist.core import step_state, unique, world
 from transparent_dist.core.backend import Backend
 from transparent_dist.tf import broadcast, exchange
 
-__all__ = ["counted_on_root_only", "global_metric_results", "wrap_step"]
+__all__ = ["PLAIN", "SPLIT", "WHOLE", "counted_on_root_only", "global_metric_results", "wrap_step"]
 
 # ------------------------------------------------------------ metric results
 
@@ -302,23 +302,86 @@ def _global_logs(
 # ------------------------------------------------------------ the step
 
 
-def wrap_step(model: Any, step_function: Any, backend: Backend) -> Any:
+# How a step keeps XLA (`wrap_step`'s `xla`): not at all, its whole
+# step function compiled (a test step: no exchange inside it), or split
+# (Keras's own train step: compiled up to the optimizer's update).
+PLAIN, WHOLE, SPLIT = "plain", "whole", "split"
+
+
+def _rebuilt_records(traced: dict, logs: Any, once_values: list) -> tuple[dict, dict]:
+    """The `recorded` and `once` of a compiled part (`_compiled`) for its
+    outputs: what was recorded while it was traced names tensors of its
+    own graph, which the step around it cannot use."""
+    recorded = {}
+    for leaf, entry in zip(tree.flatten(logs), traced["results"], strict=True):
+        if entry is not None:
+            recorded[id(leaf)] = (leaf, *entry)
+    once, values = {}, list(once_values)
+    for key, metric, number in traced["once"]:
+        once[key] = [metric, *values[:number]]
+        values = values[number:]
+    return recorded, once
+
+
+def _compiled(model: Any, step_function: Any, data: Any, count: Any, split: bool) -> tuple:
+    """Runs `step_function(data)` as one XLA-compiled function inside the
+    (plain) traced step, and returns `(logs, recorded, once, updates)`:
+    the step's logs and what `_global_logs` needs of them, and, when
+    `split`, the optimizer updates the step asked for, not yet run
+    ((optimizer, gradients, variables) each): their exchange is a host op,
+    which XLA cannot compile, so it runs after, outside."""
+    traced: dict[str, Any] = {}
+
+    def part(data, count):
+        deferred: list = [] if split else None
+        with (
+            step_state.within(samples=count, deferred=deferred),
+            _recording_results(model.metrics) as recorded,
+            _recording_once_per_step(model.metrics, count) as once,
+        ):
+            logs = step_function(data)
+        traced["results"] = [_recorded_as(leaf, recorded) for leaf in tree.flatten(logs)]
+        traced["once"] = [(key, entry[0], len(entry) - 1) for key, entry in once.items()]
+        traced["updates"] = [(optimizer, variables) for optimizer, _, variables in deferred or []]
+        once_values = [value for entry in once.values() for value in entry[1:]]
+        return logs, once_values, [grads for _, grads, _ in deferred or []]
+
+    # autograph off, as Keras traces its steps (`do_not_convert`).
+    logs, once_values, grads = tf.function(part, jit_compile=True, autograph=False)(data, count)
+    recorded, once = _rebuilt_records(traced, logs, once_values)
+    updates = [
+        (optimizer, list(g), variables)
+        for (optimizer, variables), g in zip(traced["updates"], grads, strict=True)
+    ]
+    return logs, recorded, once, updates
+
+
+def wrap_step(model: Any, step_function: Any, backend: Backend, xla: str = PLAIN) -> Any:
     """`step_function` (a train or test step) as it runs on one rank: it
     declares the rank's sample count (`backend.sample_count`) to the
     gradient exchange, draws its own random numbers, and returns global
-    logs."""
+    logs. With `xla` WHOLE or SPLIT its computation is compiled by XLA
+    (`_compiled`) and the exchanges run around it: the step function
+    itself must then be traced plain (`jit_compile=False`)."""
 
     def step(data):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         first = next(leaf for leaf in tree.flatten(x) if leaf is not None)
         count = backend.sample_count(first)
-        with (
-            exchange.step(count),
-            step_state.within(in_step=True),
-            _recording_results(model.metrics) as recorded,
-            _recording_once_per_step(model.metrics, count) as once,
-        ):
-            logs = step_function(data)
+        with exchange.step(count), step_state.within(in_step=True):
+            if xla == PLAIN:
+                with (
+                    _recording_results(model.metrics) as recorded,
+                    _recording_once_per_step(model.metrics, count) as once,
+                ):
+                    logs = step_function(data)
+            else:
+                logs, recorded, once, updates = _compiled(
+                    model, step_function, data, count, xla == SPLIT
+                )
+                with step_state.within(compiled_update=True):
+                    for optimizer, grads, variables in updates:
+                        optimizer.apply(grads, variables)
         return _global_logs(logs, recorded, count, backend, once)
 
     return step

@@ -61,7 +61,7 @@ def _index_batches(n: int, global_batch: int, shuffle: Any) -> tf.data.Dataset:
     ).get_dataset()
 
 
-def _turn_off_xla(model: Any) -> bool:
+def _turn_off_xla(model: Any, training: bool) -> bool:
     if not getattr(model, "_jit_compile", False):
         return False
     model._jit_compile = False

@@ -58,6 +58,10 @@ class Backend:
         prepare: makes the exchange ready, on every rank at once, outside
             any trace (when a fit begins): whatever is collective or slow
             about its first use.
+        compiled: `fn -> fn()` run as one function compiled by the
+            library's compiler (XLA), inside a traced step; what `fn`
+            reads of the step is captured. For the parts of a step with no
+            exchange in them, when the script asked for compilation.
     """
 
     name: str
@@ -71,3 +75,4 @@ class Backend:
     host_op: Callable[[Callable[..., Any], list[Any], list[Any], str], list[Any]]
     outside_trace: Callable[[], AbstractContextManager[Any]]
     prepare: Callable[[], None]
+    compiled: Callable[[Callable[[], Any]], Any]

@@ -49,6 +49,12 @@ class StepState:
         applying: an outer optimizer averaged the gradients already (a
             wrapping optimizer calls its inner one's update).
         scaling: inside the patched `scale_loss` (subclasses chain it).
+        deferred: inside the XLA-compiled part of a split train step: a
+            list that an optimizer's update appends (optimizer, gradients,
+            variables) to instead of running (the step runs it after the
+            compiled part, exchange first), or None: update now.
+        compiled_update: the update after the exchange is compiled
+            (`Backend.compiled`): the deferred update of a split step.
     The step:
         in_step: inside a Keras 3 train / test step.
         in_session_step: inside a TF1 `Session.run` of a train op.
@@ -68,6 +74,8 @@ class StepState:
     step_function: Any = None
     applying: bool = False
     scaling: bool = False
+    deferred: list | None = None
+    compiled_update: bool = False
     in_step: bool = False
     in_session_step: bool = False
     samples: Any = None

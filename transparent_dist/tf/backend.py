@@ -41,6 +41,13 @@ def _outside_trace() -> Any:
     return tf.init_scope()
 
 
+def _compiled(fn: Any) -> Any:
+    import tensorflow as tf
+
+    # autograph off, as Keras traces its steps.
+    return tf.function(fn, jit_compile=True, autograph=False)()
+
+
 TENSORFLOW = Backend(
     name="tensorflow",
     average=exchange.average,
@@ -53,4 +60,5 @@ TENSORFLOW = Backend(
     host_op=host_op.collective_op,
     outside_trace=_outside_trace,
     prepare=exchange.prepare,
+    compiled=_compiled,
 )
