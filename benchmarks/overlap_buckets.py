@@ -74,6 +74,7 @@ def floor(tree: Path, model: str, batch: int, steps: int) -> float:
         subprocess.Popen(
             [PYTHON, *_worker(model, "plain", batch, steps)],
             env=_env(tree, None),
+            cwd=tree,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -88,6 +89,7 @@ def plugin(tree: Path, model: str, batch: int, steps: int, fusion: float) -> dic
     job = subprocess.run(
         [*command, *_worker(model, "td", batch, steps)],
         env=_env(tree, fusion),
+        cwd=tree,  # `python -m` puts the working directory first on sys.path
         capture_output=True,
         text=True,
         timeout=600,
