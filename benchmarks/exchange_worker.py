@@ -120,7 +120,9 @@ class StepTimes(keras.callbacks.Callback):
         if epoch == 1 and args.mode == "td":
             from transparent_dist.core import timeline
 
-            timeline.restart_counters()  # exchange counters for the warm epoch only
+            # Exchange counters for the warm epoch only (the spans stay:
+            # `per_step` picks this epoch's steps).
+            timeline.restart_counters()
 
     def on_train_batch_begin(self, batch, logs=None):
         self._start = time.perf_counter()
@@ -191,6 +193,46 @@ def per_step(events: list[dict], name: str) -> float:
     return 1e-3 * float(np.median(totals))
 
 
+def overlap(events: list[dict]) -> dict:
+    """Medians over the warm epoch's steps, from the step's start (ms): when
+    the first bucket's exchange starts, when the last bucket is queued (its
+    gradients exist: the backward pass has ended by then), and how much
+    exchange time lies before that moment (hidden behind the backward
+    pass). The last bucket's op starts when its gradients exist and the
+    bucket before it is done (the ops are chained): `idle_before_last_ms`
+    > 0 says the communication thread was idle, waiting for the backward
+    pass, so the last bucket was queued the moment the backward pass ended.
+    Empty when the exchange has no numbered buckets (the numpy path or the
+    synchronous op)."""
+    steps = [e for e in events if e["name"] == "step"][args.steps : 2 * args.steps]
+    buckets = [e for e in events if e.get("args", {}).get("bucket") is not None]
+    if not buckets:
+        return {}
+    first, last, hidden, counts, idle = [], [], [], [], []
+    for s in steps:
+        mine = [e for e in buckets if s["ts"] <= e["ts"] < s["ts"] + s["dur"]]
+        exchanges = [e for e in mine if e["name"] == "exchange"]
+        queued = [e for e in mine if e["name"] == "queued"]
+        if not exchanges or not queued:
+            continue
+        end = max(e["ts"] for e in queued)  # the last bucket's gradients exist
+        before = [e["ts"] + e["dur"] for e in exchanges if e["ts"] < end]
+        idle.append(end - max(before) if before else 0.0)
+        first.append(min(e["ts"] for e in exchanges) - s["ts"])
+        last.append(end - s["ts"])
+        hidden.append(sum(max(0.0, min(e["ts"] + e["dur"], end) - e["ts"]) for e in exchanges))
+        counts.append(len(exchanges))
+    if not first:
+        return {}
+    return {
+        "buckets": int(np.median(counts)),
+        "first_exchange_ms": 1e-3 * float(np.median(first)),
+        "last_queued_ms": 1e-3 * float(np.median(last)),
+        "hidden_exchange_ms": 1e-3 * float(np.median(hidden)),
+        "idle_before_last_ms": 1e-3 * float(np.median(idle)),
+    }
+
+
 if args.mode == "td" and size > 1:
     from mpi4py import MPI
 
@@ -198,13 +240,15 @@ if args.mode == "td" and size > 1:
     from transparent_dist.tf import native
 
     stats = timer.stats  # the warm (second) epoch
+    # The job's one timeline file, where rank 0's setting says (each rank
+    # made its own temporary directory): rank 0's spans, for its result.
+    events = []
     if rank == 0:
-        # One file for the job, written by rank 0 at the end of the fit;
-        # each rank's spans under pid = its rank.
         with open(f"{trace}.json") as f:
             events = [e for e in json.load(f)["traceEvents"] if e.get("pid") == 0]
-        result["exchange_ms"] = per_step(events, "exchange")
-        result["wait_ms"] = per_step(events, "wait")
+    result["exchange_ms"] = per_step(events, "exchange")
+    result["wait_ms"] = per_step(events, "wait")
+    result.update(overlap(events))
     result["exchange_mean_ms"] = 1e3 * stats.exchange_seconds / args.steps
     result["mpi_mean_ms"] = 1e3 * stats.reduce_seconds / args.steps
     result["exchange_path"] = native.status().split(" (")[0]

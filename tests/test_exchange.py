@@ -48,6 +48,16 @@ def test_early_buckets_do_not_wait_for_the_rest_of_backprop(paths):
     assert ancestry["waits_for_first_layer"] == [False] * 5 + [True]
 
 
+def test_buckets_follow_one_negotiation_in_bucket_order(paths):
+    # The sample counts cross the network once per step, and each bucket's
+    # op starts only after the previous one ended: every rank hands its
+    # communication thread the buckets in the same order.
+    ancestry = paths[1][0]["ancestry"]
+    assert ancestry["negotiations"] == 1
+    assert ancestry["buckets"] == list(range(6))
+    assert ancestry["chained"] == [True] * 6
+
+
 def test_native_op_equals_numpy_exchange(paths):
     # Same arithmetic up to rounding: the op scales each rank's gradient by
     # its share before the sum, the numpy path divides the sum afterwards.
@@ -101,7 +111,10 @@ def test_timeline_is_chrome_trace_json(tmp_path):
     assert named == {0: "rank 0", 1: "rank 1"}
     for rank in (0, 1):
         mine = [e for e in events if e["pid"] == rank and e["ph"] == "X"]
-        assert {"step", "wait", "exchange", "metrics"} <= {e["name"] for e in mine}  # native op's
+        assert {"step", "wait", "exchange", "metrics", "queued"} <= {e["name"] for e in mine}
+        # Each bucket's exchange (here one per step) carries its number.
+        buckets = [e["args"]["bucket"] for e in mine if e["name"] in ("queued", "exchange")]
+        assert set(buckets) == {0}
         assert all(e["dur"] >= 0 for e in mine)
         steps = [e for e in mine if e["name"] == "step"]
         assert len(steps) == 15  # 1800 training samples / (2 ranks x 64)

@@ -21,7 +21,7 @@ def test_a_wrong_value_names_the_variable_and_the_allowed_values():
     settings = config.from_environment(
         {"TD_FUSION_MB": "lots", "TD_VERBOSE": "maybe", "TD_CHECKPOINT_KEEP": "0"}, errors
     )
-    assert settings.fusion_mb == 64.0  # the default kept, the error reported
+    assert settings.fusion_mb == 4.0  # the default kept, the error reported
     assert errors == [
         "transparent_dist: TD_CHECKPOINT_KEEP='0' must be >= 1",
         "transparent_dist: TD_FUSION_MB='lots' is not a number (seconds, MB or epochs)",

@@ -93,6 +93,15 @@ def bucket_ancestry() -> dict:
         "variables": len(model.trainable_variables),
         "waits_for_first_layer": [first_kernel_grad in ancestors(op) for op in exchanges],
         "control_inputs": [[c.type for c in op.control_inputs] for op in exchanges],
+        "negotiations": sum(op.type == "TdNegotiate" for op in graph.get_operations()),
+        "buckets": [op.get_attr("bucket") for op in exchanges],
+        # Each exchange starts after the one before it (the first after the
+        # step's negotiation): the order every rank's MPI calls follow.
+        "chained": [
+            (exchanges[k - 1] if k else negotiation).name in [c.name for c in op.control_inputs]
+            for k, op in enumerate(exchanges)
+            for negotiation in [op.inputs[1].op]
+        ],
     }
 
 

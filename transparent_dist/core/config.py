@@ -74,9 +74,10 @@ class Settings:
     # numbers out of bounds: "auto" refuses it, naming what differs; "force"
     # resumes another run's anyway; "fresh" sets it aside and starts afresh.
     resume: str = "auto"
-    # Gradient exchange: largest fused buffer (MB) before splitting into
-    # buckets, optional 16-bit compression, and a Chrome-trace timeline.
-    fusion_mb: float = 64.0
+    # Gradient exchange: largest bucket (MB; each is exchanged while the
+    # backward pass goes on, see docs/performance.md for the measurements
+    # behind 4), optional 16-bit compression, and a Chrome-trace timeline.
+    fusion_mb: float = 4.0
     compression: str = "none"
     timeline: str = ""
     # The compiled exchange op ("auto": used when it builds, else the numpy

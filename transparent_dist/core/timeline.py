@@ -13,8 +13,14 @@ Open the file (one for the job, every rank's spans on rank 0's clock, one
 process per rank: `timeline_file`) in chrome://tracing or
 https://ui.perfetto.dev. Spans: `step` (a whole training step, as Keras's
 callbacks see it), `wait` (a rank waiting for the others to reach the
-gradient exchange), `exchange` (gradient averaging; in the numpy fallback
-split into `copy`, `allreduce`, `copy back`), `metrics` (metric sums),
+gradient exchange; with the native op, the step's sample-count round trip,
+at the start of the step), `exchange` (gradient averaging; with the native
+op one per bucket, its number in the span's args, on the thread "gradient
+exchange", and `queued` before it: from the bucket's gradients existing to
+its exchange starting, so a bucket exchanged while the backward pass still
+computes shows as an `exchange` ending before the step's last bucket is
+queued; in the numpy fallback split into `copy`, `allreduce`, `copy
+back`), `metrics` (metric sums),
 `read` (file-backed batches), `op build` (this rank compiled the native
 op) or `op load` (it loaded the op, after waiting for any rank compiling it).
 """
@@ -71,7 +77,7 @@ _EVENTS: list[dict] = []
 _LOCK = threading.Lock()
 _ORIGIN = time.perf_counter()
 # Other producers of counters and spans (the native op): objects with
-# counters() -> dict, reset() and spans() -> [(name, start, end)].
+# counters() -> dict, reset() and spans() -> [(name, start, end[, args])].
 _SOURCES: list = []
 
 
@@ -129,8 +135,11 @@ def recording() -> bool:
     return bool(config.SETTINGS.timeline)
 
 
-def add(name: str, start: float, end: float, thread: str | None = None) -> None:
-    """Records a span (perf_counter seconds) when a timeline is asked for."""
+def add(
+    name: str, start: float, end: float, thread: str | None = None, args: dict | None = None
+) -> None:
+    """Records a span (perf_counter seconds) when a timeline is asked for;
+    `args` are shown with it (e.g. a bucket's number)."""
     if not recording():
         return
     event = {
@@ -141,6 +150,8 @@ def add(name: str, start: float, end: float, thread: str | None = None) -> None:
         "pid": world.get().rank,
         "tid": thread or threading.current_thread().name,
     }
+    if args:
+        event["args"] = args
     with _LOCK:
         _EVENTS.append(event)
 
@@ -168,8 +179,8 @@ def take_events() -> tuple[float, list[dict]]:
     microseconds after it) and the events recorded since the last call,
     the native op's spans included; they are handed over, not kept."""
     for source in _SOURCES:
-        for name, start, end in source.spans():
-            add(name, start, end, thread="gradient exchange")
+        for name, start, end, *args in source.spans():
+            add(name, start, end, thread="gradient exchange", args=args[0] if args else None)
     with _LOCK:
         events = list(_EVENTS)
         _EVENTS.clear()

@@ -106,18 +106,20 @@ def _gather_and_save(comm: Any) -> str | None:
 
 
 def _compact(event: dict) -> tuple:
-    """An event as it travels: (name, ts, dur, thread name)."""
-    return (event["name"], event["ts"], event["dur"], str(event["tid"]))
+    """An event as it travels: (name, ts, dur, thread name[, args])."""
+    compact = (event["name"], event["ts"], event["dur"], str(event["tid"]))
+    return (*compact, event["args"]) if event.get("args") else compact
 
 
 def _add(rank: int, shift_us: float, events: list) -> None:
     _RANKS.add(rank)
     for event in events:
-        name, ts, dur, thread = event if isinstance(event, tuple) else _compact(event)
+        name, ts, dur, thread, *args = event if isinstance(event, tuple) else _compact(event)
         tid = _THREADS.setdefault((rank, thread), len(_THREADS) + 1)
-        _EVENTS.append(
-            {"name": name, "ph": "X", "ts": ts + shift_us, "dur": dur, "pid": rank, "tid": tid}
-        )
+        out = {"name": name, "ph": "X", "ts": ts + shift_us, "dur": dur, "pid": rank, "tid": tid}
+        if args:
+            out["args"] = args[0]  # e.g. a gradient bucket's number
+        _EVENTS.append(out)
 
 
 def _metadata() -> list[dict]:

@@ -15,6 +15,16 @@ cannot be built, a `tf.numpy_function` over `collectives`. Every rank issues
 them at the same point of the same step, so the order of collectives is the
 same everywhere.
 
+With the native op the buckets overlap the backward pass: they are formed
+in backprop order (the last layers' gradients, which exist first, in the
+first bucket), each bucket's op starts as soon as its own gradients exist,
+and its MPI work runs on the op's communication thread while TensorFlow
+computes the earlier layers' gradients. The ops are chained in bucket order
+(each waits for the one before: TensorFlow's automatic control dependencies
+in a `tf.function`, explicit ones here for TF1 graphs), which is what keeps
+the collectives in the same order on every rank; the step's sample counts
+are negotiated once, by one op that runs at the start of the step.
+
 The mean is weighted by each rank's number of samples in the step when the
 train step told us (`step`, the `samples` of `core.step_state`), so a short
 last batch split unevenly over the ranks still gives exactly the gradient
@@ -203,8 +213,22 @@ def average(grads: Sequence[Any], state: StepState | None = None) -> list[Any]:
             step_state.declare(summed=False)  # one declaration per gradient call
     rule = arithmetic(state)
     weight = tf.cast(1.0 if rule.weight is None else rule.weight, tf.float64)
+    totals = None
+    if uses_native() and any(not isinstance(grads[i], tf.IndexedSlices) for i in present):
+        # One round trip per step for every bucket's scale. Its only input
+        # is the sample count, and it comes first in program order (before
+        # the sparse exchange's collectives too), so it runs during the
+        # forward pass, not between the gradients and their exchange.
+        totals = native.negotiate(weight, count_samples=True)
+    # Every collective of the step after the one before it (explicit for
+    # TF1 graphs; a tf.function's automatic dependencies do the same): the
+    # native op's thread and the sparse exchange's host ops share the
+    # communicator, so they must never run at once.
+    after: list[Any] = [] if totals is None else [totals]
     for i in [i for i in present if isinstance(grads[i], tf.IndexedSlices)]:
-        grads[i] = sparse.exchange(grads[i], weight, rule.divided, rule.times_ranks, w.comm)
+        with tf.control_dependencies(after):
+            grads[i] = sparse.exchange(grads[i], weight, rule.divided, rule.times_ranks, w.comm)
+        after = [grads[i].values]
     present = [i for i in present if not isinstance(grads[i], tf.IndexedSlices)]
     if not present:
         return grads
@@ -216,9 +240,9 @@ def average(grads: Sequence[Any], state: StepState | None = None) -> list[Any]:
         f"gradient exchange: {len(present)} tensors in {len(buckets)} bucket(s), "
         f"compression {config.SETTINGS.compression}"
     )
-    if uses_native():
+    if totals is not None:
         for number, bucket in enumerate(buckets):
-            _native_average(bucket, dense, grads, weight, number == 0, rule.divided)
+            after = _native_average(bucket, dense, grads, weight, totals, after, number, rule)
     else:
         _numpy_average(buckets, dense, grads, weight, w.comm)
     if rule.times_ranks:
@@ -232,26 +256,37 @@ def _native_average(
     dense: dict[int, Any],
     grads: list[Any],
     weight: Any,
-    count_samples: bool,
-    divided: bool,
-) -> None:
-    """One bucket through the native op: one call per dtype, float dtypes
-    as they are, anything else as float32."""
+    totals: Any,
+    after: list[Any],
+    number: int,
+    rule: Arithmetic,
+) -> list[Any]:
+    """Bucket `number` through the native op: one call per dtype, float
+    dtypes as they are, anything else as float32, each call after the
+    tensors `after` (the previous call's outputs). Returns this bucket's
+    last outputs, for the next bucket to follow."""
     import tensorflow as tf
 
     groups = _by_dtype(bucket, lambda i: _native_dtype(dense[i].dtype.name))
-    for number, (name, members) in enumerate(groups.items()):
+    for name, members in groups.items():
         sent = [
             tf.cast(dense[i], name) if dense[i].dtype.name != name else dense[i] for i in members
         ]
-        averaged = native.allreduce(
-            sent,
-            weight,
-            compression=config.SETTINGS.compression if name == "float32" else "none",
-            count_samples=count_samples and number == 0,
-            divided=divided,
-        )
+        # Explicit in a TF1 graph (no automatic control dependencies there):
+        # the op starts after the previous one ended, so the ops reach the
+        # communication thread in bucket order on every rank.
+        with tf.control_dependencies(after):
+            averaged = native.allreduce(
+                sent,
+                weight,
+                compression=config.SETTINGS.compression if name == "float32" else "none",
+                divided=rule.divided,
+                totals=totals,
+                bucket=number,
+            )
         _put_back(members, averaged, dense, grads)
+        after = averaged
+    return after
 
 
 def _numpy_average(
@@ -329,11 +364,15 @@ def sum_over_ranks(tensors: Sequence[Any]) -> list[Any]:
     if w.size == 1 or not tensors:
         return tensors
     if uses_native() and all(t.dtype.name in native.DTYPES for t in tensors):
+        import tensorflow as tf
+
         out: list[Any] = [None] * len(tensors)
         groups = _by_dtype(list(range(len(tensors))), lambda i: tensors[i].dtype.name)
+        after: list[Any] = []
         for members in groups.values():
-            summed = native.allreduce([tensors[i] for i in members], average=False)
-            for i, tensor in zip(members, summed, strict=True):
+            with tf.control_dependencies(after):  # in order, as `average`'s buckets
+                after = native.allreduce([tensors[i] for i in members], average=False)
+            for i, tensor in zip(members, after, strict=True):
                 out[i] = tensor
         return out
     comm = w.comm

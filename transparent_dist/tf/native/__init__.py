@@ -5,6 +5,7 @@ import tensorflow as tf
 from transparent_dist.tf import native
 if native.load():                      # builds once per TF version, then cached
     mean, = native.allreduce([tf.ones(3)], weight=1.0)
+    totals = native.negotiate(1.0)     # a step's buckets share one round trip
 ```
 
 Two modules: `build` compiles `exchange_op.cc` against TensorFlow's headers
@@ -26,7 +27,7 @@ from transparent_dist.tf.native.build import (
     failure_marker,
     library_path,
 )
-from transparent_dist.tf.native.op import DTYPES, WIRES, allreduce, load, status
+from transparent_dist.tf.native.op import DTYPES, WIRES, allreduce, load, negotiate, status
 
 __all__ = [
     "DTYPES",
@@ -39,5 +40,6 @@ __all__ = [
     "failure_marker",
     "library_path",
     "load",
+    "negotiate",
     "status",
 ]

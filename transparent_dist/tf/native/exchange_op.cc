@@ -9,29 +9,57 @@
 // correctly in the integer registers of the x86-64 and AArch64 calling
 // conventions.
 //
-// One call (one bucket of gradients):
-//   1. negotiation: a 2-double MPI_Allreduce of this rank's weight (its
-//      sample count). It is where ranks wait for each other, so it is timed
-//      apart from the exchange proper, and it tells every rank how to scale
-//      before any gradient moves (see Compute).
-//   2. exchange: the tensors stream through chunks of kChunkBytes, each
-//      scaled (if need be) and then reduced in place while it is in cache.
-//      A large tensor is reduced in its own output buffer (the input buffer
-//      itself when TensorFlow lets the kernel reuse it, so it is never
-//      copied); small tensors are packed together so a bucket of many small
-//      variables costs few MPI calls. With 16-bit compression the chunk is
-//      converted on the way in and back on the way out.
+// Two asynchronous ops, whose MPI work runs on the plugin's one
+// communication thread (CommThread, a FIFO queue), so no TensorFlow thread
+// ever blocks in MPI and the rest of the backward pass keeps computing while
+// a bucket of gradients is exchanged:
+//   TdNegotiate: once per step, a 2-double MPI_Allreduce of this rank's
+//      weight (its sample count) and 1: the sum of the weights and the
+//      number of ranks, from which every bucket of the step knows how to
+//      scale before any gradient moves. Its only input is the step's sample
+//      count, known when the step starts, so it runs during the forward pass.
+//   TdAllreduce: one bucket of gradients. The tensors stream through
+//      chunks of kChunkBytes, each scaled (if need be) and then reduced in
+//      place while it is in cache. A large tensor is reduced in its own
+//      output buffer (the input buffer itself when TensorFlow lets the
+//      kernel reuse it, so it is never copied); small tensors are packed
+//      together so a bucket of many small variables costs few MPI calls.
+//      With 16-bit compression the chunk is converted on the way in and back
+//      on the way out.
+//
+// Why the order of collectives is the same on every rank (MPI requires the
+// collectives on a communicator to be issued in the same order by every
+// rank): the ops are stateful and take no resource, so inside a
+// tf.function TensorFlow's automatic control dependencies chain them in
+// program order, and transparent_dist/tf/exchange.py also chains each
+// bucket to the one before it explicitly (for TF1 graphs, which have no
+// automatic dependencies). An op therefore starts (ComputeAsync) only after
+// the previous one has finished (its done()), so each rank enqueues its
+// jobs in program order; one thread runs the queue in enqueue order; and
+// every rank runs the same graph. The chain costs nothing: with one
+// communication thread the next bucket could not start earlier anyway.
+//
+// MPI from our own thread: mpi4py initialises MPI with
+// MPI_THREAD_MULTIPLE (transparent_dist/core/world.py asks for it), so any
+// thread may call MPI, while Python threads (the watchdog, on its own
+// communicator) do too. Should an MPI grant less, td_configure is told so
+// and the ops run their MPI work inline on the calling TensorFlow thread,
+// as the synchronous kernel did, under one mutex.
 
 #include <sys/mman.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <deque>
+#include <functional>
 #include <mutex>
 #include <set>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -42,7 +70,7 @@
 
 namespace {
 
-using tensorflow::OpKernel;
+using tensorflow::AsyncOpKernel;
 using tensorflow::OpKernelConstruction;
 using tensorflow::OpKernelContext;
 using tensorflow::Tensor;
@@ -80,15 +108,74 @@ double g_counters[kCounters] = {};
 std::atomic<int64_t> g_arrivals{0};
 
 // Timeline spans (kind, start, end in CLOCK_MONOTONIC seconds, the clock
-// of Python's time.perf_counter), drained by transparent_dist.native.
+// of Python's time.perf_counter, and the bucket's number or -1), drained by
+// transparent_dist.native. Kinds: see kSpanWait ... in op.py's _SPAN_NAMES.
+enum SpanKind { kSpanWait, kSpanExchange, kSpanMetrics, kSpanQueued };
+constexpr int kSpanDoubles = 4;
 std::atomic<bool> g_record{false};
 std::mutex g_span_mutex;
 std::vector<double> g_spans;
 
-// One fusion buffer: calls are serialized by the mutex (TensorFlow runs the
-// stateful exchange ops of a step one after another anyway).
+// One fusion buffer, used by one job at a time: jobs run on the one
+// communication thread, or inline under this mutex (then it serialises
+// them, as it did the synchronous kernel's calls).
 std::mutex g_exchange_mutex;
 std::vector<char> g_fusion;
+
+// Whether MPI may be called from the communication thread (the thread
+// level is MPI_THREAD_MULTIPLE); else jobs run inline.
+std::atomic<bool> g_threaded{false};
+
+// The plugin's communication thread: runs jobs one at a time, in the order
+// they were enqueued (see the top of the file for why that order is the
+// same on every rank). Started on the first job; never stopped: it sleeps
+// on its condition variable between jobs, and the object is never
+// destroyed, so no static destructor runs under it at process exit.
+class CommThread {
+ public:
+  void Enqueue(std::function<void()> job) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!started_) {
+        std::thread(&CommThread::Run, this).detach();
+        started_ = true;
+      }
+      jobs_.push_back(std::move(job));
+    }
+    ready_.notify_one();
+  }
+
+ private:
+  void Run() {
+    for (;;) {
+      std::function<void()> job;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        ready_.wait(lock, [this] { return !jobs_.empty(); });
+        job = std::move(jobs_.front());
+        jobs_.pop_front();
+      }
+      job();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable ready_;
+  std::deque<std::function<void()>> jobs_;
+  bool started_ = false;
+};
+
+CommThread* g_comm_thread = new CommThread;  // never deleted (see above)
+
+// Runs `job` (the MPI work of one op) on the communication thread, or inline
+// when MPI allows only one thread in it at a time.
+void Submit(std::function<void()> job) {
+  if (g_threaded.load()) {
+    g_comm_thread->Enqueue(std::move(job));
+    return;
+  }
+  job();
+}
 
 // Large gradients are reduced in the buffers TensorFlow allocated, which
 // sit on 4 KB pages; MPI moves big messages between processes markedly
@@ -137,10 +224,12 @@ double Now() {
       .count();
 }
 
-void Span(int kind, double start, double end) {
+void Span(int kind, double start, double end, int bucket = -1) {
   if (!g_record.load(std::memory_order_relaxed)) return;
   std::lock_guard<std::mutex> lock(g_span_mutex);
-  if (g_spans.size() < 3 * 1000000) g_spans.insert(g_spans.end(), {double(kind), start, end});
+  if (g_spans.size() < kSpanDoubles * 1000000) {
+    g_spans.insert(g_spans.end(), {double(kind), start, end, double(bucket)});
+  }
 }
 
 template <typename W>
@@ -234,25 +323,137 @@ struct Piece {
   int64_t offset, count, at;
 };
 
+// Hands `done` to one of TensorFlow's threads rather than calling it on the
+// communication thread: the executor runs cheap successors of an op inline
+// in the thread that calls done(), and they must not delay the next bucket.
+void Finish(std::function<void(std::function<void()>)>* runner,
+            AsyncOpKernel::DoneCallback done) {
+  if (runner != nullptr && *runner) {
+    (*runner)(std::move(done));
+  } else {
+    done();
+  }
+}
+
+// Scales (by `prescale`) and sums over ranks the tensors input(first ...)
+// into `outputs`. Runs with g_exchange_mutex held.
 template <typename T, typename W>
-class TdAllreduceOp : public OpKernel {
+tensorflow::Status Exchange(OpKernelContext* ctx, int first, const std::vector<Tensor*>& outputs,
+                            double prescale, int64_t* moved, double* reduce_seconds) {
+  ++g_huge_calls;
+  const int n = static_cast<int>(outputs.size());
+  const int64_t chunk = kChunkBytes / sizeof(W);
+  if (g_fusion.size() < kChunkBytes) g_fusion.resize(kChunkBytes);
+  W* fusion = reinterpret_cast<W*>(g_fusion.data());
+  std::vector<Piece> pieces;
+  int64_t used = 0;
+  auto flush = [&]() -> tensorflow::Status {
+    if (used == 0) return tensorflow::OkStatus();
+    TF_RETURN_IF_ERROR(Reduce(fusion, used, reduce_seconds));
+    for (const Piece& p : pieces) {
+      Unpack(fusion + p.at, outputs[p.index]->flat<T>().data() + p.offset, p.count);
+    }
+    *moved += used;
+    pieces.clear();
+    used = 0;
+    return tensorflow::OkStatus();
+  };
+  for (int i = 0; i < n; ++i) {
+    const T* src = ctx->input(first + i).flat<T>().data();
+    T* dst = outputs[i]->flat<T>().data();
+    const int64_t size = ctx->input(first + i).NumElements();
+    if (std::is_same<T, W>::value && size >= chunk / 4) {
+      // Large: reduced where it lies, chunk by chunk.
+      TF_RETURN_IF_ERROR(flush());
+      UseHugePages(dst, size * sizeof(T));
+      for (int64_t offset = 0; offset < size; offset += chunk) {
+        const int64_t count = std::min(chunk, size - offset);
+        W* target = reinterpret_cast<W*>(dst + offset);
+        Pack(src + offset, target, count, prescale);
+        TF_RETURN_IF_ERROR(Reduce(target, count, reduce_seconds));
+      }
+      *moved += size;
+      continue;
+    }
+    for (int64_t offset = 0; offset < size;) {
+      if (used == chunk) TF_RETURN_IF_ERROR(flush());
+      const int64_t count = std::min(chunk - used, size - offset);
+      Pack(src + offset, fusion + used, count, prescale);
+      pieces.push_back({i, offset, count, used});
+      used += count;
+      offset += count;
+    }
+  }
+  return flush();
+}
+
+// The step's negotiation: totals = (sum of the ranks' weights, number of
+// ranks), one 2-double MPI_Allreduce on the communication thread. It is
+// where ranks wait for each other at the start of a step, so it is timed
+// apart from the exchange proper (the "wait" span and counter).
+class TdNegotiateOp : public AsyncOpKernel {
  public:
-  explicit TdAllreduceOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("average", &average_));
+  explicit TdNegotiateOp(OpKernelConstruction* ctx) : AsyncOpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("count_samples", &count_samples_));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("divided", &divided_));
   }
 
-  void Compute(OpKernelContext* ctx) override {
-    OP_REQUIRES(ctx, g_ready.load(),
-                tensorflow::errors::FailedPrecondition(
-                    "transparent_dist: the native exchange was not configured"));
-    const int n = ctx->num_inputs() - 1;
-    g_arrivals.fetch_add(1);
-    std::lock_guard<std::mutex> lock(g_exchange_mutex);
-    ++g_huge_calls;
+  void ComputeAsync(OpKernelContext* ctx, DoneCallback done) override {
+    OP_REQUIRES_ASYNC(ctx, g_ready.load(),
+                      tensorflow::errors::FailedPrecondition(
+                          "transparent_dist: the native exchange was not configured"),
+                      done);
     const double weight = ctx->input(0).scalar<double>()();
-    const double started = Now();
+    Tensor* totals = nullptr;
+    OP_REQUIRES_OK_ASYNC(ctx, ctx->allocate_output(0, tensorflow::TensorShape({2}), &totals),
+                         done);
+    auto* runner = ctx->runner();
+    const bool count_samples = count_samples_;
+    Submit([ctx, done, runner, weight, totals, count_samples]() {
+      int rc = 0;
+      {
+        std::lock_guard<std::mutex> lock(g_exchange_mutex);
+        g_arrivals.fetch_add(1);
+        const double started = Now();
+        const double mine[2] = {weight, 1.0};
+        rc = g_mpi.allreduce(mine, totals->flat<double>().data(), 2, g_mpi.float64, g_mpi.sum,
+                             g_mpi.comm);
+        const double ended = Now();
+        {
+          std::lock_guard<std::mutex> counters(g_counter_mutex);
+          g_counters[kWaitSeconds] += ended - started;
+          if (count_samples && rc == 0) g_counters[kSamples] += weight;
+        }
+        Span(kSpanWait, started, ended);
+      }
+      if (rc != 0) {
+        ctx->SetStatus(tensorflow::errors::Internal(
+            "transparent_dist: MPI_Allreduce of the step weights failed with code ", rc));
+      }
+      Finish(runner, done);
+    });
+  }
+
+ private:
+  bool count_samples_ = false;
+};
+
+template <typename T, typename W>
+class TdAllreduceOp : public AsyncOpKernel {
+ public:
+  explicit TdAllreduceOp(OpKernelConstruction* ctx) : AsyncOpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("average", &average_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("divided", &divided_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("bucket", &bucket_));
+  }
+
+  void ComputeAsync(OpKernelContext* ctx, DoneCallback done) override {
+    OP_REQUIRES_ASYNC(ctx, g_ready.load(),
+                      tensorflow::errors::FailedPrecondition(
+                          "transparent_dist: the native exchange was not configured"),
+                      done);
+    constexpr int kFirst = 2;  // weight, totals, then the tensors
+    const int n = ctx->num_inputs() - kFirst;
+    const double weight = ctx->input(0).scalar<double>()();
     // The mean is sum_r(w_r * g_r) / sum_r(w_r): each rank scales its part
     // by its share w_r / sum(w) on the way in (a rank with weight 0 sends
     // exact zeros, whatever NaN its empty batch produced). When the train
@@ -263,113 +464,95 @@ class TdAllreduceOp : public OpKernel {
     // slower: the reduced chunk is no longer in this core's cache.)
     double prescale = 1.0;
     if (average_) {
-      const double mine[2] = {weight, 1.0};
-      double total[2] = {0.0, 0.0};
-      const int rc = g_mpi.allreduce(mine, total, 2, g_mpi.float64, g_mpi.sum, g_mpi.comm);
-      OP_REQUIRES(ctx, rc == 0,
-                  tensorflow::errors::Internal(
-                      "transparent_dist: MPI_Allreduce of the step weights failed with code ", rc));
-      if (total[0] <= 0.0) {
+      const Tensor& totals = ctx->input(1);
+      OP_REQUIRES_ASYNC(ctx, totals.NumElements() == 2,
+                        tensorflow::errors::InvalidArgument(
+                            "transparent_dist: totals must be TdNegotiate's 2 numbers"),
+                        done);
+      const double sum = totals.flat<double>()(0), ranks = totals.flat<double>()(1);
+      if (sum <= 0.0) {
         prescale = 0.0;
       } else if (!divided_) {
-        prescale = weight / total[0];
+        prescale = weight / sum;
       } else {
         // Sample counts are small integers: N * w == sum(w) is exact.
-        prescale = total[1] * weight == total[0] ? 1.0 : total[1] * weight / total[0];
+        prescale = ranks * weight == sum ? 1.0 : ranks * weight / sum;
       }
     }
-    const double negotiated = Now();
-
     std::vector<Tensor*> outputs(n);
     for (int i = 0; i < n; ++i) {
-      OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({i + 1}, i,
-                                                                ctx->input(i + 1).shape(),
-                                                                &outputs[i]));
+      OP_REQUIRES_OK_ASYNC(ctx,
+                           ctx->forward_input_or_allocate_output(
+                               {i + kFirst}, i, ctx->input(i + kFirst).shape(), &outputs[i]),
+                           done);
     }
-    const int64_t chunk = kChunkBytes / sizeof(W);
-    if (g_fusion.size() < kChunkBytes) g_fusion.resize(kChunkBytes);
-    W* fusion = reinterpret_cast<W*>(g_fusion.data());
-    std::vector<Piece> pieces;
-    int64_t used = 0, moved = 0;
-    double reduce_seconds = 0.0;
-    auto flush = [&]() -> tensorflow::Status {
-      if (used == 0) return tensorflow::OkStatus();
-      tensorflow::Status status = Reduce(fusion, used, &reduce_seconds);
-      if (!status.ok()) return status;
-      for (const Piece& p : pieces) {
-        Unpack(fusion + p.at, outputs[p.index]->flat<T>().data() + p.offset, p.count);
-      }
-      moved += used;
-      pieces.clear();
-      used = 0;
-      return tensorflow::OkStatus();
-    };
-    for (int i = 0; i < n; ++i) {
-      const T* src = ctx->input(i + 1).flat<T>().data();
-      T* dst = outputs[i]->flat<T>().data();
-      const int64_t size = ctx->input(i + 1).NumElements();
-      if (std::is_same<T, W>::value && size >= chunk / 4) {
-        // Large: reduced where it lies, chunk by chunk.
-        OP_REQUIRES_OK(ctx, flush());
-        UseHugePages(dst, size * sizeof(T));
-        for (int64_t offset = 0; offset < size; offset += chunk) {
-          const int64_t count = std::min(chunk, size - offset);
-          W* target = reinterpret_cast<W*>(dst + offset);
-          Pack(src + offset, target, count, prescale);
-          OP_REQUIRES_OK(ctx, Reduce(target, count, &reduce_seconds));
+    auto* runner = ctx->runner();
+    const bool average = average_;
+    const int bucket = bucket_;
+    const double queued = Now();
+    Submit([ctx, done, runner, outputs, prescale, average, bucket, queued]() {
+      tensorflow::Status status;
+      {
+        std::lock_guard<std::mutex> lock(g_exchange_mutex);
+        g_arrivals.fetch_add(1);
+        const double started = Now();
+        int64_t moved = 0;
+        double reduce_seconds = 0.0;
+        status = Exchange<T, W>(ctx, kFirst, outputs, prescale, &moved, &reduce_seconds);
+        const double ended = Now();
+        if (!average) {  // metric sums: not part of the gradient exchange figures
+          Span(kSpanMetrics, started, ended);
+        } else {
+          std::lock_guard<std::mutex> counters(g_counter_mutex);
+          g_counters[kExchangeSeconds] += ended - started;
+          g_counters[kReduceSeconds] += reduce_seconds;
+          g_counters[kBytes] += static_cast<double>(moved) * sizeof(W);
+          g_counters[kExchanges] += 1;
         }
-        moved += size;
-        continue;
+        if (average) {
+          Span(kSpanQueued, queued, started, bucket);
+          Span(kSpanExchange, started, ended, bucket);
+        }
       }
-      for (int64_t offset = 0; offset < size;) {
-        if (used == chunk) OP_REQUIRES_OK(ctx, flush());
-        const int64_t count = std::min(chunk - used, size - offset);
-        Pack(src + offset, fusion + used, count, prescale);
-        pieces.push_back({i, offset, count, used});
-        used += count;
-        offset += count;
-      }
-    }
-    OP_REQUIRES_OK(ctx, flush());
-    const double ended = Now();
-    if (!average_) {  // metric sums: not part of the gradient exchange figures
-      Span(2, started, ended);
-      return;
-    }
-    {
-      std::lock_guard<std::mutex> counters(g_counter_mutex);
-      g_counters[kWaitSeconds] += negotiated - started;
-      g_counters[kExchangeSeconds] += ended - negotiated;
-      g_counters[kReduceSeconds] += reduce_seconds;
-      g_counters[kBytes] += static_cast<double>(moved) * sizeof(W);
-      g_counters[kExchanges] += 1;
-      if (count_samples_) g_counters[kSamples] += weight;
-    }
-    Span(0, started, negotiated);
-    Span(1, negotiated, ended);
+      if (!status.ok()) ctx->SetStatus(status);
+      Finish(runner, done);
+    });
   }
 
  private:
   bool average_ = true;
-  bool count_samples_ = false;
   bool divided_ = false;
+  int bucket_ = -1;
 };
 
 }  // namespace
 
+REGISTER_OP("TdNegotiate")
+    .Input("weight: float64")
+    .Output("totals: float64")
+    .Attr("count_samples: bool = false")
+    .SetIsStateful()
+    .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
+      c->set_output(0, c->Vector(2));
+      return tensorflow::OkStatus();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("TdNegotiate").Device(tensorflow::DEVICE_CPU), TdNegotiateOp);
+
 REGISTER_OP("TdAllreduce")
     .Input("weight: float64")
+    .Input("totals: float64")
     .Input("tensors: N * T")
     .Output("reduced: N * T")
     .Attr("N: int >= 1")
     .Attr("T: {float, double, half, bfloat16}")
     .Attr("wire: {'same', 'fp16', 'bf16'} = 'same'")
     .Attr("average: bool = true")
-    .Attr("count_samples: bool = false")
     .Attr("divided: bool = false")
+    .Attr("bucket: int = -1")
     .SetIsStateful()
     .SetShapeFn([](tensorflow::shape_inference::InferenceContext* c) {
-      for (int i = 0; i < c->num_outputs(); ++i) c->set_output(i, c->input(i + 1));
+      for (int i = 0; i < c->num_outputs(); ++i) c->set_output(i, c->input(i + 2));
       return tensorflow::OkStatus();
     });
 
@@ -390,9 +573,13 @@ extern "C" {
 
 // Hands over mpi4py's MPI: function addresses and handles. Returns 0, or
 // the error code of MPI_Op_create.
+// `threaded`: MPI was initialised with MPI_THREAD_MULTIPLE, so the MPI work
+// may run on the communication thread.
 int td_configure(intptr_t allreduce, intptr_t op_create, intptr_t comm, intptr_t float32,
-                 intptr_t float64, intptr_t uint16, intptr_t sum, intptr_t in_place) {
+                 intptr_t float64, intptr_t uint16, intptr_t sum, intptr_t in_place,
+                 intptr_t threaded) {
   std::lock_guard<std::mutex> lock(g_exchange_mutex);
+  g_threaded.store(threaded != 0);
   g_mpi.allreduce = reinterpret_cast<AllreduceFn>(allreduce);
   g_mpi.comm = comm;
   g_mpi.float32 = float32;
@@ -432,13 +619,13 @@ void td_reset_counters() {
 // Collectives this process has entered (for the stall watchdog).
 int64_t td_arrivals() { return g_arrivals.load(); }
 
-// Moves up to `capacity` recorded spans into out (3 doubles each: kind,
-// start, end); returns how many.
+// Moves up to `capacity` recorded spans into out (kSpanDoubles each: kind,
+// start, end, bucket); returns how many.
 int td_take_spans(double* out, int capacity) {
   std::lock_guard<std::mutex> lock(g_span_mutex);
-  const int count = std::min<int>(capacity, g_spans.size() / 3);
-  std::copy(g_spans.begin(), g_spans.begin() + 3 * count, out);
-  g_spans.erase(g_spans.begin(), g_spans.begin() + 3 * count);
+  const int count = std::min<int>(capacity, g_spans.size() / kSpanDoubles);
+  std::copy(g_spans.begin(), g_spans.begin() + kSpanDoubles * count, out);
+  g_spans.erase(g_spans.begin(), g_spans.begin() + kSpanDoubles * count);
   return count;
 }
 

@@ -5,6 +5,8 @@ import tensorflow as tf
 from transparent_dist.tf.native import op
 if op.load():                          # collective: every rank, or none
     mean, = op.allreduce([tf.ones(3)], weight=1.0)
+    totals = op.negotiate(2.0)         # once per step: sum of weights, ranks
+    mean, = op.allreduce([tf.ones(3)], weight=2.0, totals=totals)
 ```
 
 One rank per node builds the op (`build`) while the others wait. MPI is
@@ -14,6 +16,13 @@ the same communicator, as the Python side. `TD_NATIVE=auto` (the default)
 falls back to the numpy exchange in `collectives` with one warning if the
 op cannot be built or loaded on some rank (every rank then takes the
 fallback); `on` makes that an error; `off` always uses the fallback.
+
+The ops are asynchronous: their MPI work runs on one communication thread
+of the op's own, in the order the ops start, which TensorFlow's control
+dependencies make program order (`exchange_op.cc` says why that order is
+the same on every rank). That needs MPI_THREAD_MULTIPLE, which
+`core.world` asks mpi4py for; under a lesser grant the work runs on the
+calling thread, as a synchronous op.
 """
 
 from __future__ import annotations
@@ -29,12 +38,15 @@ from transparent_dist.core import collectives, config, log, progress, timeline, 
 from transparent_dist.tf.native.build import build as build_library
 from transparent_dist.tf.native.build import compiled_here, library_path
 
-__all__ = ["DTYPES", "WIRES", "allreduce", "load", "reset", "status"]
+__all__ = ["DTYPES", "WIRES", "allreduce", "load", "negotiate", "reset", "status"]
 
 # Float dtypes the op reduces (others go through the numpy exchange).
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 WIRES = {"none": "same", "fp16": "fp16", "bf16": "bf16"}
-_SPAN_NAMES = ("wait", "exchange", "metrics")
+# The op's span kinds (exchange_op.cc's SpanKind): "queued" is a bucket from
+# its op starting (its gradients exist) to the communication thread taking it.
+_SPAN_NAMES = ("wait", "exchange", "metrics", "queued")
+_SPAN_DOUBLES = 4  # kind, start, end, bucket
 
 # Whether `load` ran, the loaded op (its TF module and its C functions),
 # and why it is not in use.
@@ -55,9 +67,11 @@ def reset() -> None:
 def _configure(lib: Any, comm: Any) -> None:
     import ctypes
 
-    lib.td_configure.argtypes = [ctypes.c_ssize_t] * 8
+    lib.td_configure.argtypes = [ctypes.c_ssize_t] * 9
     lib.td_configure.restype = ctypes.c_int
-    code = lib.td_configure(*collectives.native_handles(comm))
+    # The communication thread calls MPI while Python threads may too.
+    threaded = world.thread_level() == "multiple"
+    code = lib.td_configure(*collectives.native_handles(comm), int(threaded))
     if code != 0:
         raise RuntimeError(f"MPI_Op_create failed with code {code}")
     lib.td_counters.argtypes = [ctypes.POINTER(ctypes.c_double)]
@@ -136,6 +150,19 @@ def status() -> str:
     return f"numpy fallback ({_STATE['reason'] or 'not loaded yet'})"
 
 
+def negotiate(weight: Any, *, count_samples: bool = False) -> Any:
+    """The step's totals over ranks, [sum of the weights, number of ranks]
+    (a float64 tensor of 2), for every `allreduce` of the step: one round
+    trip per step, which runs as soon as `weight` exists (the step's sample
+    count: at the start of the step). `count_samples`: add `weight` to the
+    op's sample counter (once per step)."""
+    import tensorflow as tf
+
+    return _STATE["module"].td_negotiate(
+        weight=tf.cast(weight, tf.float64), count_samples=count_samples
+    )
+
+
 def allreduce(
     tensors: Sequence[Any],
     weight: Any = 1.0,
@@ -144,21 +171,32 @@ def allreduce(
     compression: str = "none",
     count_samples: bool = False,
     divided: bool = False,
+    totals: Any = None,
+    bucket: int = -1,
 ) -> list[Any]:
     """Sums (average=False) or `weight`-weighted means of `tensors` (one
     dtype among DTYPES) over ranks, as one op; `load()` must be True.
     `divided`: the tensors were computed from a loss already divided by the
-    number of ranks (see `exchange.divide_loss`)."""
+    number of ranks (see `exchange.divide_loss`). `totals`: the step's
+    `negotiate(weight)`, shared by its buckets (else negotiated here, and
+    `count_samples` counted). `bucket`: its number in the step, for the
+    timeline."""
     import tensorflow as tf
 
+    weight = tf.cast(weight, tf.float64)
+    if not average:
+        totals = tf.zeros([2], tf.float64)
+    elif totals is None:
+        totals = negotiate(weight, count_samples=count_samples)
     return list(
         _STATE["module"].td_allreduce(
-            weight=tf.cast(weight, tf.float64),
+            weight=weight,
+            totals=totals,
             tensors=list(tensors),
             wire=WIRES[compression],
             average=average,
-            count_samples=count_samples,
             divided=divided,
+            bucket=bucket,
         )
     )
 
@@ -184,16 +222,17 @@ class _Source:
     def reset(self) -> None:
         _STATE["lib"].td_reset_counters()
 
-    def spans(self) -> list[tuple[str, float, float]]:
+    def spans(self) -> list[tuple[str, float, float, dict]]:
         import ctypes
 
-        out: list[tuple[str, float, float]] = []
-        buffer = (ctypes.c_double * (3 * 4096))()
+        out: list[tuple[str, float, float, dict]] = []
+        width = _SPAN_DOUBLES
+        buffer = (ctypes.c_double * (width * 4096))()
         while True:
             count = _STATE["lib"].td_take_spans(buffer, 4096)
-            out.extend(
-                (_SPAN_NAMES[int(buffer[3 * i])], buffer[3 * i + 1], buffer[3 * i + 2])
-                for i in range(count)
-            )
+            for i in range(count):
+                kind, start, end, bucket = buffer[width * i : width * (i + 1)]
+                args = {"bucket": int(bucket)} if bucket >= 0 else {}
+                out.append((_SPAN_NAMES[int(kind)], start, end, args))
             if count < 4096:
                 return out
