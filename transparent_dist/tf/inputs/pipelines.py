@@ -108,6 +108,12 @@ def shard_arrays(
     `index_batches(n, global_batch, shuffle)` is the framework's own global
     batch order. The ranks first agree on the number of samples."""
     agree_on_samples(num_samples, what, plan.size)
+    if not plan.shuffle:
+        # The framework's order is then 0..n-1 in global batches: this
+        # rank's rows of each are one slice, cut by one traced function
+        # (the general path traces three per call, ~100 ms, which a script
+        # that evaluates or predicts in a loop pays every call).
+        return _sliced(inputs, num_samples, plan)
     with seeds.common_global_seed() if plan.shuffle else contextlib.nullcontext():
         dataset, _ = array_batches(
             inputs,
@@ -131,19 +137,39 @@ def array_batches(
     merges with it),
     and this rank takes its `shard_range` of it.
     """
-    rank, size = plan.rank, plan.size
-    sizes = sharding.global_batch_sizes(num_samples, plan.global_batch, size)
-    steps = len(sizes)
-    firsts = np.cumsum([0, *sizes[:-1]])
-    blocks = [sharding.shard_range(n, rank, size) for n in sizes]
-    starts = np.array([f + a for f, (a, _) in zip(firsts, blocks, strict=True)], np.int64)
-    stops = np.array([f + b for f, (_, b) in zip(firsts, blocks, strict=True)], np.int64)
+    starts, stops = _blocks(num_samples, plan)
+    steps = len(starts)
     # One tensor per epoch holding the whole order, cut into this rank's blocks.
     order = indices.unbatch().batch(num_samples)
     local_indices = order.flat_map(
         lambda o: tf.data.Dataset.from_tensor_slices((starts, stops)).map(lambda a, b: o[a:b])
     )
     return _gathered(inputs, local_indices, steps, plan.shuffle), steps
+
+
+def _blocks(num_samples: int, plan: ShardPlan) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, stops): this rank's rows of each global batch of 0..n-1."""
+    sizes = sharding.global_batch_sizes(num_samples, plan.global_batch, plan.size)
+    firsts = np.cumsum([0, *sizes[:-1]])
+    blocks = [sharding.shard_range(n, plan.rank, plan.size) for n in sizes]
+    starts = np.array([f + a for f, (a, _) in zip(firsts, blocks, strict=True)], np.int64)
+    stops = np.array([f + b for f, (_, b) in zip(firsts, blocks, strict=True)], np.int64)
+    return starts, stops
+
+
+def _sliced(inputs: Any, num_samples: int, plan: ShardPlan) -> Any:
+    """This rank's batches of `inputs` in order, without shuffling."""
+    starts, stops = _blocks(num_samples, plan)
+    tensors = tf.nest.map_structure(
+        lambda a: a if tf.is_tensor(a) else tf.convert_to_tensor(np.asarray(a)), inputs
+    )
+    bounds = tf.data.Dataset.from_tensor_slices((starts, stops))
+    data = tf.data.Dataset.zip((bounds, tf.data.Dataset.from_tensors(tensors).repeat()))
+    batches = data.map(lambda b, d: tf.nest.map_structure(lambda a: a[b[0] : b[1]], d))
+    options = tf.data.Options()
+    options.experimental_optimization.apply_default_optimizations = False
+    batches = batches.with_options(options).prefetch(tf.data.AUTOTUNE)
+    return batches.apply(tf.data.experimental.assert_cardinality(len(starts)))
 
 
 def _gathered(inputs: Any, local_indices: tf.data.Dataset, steps: int, shuffle: Any) -> Any:
