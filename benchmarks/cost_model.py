@@ -182,52 +182,53 @@ def _link(measured: dict) -> dict:
     }
 
 
+def _node_table(result: dict, columns: list[str], cells) -> list[str]:
+    """A markdown table, a row per node count and, per link, `columns`
+    filled by `cells(row)` from that link's row of `result`."""
+    links = list(dict.fromkeys(r["link"] for r in result["rows"]))
+    head = ["nodes"] + [
+        f"{link}: {c}" if i == 0 else c for link in links for i, c in enumerate(columns)
+    ]
+    out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for n in NODES:
+        row = [str(n)]
+        for link in links:
+            row += cells(next(r for r in result["rows"] if r["link"] == link and r["nodes"] == n))
+        out.append("| " + " | ".join(row) + " |")
+    return out
+
+
 def markdown(data: dict) -> str:
     """The doc's tables: per model, per node count, each link's allreduce
     (the cheapest algorithm), efficiency without and with overlap; and the
     hierarchical comparison."""
     out = []
     for model, result in data["models"].items():
-        links = list(dict.fromkeys(r["link"] for r in result["rows"]))
         out.append(
             f"**{model}**: {result['params']:,} parameters ({result['bytes'] / 1e6:.1f} MB), "
             f"compute {result['compute_ms']:.0f} ms per step assumed ({result['why']}).\n"
         )
-        head = ["nodes"]
-        for link in links:
-            head += [f"{link}: allreduce ms", "eff.", "eff. with overlap"]
-        out.append("| " + " | ".join(head) + " |")
-        out.append("|" + " --- |" * len(head))
-        for n in NODES:
-            cells = [str(n)]
-            for link in links:
-                r = next(r for r in result["rows"] if r["link"] == link and r["nodes"] == n)
-                fastest = min(r[f"{k} ms"] for k in ALGORITHMS)
-                cells += [
-                    f"{fastest:,.1f}",
-                    f"{r['efficiency']:.2f}",
-                    f"{r['efficiency, overlap']:.2f}",
-                ]
-            out.append("| " + " | ".join(cells) + " |")
+        out += _node_table(
+            result,
+            ["allreduce ms", "eff.", "eff. with overlap"],
+            lambda r: [
+                f"{min(r[f'{k} ms'] for k in ALGORITHMS):,.1f}",
+                f"{r['efficiency']:.2f}",
+                f"{r['efficiency, overlap']:.2f}",
+            ],
+        )
         out.append("")
     for model, result in data["hierarchical"].items():
-        links = list(dict.fromkeys(r["link"] for r in result["rows"]))
         out.append(f"**{model}**, {result['per_node']} ranks per node, allreduce ms:\n")
-        head = ["nodes"]
-        for link in links:
-            head += [f"{link}: flat ring", "flat Rabenseifner", "node-local first"]
-        out.append("| " + " | ".join(head) + " |")
-        out.append("|" + " --- |" * len(head))
-        for n in NODES:
-            cells = [str(n)]
-            for link in links:
-                r = next(r for r in result["rows"] if r["link"] == link and r["nodes"] == n)
-                cells += [
-                    f"{r['flat ring ms']:,.1f}",
-                    f"{r['flat Rabenseifner ms']:,.1f}",
-                    f"{r['hierarchical ms']:,.1f}",
-                ]
-            out.append("| " + " | ".join(cells) + " |")
+        out += _node_table(
+            result,
+            ["flat ring", "flat Rabenseifner", "node-local first"],
+            lambda r: [
+                f"{r['flat ring ms']:,.1f}",
+                f"{r['flat Rabenseifner ms']:,.1f}",
+                f"{r['hierarchical ms']:,.1f}",
+            ],
+        )
         out.append("")
     return "\n".join(out)
 
