@@ -37,6 +37,26 @@ def pytest_configure(config: pytest.Config) -> None:
     _FAST_TIER["on"] = "not mpi" in (config.option.markexpr or "")
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """With TEST_CPU_TIMES=FILE, one line per test: wall seconds and the CPU
+    seconds of the jobs it ran (the suite's budget is wall time on 2 cores:
+    a test whose jobs leave the cores idle is waiting, not computing)."""
+    if not os.environ.get("TEST_CPU_TIMES"):
+        yield
+        return
+    import resource
+
+    def cpu() -> float:
+        used = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return used.ru_utime + used.ru_stime
+
+    wall, before = time.monotonic(), cpu()
+    yield
+    with open(os.environ["TEST_CPU_TIMES"], "a") as f:
+        f.write(f"{time.monotonic() - wall:7.1f} {cpu() - before:7.1f} {item.nodeid}\n")
+
+
 def _mpiexec() -> str:
     """The launcher for a test's MPI job (the native op built first)."""
     if _FAST_TIER["on"]:

@@ -42,7 +42,9 @@ def skip_first(dataset: Any, steps: Callable[[], int]) -> tuple[Any, Any] | None
     if not isinstance(dataset, tf.data.Dataset):
         return None
     skip = tf.Variable(steps(), dtype=tf.int64, trainable=False)
-    resumed = tf.data.Dataset.range(1).flat_map(lambda _: dataset.skip(skip))
+    resumed = tf.data.Dataset.range(1).flat_map(
+        tf.autograph.experimental.do_not_convert(lambda _: dataset.skip(skip))
+    )
     full = int(dataset.cardinality())
     if full > 0:
         _EPOCH_LENGTHS[resumed] = (full - int(skip.numpy()), full)
