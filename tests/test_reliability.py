@@ -36,31 +36,12 @@ PREEMPTIBLE = str(JOBS / "preemptible.py")
         ),
         ("raise_in_callback", 30, ["ValueError: bad value in a callback", "rank 1 of 2 failed"]),
         ("sigkill", 60, ["signal 9"]),
-        (
-            "mismatched_model",
-            30,
-            ["the ranks disagree on the model and optimizer variables", "rank 1: [((8, 17)"],
-        ),
-        # Calls that differ between ranks: named at the first one, never paired up.
+        # A call that differs between ranks: named at once, never paired up
+        # (the others of its kind: test_calls_that_differ_between_ranks_...).
         (
             "fit_twice",
             30,
             ["rank 0: fit #2 at faults.py:", "rank 1: the end of the script (after fit #1"],
-        ),
-        (
-            "evaluate_vs_fit",
-            30,
-            ["rank 0: fit #1 at faults.py:", "rank 1: evaluate #1 at faults.py:"],
-        ),
-        (
-            "steps_on_one_rank",
-            30,
-            ["rank 0: fit #1 at faults.py:", "with steps_per_epoch=5", "steps_per_epoch=None"],
-        ),
-        (
-            "adamw_on_one_rank",
-            30,
-            ["rank 0 has optimizer.class_name='Adam'", "rank 1 has optimizer.class_name='AdamW'"],
         ),
         ("loss_on_one_rank", 30, ["rank 0 has loss='mse' where rank 1 has loss='mae'"]),
         # A signal to one rank ends the job, with a shell's status for it.
@@ -83,8 +64,50 @@ def test_failure_ends_the_job_promptly_with_the_reason(mode, limit, expected, tm
         assert text in job.stdout + job.stderr, (text, job.stderr[-3000:])
     assert "finished" not in job.stdout
     assert not _leftovers(marker)
-    if mode == "mismatched_model":
-        assert job.stderr.count("the ranks disagree on the model") == 1  # said once, by rank 0
+    if mode == "loss_on_one_rank":
+        assert job.stderr.count("the ranks disagree on") == 1  # said once, by rank 0
+
+
+# What each of these calls that differ between ranks must be named by.
+DIFFERING = {
+    "mismatched_model": [
+        "the ranks disagree on the model and optimizer variables",
+        "rank 1: [((8, 17)",
+    ],
+    "evaluate_vs_fit": ["rank 0: fit #1 at faults.py:", "rank 1: evaluate #1 at faults.py:"],
+    "steps_on_one_rank": [
+        "rank 0: fit #1 at faults.py:",
+        "with steps_per_epoch=5",
+        "steps_per_epoch=None",
+    ],
+    "adamw_on_one_rank": [
+        "rank 0 has optimizer.class_name='Adam'",
+        "rank 1 has optimizer.class_name='AdamW'",
+    ],
+}
+
+
+@pytest.mark.mpi
+def test_calls_that_differ_between_ranks_raise_the_same_named_error_on_every_rank(tmp_path):
+    """Each is caught at its first collective and raised on every rank at
+    once (a CollectiveError, a ValueError), never paired up with another
+    call: one job runs them all, catching each (uncaught, such an error ends
+    the job: loss_on_one_rank above)."""
+    marker = str(tmp_path / "differing")
+    job = run(
+        ["-m", "transparent_dist", FAULTS, "disagreements"],
+        ranks=2,
+        timeout=120,
+        env=job_env(FAULT_OUT=marker),
+    ).check()
+    assert "finished" in job.stdout
+    for rank in (0, 1):
+        caught = json.loads(open(f"{marker}-caught{rank}.json").read())
+        assert sorted(caught) == sorted(DIFFERING)
+        for case, expected in DIFFERING.items():
+            assert caught[case] and caught[case].startswith("CollectiveError: "), (case, caught)
+            for text in expected:
+                assert text in caught[case], (case, text, caught[case])
 
 
 def _leftovers(marker: str, grace: float = 10.0) -> list[int]:
@@ -177,12 +200,12 @@ def test_stalled_rank_is_named_and_optionally_aborted():
         ["-m", "transparent_dist", FAULTS, "stall"],
         ranks=3,
         timeout=120,
-        env=job_env(TD_STALL_WARN="2"),
+        env=job_env(TD_STALL_WARN="1"),
     ).check()
     assert "rank(s) 1, which have not arrived" in job.stderr
     # Where the late rank is, and where the others wait.
     assert "stack of rank 1 (late; in fit #1 at faults.py:" in job.stderr
-    assert "[rank 1]     time.sleep(6)" in job.stderr
+    assert "[rank 1]     time.sleep(5)" in job.stderr
     assert "stack of rank 0 (waiting; in fit #1" in job.stderr
     assert "finished" in job.stdout  # a warning only: the job goes on
     job = run(
