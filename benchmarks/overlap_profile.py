@@ -127,6 +127,8 @@ def main() -> int:
     parser.add_argument("--setting", nargs="+", default=[], metavar="NAME=VALUE")
     parser.add_argument("--out", default=str(HERE.parent / "results" / "overlap_profile"))
     args = parser.parse_args()
+    if any("=" not in item for item in args.setting):
+        parser.error("--setting takes NAME=VALUE")
     if args.worker:
         _worker(Path(args.worker))
         return 0
