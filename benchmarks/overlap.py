@@ -6,6 +6,8 @@ joined by a link shaped to 1 and 10 Gbit/s, 1 rank each, MPICH over TCP.
     python benchmarks/overlap.py --quick        # 1 run each, default settings only (~1.5 min)
     python benchmarks/overlap.py --plot-only results/overlap.json   # redraw only
     python benchmarks/overlap.py --merge a.json b.json --out docs/overlap   # join runs
+    python benchmarks/overlap.py --rates 1gbit --fusion 4 4+MPIR_CVAR_ENABLE_HEAVY_YIELD=1 \
+                                 --timeline DIR    # a setting of the ranks; TD_TIMELINE files
 
 Needs root and `ip netns` (the harness of tests/netns_cluster.py: each node
 a network namespace on a bridge, Hydra starting its ranks through `ip netns
@@ -207,6 +209,17 @@ def _worker_command(role: str, args: argparse.Namespace, plugin: bool = False) -
     return command + (["--plugin"] if plugin else [])
 
 
+def _settings(config: str) -> dict[str, str]:
+    """The environment of the plugin's ranks for one `--fusion` value: a
+    TD_FUSION_MB or `default`, then any `+NAME=VALUE` (e.g.
+    `4+MPIR_CVAR_ENABLE_HEAVY_YIELD=1`: MPICH's waiting threads sleep)."""
+    fusion, *extra = config.split("+")
+    settings = dict(item.split("=", 1) for item in extra)
+    if fusion != "default":
+        settings["TD_FUSION_MB"] = fusion
+    return settings
+
+
 def _compute_pair(args: argparse.Namespace, env: dict) -> dict:
     """T_c: two plain processes at once (unpinned, as the cluster's ranks
     are); the slower one's median step."""
@@ -323,9 +336,10 @@ def run(args: argparse.Namespace) -> dict:
                 raw = _sweep(mpiexec, cluster_env, args, [model_bytes])
                 raw_runs[rate].append(raw["ms"][str(model_bytes)])
                 for config in configs:
-                    job_env = dict(cluster_env)
-                    if config != "default":
-                        job_env["TD_FUSION_MB"] = config
+                    job_env = {**cluster_env, **_settings(config)}
+                    if args.timeline:
+                        name = config.replace("=", "-").replace("+", "_")
+                        job_env["TD_TIMELINE"] = str(Path(args.timeline) / f"{rate}-{name}")
                     proc = subprocess.run(
                         mpiexec + _worker_command("fit", args, plugin=True),
                         env=job_env,
@@ -354,7 +368,7 @@ def run(args: argparse.Namespace) -> dict:
             rows.append(
                 {
                     "rate": rate,
-                    "fusion_mb": config,
+                    "fusion_mb": config.replace("MPIR_CVAR_", ""),
                     "t_c_ms": t_c,
                     "t_x_ms": t_x,
                     "t_s_ms": t_s,
@@ -527,7 +541,10 @@ def main() -> int:
     parser.add_argument("--sync", help=argparse.SUPPRESS)
     parser.add_argument("--rates", nargs="+", default=["1gbit", "10gbit"])
     parser.add_argument(
-        "--fusion", nargs="+", default=["default", "1", "4", "16", "64"], help="TD_FUSION_MB values"
+        "--fusion",
+        nargs="+",
+        default=["default", "1", "4", "16", "64"],
+        help="TD_FUSION_MB values, each optionally with +NAME=VALUE settings for the plugin's ranks",
     )
     parser.add_argument("--repeat", type=int, default=3, help="runs of every row (medians)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per run")
@@ -535,6 +552,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=1024, help="per-rank batch")
     parser.add_argument("--threads", type=int, default=1, help="TF compute threads per process")
     parser.add_argument("--tree", default=str(ROOT), help="checkout whose plugin runs")
+    parser.add_argument(
+        "--timeline", metavar="DIR", help="the plugin's runs write TD_TIMELINE files there"
+    )
     parser.add_argument("--quick", action="store_true", help="--repeat 1 --fusion default")
     parser.add_argument("--out", default=str(ROOT / "results" / "overlap"))
     parser.add_argument("--plot-only", metavar="JSON", help="redraw OUT.png from a JSON; no runs")
@@ -542,6 +562,9 @@ def main() -> int:
         "--merge", nargs="+", metavar="JSON", help="join runs (e.g. one per rate) into OUT; no runs"
     )
     args = parser.parse_args()
+    for config in args.fusion:
+        if any("=" not in item for item in config.split("+")[1:]):
+            parser.error(f"--fusion {config}: settings after the size go as +NAME=VALUE")
     if args.role == "fit":
         _fit_worker(args)
         return 0

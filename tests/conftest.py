@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import os
 import shutil
@@ -196,6 +197,29 @@ def run_together(*jobs: dict, timeout: float = 900) -> list[Finished]:
         finished.append(Finished(done, seconds))
         _log_time(finished[-1], job["args"], job.get("ranks"))
     return finished
+
+
+def leftovers(pid_files: str, grace: float = 10.0) -> list[int]:
+    """Processes of a job still alive `grace` seconds after its launcher
+    returned: each rank wrote its pid to a file matching the glob
+    `pid_files`."""
+    deadline = time.monotonic() + grace
+    while (alive := _alive(pid_files)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive
+
+
+def _alive(pid_files: str) -> list[int]:
+    alive = []
+    for path in glob.glob(pid_files):
+        pid = int(open(path).read())
+        try:
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue  # gone
+        if state != "Z":  # a zombie has ended; only its parent has not reaped it
+            alive.append(pid)
+    return alive
 
 
 def load_ranks(directory: Path, prefix: str, ranks: int) -> list[dict]:

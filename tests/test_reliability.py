@@ -3,7 +3,6 @@ SIGTERM checkpoints, and the rerun resumes to the same weights."""
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
@@ -14,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import JOBS, PYTHON, _mpiexec, job_env, run
+from conftest import JOBS, PYTHON, _mpiexec, job_env, leftovers, run
 
 from transparent_dist.core import checkpoint, config, preemption
 
@@ -63,7 +62,7 @@ def test_failure_ends_the_job_promptly_with_the_reason(mode, limit, expected, tm
     for text in expected:
         assert text in job.stdout + job.stderr, (text, job.stderr[-3000:])
     assert "finished" not in job.stdout
-    assert not _leftovers(marker)
+    assert not leftovers(marker + "-pid*")
     if mode == "loss_on_one_rank":
         assert job.stderr.count("the ranks disagree on") == 1  # said once, by rank 0
 
@@ -110,28 +109,6 @@ def test_calls_that_differ_between_ranks_raise_the_same_named_error_on_every_ran
                 assert text in caught[case], (case, text, caught[case])
 
 
-def _leftovers(marker: str, grace: float = 10.0) -> list[int]:
-    """Processes of a job still alive `grace` seconds after the launcher
-    returned (each rank wrote its pid to MARKER-pid<r>)."""
-    deadline = time.monotonic() + grace
-    while (alive := _alive(marker)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return alive
-
-
-def _alive(marker: str) -> list[int]:
-    alive = []
-    for path in glob.glob(marker + "-pid*"):
-        pid = int(open(path).read())
-        try:
-            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue  # gone
-        if state != "Z":  # a zombie has ended; only its parent has not reaped it
-            alive.append(pid)
-    return alive
-
-
 @pytest.mark.mpi
 def test_a_rank_that_stops_training_stops_every_rank(tmp_path):
     """model.stop_training set on one rank (EarlyStopping on its own numbers
@@ -171,7 +148,7 @@ def test_sigterm_to_a_rank_blocked_in_a_collective_ends_the_job(tmp_path):
     text = stderr.decode()
     assert "rank 0: the main thread did not act on SIGTERM within 3 s; it is here" in text
     assert "in any_flags" in text  # the collective it waits in
-    assert not _leftovers(marker)
+    assert not leftovers(marker + "-pid*")
 
 
 @pytest.mark.mpi
@@ -191,7 +168,7 @@ def test_a_stopped_rank_0_is_named_by_the_other_watcher_and_the_job_ends(tmp_pat
     assert "stack of rank 1 (waiting; in fit #1 at faults.py:" in job.stderr
     assert "rank(s) 0 did not reach collective" in job.stderr
     assert "finished" not in job.stdout
-    assert not _leftovers(marker)
+    assert not leftovers(marker + "-pid*")
 
 
 @pytest.mark.mpi
