@@ -38,6 +38,39 @@ def pytest_configure(config: pytest.Config) -> None:
     _FAST_TIER["on"] = "not mpi" in (config.option.markexpr or "")
 
 
+def _starts_mpi_jobs(item: pytest.Item) -> bool:
+    return item.get_closest_marker("mpi") is not None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The in-process tests first (a stable sort: each file's order kept):
+    they use one core, so the native op's build runs beside them on the
+    other (`pytest_collection_finish`) instead of before the first job."""
+    items.sort(key=_starts_mpi_jobs)
+
+
+_BUILD: dict[str, subprocess.Popen] = {}
+
+
+def _start_build() -> subprocess.Popen:
+    # Output to a file, not a pipe nobody reads while the build runs.
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "transparent_dist", "build"], env=job_env(), stdout=log, stderr=log
+    )
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if _FAST_TIER["on"] or not any(_starts_mpi_jobs(item) for item in session.items):
+        return
+    try:
+        _BUILD["proc"] = _start_build()
+    except (OSError, pytest.skip.Exception):
+        pass  # no launcher: the first MPI test says so
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
     """With TEST_CPU_TIMES=FILE, one line per test: wall seconds and the CPU
@@ -231,12 +264,9 @@ def native_exchange_built() -> None:
     """Builds the native gradient exchange once, before the first MPI job
     (tests that start none, the fast tier, never pay for the compiler):
     otherwise that job's ranks would wait for the compiler (~7 s) inside a
-    test that may time its run."""
-    proc = subprocess.run(
-        [PYTHON, "-m", "transparent_dist", "build"],
-        env=job_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, f"python -m transparent_dist build failed:\n{proc.stderr[-3000:]}"
+    test that may time its run. Started when the tests were collected."""
+    proc = _BUILD.pop("proc", None) or _start_build()
+    proc.wait(timeout=600)
+    proc.log.seek(0)
+    output = proc.log.read()
+    assert proc.returncode == 0, f"python -m transparent_dist build failed:\n{output[-3000:]}"

@@ -124,7 +124,7 @@ def test_a_lost_node_ends_the_job_and_the_rest_resume_from_the_checkpoint(cluste
 
 def test_a_cut_link_is_named_and_ends_the_job_within_the_stall_bound(tmp_path):
     with Cluster(nodes=2) as cluster:
-        env = _env(TD_STALL_WARN="3", TD_STALL_ABORT="10")
+        env = _env(TD_STALL_WARN="2", TD_STALL_ABORT="6")
         job = _start(cluster, tmp_path, env)
         _progress(tmp_path, 15, job)
         cluster.cut_link(1)
@@ -132,7 +132,7 @@ def test_a_cut_link_is_named_and_ends_the_job_within_the_stall_bound(tmp_path):
         _, stderr = job.communicate(timeout=120)
         seconds = time.monotonic() - cut
         assert job.returncode != 0
-        assert seconds < 10 + 8, seconds  # TD_STALL_ABORT, plus the step in flight
+        assert seconds < 6 + 8, seconds  # TD_STALL_ABORT, plus the step in flight
         assert "rank(s) 2, 3 (on node1: all 2 of its ranks, a lost node or link?)" in stderr
         time.sleep(1)
         assert cluster.pids(0) == []
