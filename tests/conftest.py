@@ -10,7 +10,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -68,7 +70,68 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     try:
         _BUILD["proc"] = _start_build()
     except (OSError, pytest.skip.Exception):
-        pass  # no launcher: the first MPI test says so
+        return  # no launcher: the first MPI test says so
+    selected = {str(item.path) for item in session.items}
+    _LANE.start([key for key, job in _LANE.jobs.items() if job["module"] in selected])
+
+
+class _Lane:
+    """One-process jobs that no test times (the plain-Keras references a
+    fixture compares its MPI jobs with), run one after the other on a
+    thread from the start of the session: the in-process tests, which come
+    first, leave one of the 2 cores idle, and so do parts of the MPI jobs.
+    A fixture then waits for its reference instead of running it."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, dict] = {}
+        self.done: dict[str, Finished] = {}
+        self.ready: dict[str, threading.Event] = {}
+        self.root = Path(tempfile.gettempdir()) / f"td-lane-{os.getpid()}"
+
+    def add(self, key: str, module: str, args: Callable[[Path], list[str]], **env: str) -> Path:
+        directory = self.root / key
+        directory.mkdir(parents=True, exist_ok=True)
+        self.jobs[key] = {
+            "module": str(Path(module).resolve()),
+            "args": args(directory),
+            "env": env,
+        }
+        return directory
+
+    def start(self, keys: list[str]) -> None:
+        for key in keys:
+            self.ready[key] = threading.Event()
+        threading.Thread(target=self._run_all, args=(keys,), daemon=True).start()
+
+    def _run_all(self, keys: list[str]) -> None:
+        for key in keys:
+            try:
+                self.done[key] = run(self.jobs[key]["args"], env=job_env(**self.jobs[key]["env"]))
+            finally:
+                self.ready[key].set()
+
+    def result(self, key: str) -> Finished:
+        if key not in self.ready:  # not started at collection: run it now
+            job = self.jobs[key]
+            return run(job["args"], env=job_env(**job["env"]))
+        self.ready[key].wait(timeout=1800)
+        if key not in self.done:
+            pytest.fail(f"the background job {key} did not finish: {self.jobs[key]['args']}")
+        return self.done[key]
+
+
+_LANE = _Lane()
+
+
+def background(key: str, module: str, args: Callable[[Path], list[str]], **env: str) -> Path:
+    """Registers a one-process job (called at a test module's import; `args`
+    gets the job's output directory, which is returned) for the background
+    lane; `background_result(key)` waits for it."""
+    return _LANE.add(key, module, args, **env)
+
+
+def background_result(key: str) -> Finished:
+    return _LANE.result(key)
 
 
 @pytest.hookimpl(hookwrapper=True)

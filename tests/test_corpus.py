@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import JOBS, ROOT, job_env, load_ranks, run_together
+from conftest import JOBS, ROOT, background, background_result, load_ranks, run
 
 pytestmark = pytest.mark.mpi
 
@@ -113,42 +113,49 @@ def _pairs(names) -> list[tuple[int, str]]:
     return sorted((_ranks(n), n) for n in names)
 
 
+# The one-process runs (nothing times them) start with the session, on the
+# core the in-process tests leave idle (conftest.background).
+REFERENCES = {
+    ranks: background(
+        f"corpus-reference{ranks}",
+        __file__,
+        lambda out, ranks=ranks: [RUNNER, str(out), "reference", str(B * ranks), *_scripts(ranks)],
+    )
+    for ranks in (2, 3)
+}
+# One plain process at B: what the whole-data loop trains like, and the
+# control (what every rank of a job without the plugin trains: each its own
+# copy of one process at B).
+PLAIN = background(
+    "corpus-plain",
+    __file__,
+    lambda out: [
+        RUNNER,
+        str(out),
+        "plain",
+        str(B),
+        *(s for s in CORPUS if Path(s).stem in {*CONTROL, WHOLE_DATA_LOOP}),
+    ],
+    TD_DISABLE="1",
+)
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    directories = {ranks: tmp_path_factory.mktemp(f"corpus{ranks}") for ranks in (2, 3)}
-    plain = tmp_path_factory.mktemp("corpus_plain")
-    # One plain process at B: what the whole-data loop trains like, and the
-    # control (what every rank of a job without the plugin trains: each
-    # its own copy of one process at B).
-    whole = [s for s in CORPUS if Path(s).stem in {*CONTROL, WHOLE_DATA_LOOP}]
-    jobs = {}
-    for ranks in (2, 3):
-        scripts = _scripts(ranks)
-        jobs[f"plugin{ranks}"] = dict(
-            args=["-m", "transparent_dist", RUNNER, str(directories[ranks]), "plugin", str(B)]
-            + scripts,
-            ranks=ranks,
-        )
-        jobs[f"reference{ranks}"] = dict(
-            args=[RUNNER, str(directories[ranks]), "reference", str(B * ranks), *scripts]
-        )
-    jobs["plain"] = dict(
-        args=[RUNNER, str(plain), "plain", str(B), *whole], env=job_env(TD_DISABLE="1")
-    )
-    # The one-process runs beside the MPI jobs: nothing here is timed.
-    done = {}
-    for group in (["plugin2", "reference2", "reference3"], ["plugin3", "plain"]):
-        for name, job in zip(group, run_together(*(jobs[n] for n in group)), strict=True):
-            done[name] = job.check()
     out = {}
     for ranks in (2, 3):
-        out[ranks] = {
-            "dir": directories[ranks],
-            "stderr": done[f"plugin{ranks}"].stderr,
-            "ranks": load_ranks(directories[ranks], "plugin", ranks),
-            "reference": load_ranks(directories[ranks], "reference", 1)[0],
-        }
-    out["whole"] = out["control"] = load_ranks(plain, "plain", 1)[0]
+        directory = tmp_path_factory.mktemp(f"corpus{ranks}")
+        job = run(
+            ["-m", "transparent_dist", RUNNER, str(directory), "plugin", str(B), *_scripts(ranks)],
+            ranks=ranks,
+        ).check()
+        out[ranks] = {"dir": directory, "stderr": job.stderr}
+    for key in ("corpus-reference2", "corpus-reference3", "corpus-plain"):
+        background_result(key).check()
+    for ranks in (2, 3):
+        out[ranks]["ranks"] = load_ranks(out[ranks]["dir"], "plugin", ranks)
+        out[ranks]["reference"] = load_ranks(REFERENCES[ranks], "reference", 1)[0]
+    out["whole"] = out["control"] = load_ranks(PLAIN, "plain", 1)[0]
     return out
 
 

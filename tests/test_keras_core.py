@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import JOBS, job_env, load_ranks, run, run_together
+from conftest import JOBS, background, background_result, job_env, load_ranks, run, run_together
 
 pytestmark = pytest.mark.mpi
 
@@ -81,37 +81,49 @@ def _pairs(scenarios: list[str]) -> list[tuple[int, str]]:
     return [(r, s) for r in RANKS for s in scenarios if r in _ranks(s)]
 
 
+def _chosen(ranks: int) -> dict[str, str]:
+    return {"SCENARIOS": ",".join(_run_at(ranks))} if _run_at(ranks) else {}
+
+
+# The one-process references (nothing times them) start with the session,
+# on the core the in-process tests leave idle (conftest.background).
+REFERENCES = {
+    ranks: background(
+        f"keras_core-reference{ranks}",
+        __file__,
+        lambda out, ranks=ranks: [SCRIPT, str(out), "reference", str(ranks)],
+        **_chosen(ranks),
+    )
+    for ranks in RANKS
+}
+
+
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory):
     out, specs = {}, {}
     for ranks in RANKS:
         out[ranks] = {"dir": tmp_path_factory.mktemp(f"plugin{ranks}")}
-        out[ranks]["ref_dir"] = tmp_path_factory.mktemp(f"reference{ranks}")
-        chosen = job_env(SCENARIOS=",".join(_run_at(ranks))) if _run_at(ranks) else None
         specs[f"plugin{ranks}"] = dict(
             args=["-m", "transparent_dist", SCRIPT, str(out[ranks]["dir"]), "plugin"],
             ranks=ranks,
-            env=chosen,
+            env=job_env(**_chosen(ranks)),
         )
-        specs[f"reference{ranks}"] = dict(
-            args=[SCRIPT, str(out[ranks]["ref_dir"]), "reference", str(ranks)], env=chosen
-        )
-    groups = [["plugin2", "reference2"]]
+    groups = [["plugin2"]]
     if not OPEN_MPI_LEG:
         control_dir = tmp_path_factory.mktemp("control")
         # Only the scenarios the control is checked on.
         checked = job_env(SCENARIOS="arrays,unseeded,custom_loop,sample_usage")
         specs["control"] = dict(args=[SCRIPT, str(control_dir), "control"], ranks=2, env=checked)
-        groups = [["plugin2", "reference2", "reference3"], ["plugin3", "control"]]
-    # The one-process references beside the MPI jobs: nothing here is timed.
+        groups = [["plugin2"], ["plugin3", "control"]]
     done = {}
     for group in groups:
         for name, job in zip(group, run_together(*(specs[n] for n in group)), strict=True):
             done[name] = job.check()
     for ranks in RANKS:
+        background_result(f"keras_core-reference{ranks}").check()
         out[ranks]["job"] = done[f"plugin{ranks}"]
         out[ranks]["ranks"] = load_ranks(out[ranks]["dir"], f"plugin-{ranks}", ranks)
-        out[ranks]["reference"] = load_ranks(out[ranks]["ref_dir"], f"reference-{ranks}", 1)[0]
+        out[ranks]["reference"] = load_ranks(REFERENCES[ranks], f"reference-{ranks}", 1)[0]
     if not OPEN_MPI_LEG:
         out["control"] = load_ranks(control_dir, "control-2", 2)
     return out
