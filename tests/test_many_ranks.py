@@ -5,8 +5,8 @@ N x b = 1 x N.b, and one rank failing mid-training ends the job.
 One job per rank count serves both (TensorFlow's import costs seconds per
 rank, 16 of them on 2 cores): it trains, each rank writes its weights, then
 rank N - 3 raises in its third epoch. The global batch is the same at 8 and 16
-ranks, so one plain-Keras reference serves both; it runs beside the 8-rank
-job (one process leaves a core idle there: it costs no time).
+ranks, so one plain-Keras reference serves both; it runs in the background
+lane from the session's start (conftest.background).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import JOBS, leftovers, run, run_together
+from conftest import JOBS, background, background_result, leftovers, run
 
 pytestmark = pytest.mark.mpi
 
@@ -32,25 +32,23 @@ def _weights(directory, name):
     return json.loads((directory / f"{name}.json").read_text())
 
 
+REFERENCE = background(
+    "many_ranks-reference", __file__, lambda out: [SCRIPT, str(out), "reference"]
+)
+
+
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory):
-    dirs = {n: tmp_path_factory.mktemp(f"ranks{n}") for n in ("reference", *RANKS)}
-    plugin = {
-        n: dict(args=["-m", "transparent_dist", SCRIPT, str(dirs[n]), "plugin"], ranks=n)
-        for n in RANKS
-    }
-    reference = dict(args=[SCRIPT, str(dirs["reference"]), "reference"])
+    dirs = {n: tmp_path_factory.mktemp(f"ranks{n}") for n in RANKS}
     done = {}
-    # The 8-rank job first: run_together's time for it is its own (it ends
-    # last), the ending it is checked against below.
-    started = time.time()
-    done[8], ref = run_together(plugin[8], reference)
-    done[8].ended = started + done[8].seconds
-    done[16] = run(**plugin[16], timeout=600)
-    done[16].ended = time.time()
-    ref.check()
+    for n in RANKS:
+        done[n] = run(
+            ["-m", "transparent_dist", SCRIPT, str(dirs[n]), "plugin"], ranks=n, timeout=600
+        )
+        done[n].ended = time.time()
+    background_result("many_ranks-reference").check()
     return {
-        "reference": _weights(dirs["reference"], "reference-1-rank0"),
+        "reference": _weights(REFERENCE, "reference-1-rank0"),
         **{n: (done[n], dirs[n]) for n in RANKS},
     }
 
