@@ -9,12 +9,14 @@ looks for libmpi under the running venv first).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 import sysconfig
 
+import numpy as np
 import pytest
 from conftest import OPEN_MPI_ENV, ROOT, job_env
 
@@ -123,3 +125,41 @@ def test_doctor_and_tdrun_know_open_mpi(open_mpi_venv):
     words = dry.stdout.split()
     assert words[:4] == [mpiexec, "-n", "64", "--oversubscribe"], dry.stdout + dry.stderr
     assert ("--allow-run-as-root" in words) == (os.geteuid() == 0)
+
+
+def test_a_lost_rank_does_not_end_the_job_under_ulfm(open_mpi_venv, tmp_path):
+    """3 ranks under `mpiexec --with-ft ulfm`: rank 2 is killed as step 4 of
+    epoch 2 begins; the survivors shrink the world, go back to the last step
+    both completed, split the rest over 2 ranks with the same global batch,
+    and end with the weights of the uninterrupted run (here: one process
+    with the whole global batch). Under MPICH the same kill ends the job
+    (test_reliability.py's `sigkill`)."""
+    script = str(ROOT / "tests" / "jobs" / "elastic.py")
+    alone = subprocess.run(
+        [sys.executable, script, "none", str(tmp_path / "alone")],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    mpiexec = str(VENV / "bin" / "mpiexec")
+    job = subprocess.run(
+        [mpiexec, "--with-ft", "ulfm", "-n", "3", str(open_mpi_venv), "-m", "transparent_dist"]
+        + [script, "kill2", str(tmp_path / "lost")],
+        env={**_env(), **OPEN_MPI_ENV},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-6000:]
+    said = [line for line in job.stderr.splitlines() if "lost rank 2" in line]
+    assert len(said) == 1, job.stderr[-6000:]
+    assert "2 of 3 ranks go on from step 4 of" in said[0] and "epoch 2" in said[0], said
+    assert "same global batch of 72 (36 per rank)" in said[0], said
+    expected = np.load(tmp_path / "alone.npz")
+    got = np.load(tmp_path / "lost.npz")
+    for name in expected.files:
+        np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-5)
+    history = json.loads((tmp_path / "lost.json").read_text())
+    assert len(history["loss"]) == 3, history
