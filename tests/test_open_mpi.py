@@ -127,12 +127,14 @@ def test_doctor_and_tdrun_know_open_mpi(open_mpi_venv):
     assert ("--allow-run-as-root" in words) == (os.geteuid() == 0)
 
 
-def test_a_lost_rank_does_not_end_the_job_under_ulfm(open_mpi_venv, tmp_path):
+def test_lost_ranks_do_not_end_the_job_under_ulfm(open_mpi_venv, tmp_path):
     """3 ranks under `mpiexec --with-ft ulfm`: rank 2 is killed as step 4 of
-    epoch 2 begins; the survivors shrink the world, go back to the last step
-    both completed, split the rest over 2 ranks with the same global batch,
-    and end with the weights of the uninterrupted run (here: one process
-    with the whole global batch). Under MPICH the same kill ends the job
+    epoch 2 begins, then rank 0 as step 2 of epoch 3 does. Each time the
+    survivors shrink the world, go back to the last step all completed,
+    split the rest over themselves with the same global batch; the last
+    rank (1) takes over rank 0's output and files, and the job ends with
+    the weights of the uninterrupted run (here: one process with the whole
+    global batch), exit 0. Under MPICH the same kill ends the job
     (test_reliability.py's `sigkill`)."""
     script = str(ROOT / "tests" / "jobs" / "elastic.py")
     alone = subprocess.run(
@@ -146,17 +148,23 @@ def test_a_lost_rank_does_not_end_the_job_under_ulfm(open_mpi_venv, tmp_path):
     mpiexec = str(VENV / "bin" / "mpiexec")
     job = subprocess.run(
         [mpiexec, "--with-ft", "ulfm", "-n", "3", str(open_mpi_venv), "-m", "transparent_dist"]
-        + [script, "kill2", str(tmp_path / "lost")],
+        + [script, "2:1:4,0:2:2", str(tmp_path / "lost")],
         env={**_env(), **OPEN_MPI_ENV},
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-6000:]
-    said = [line for line in job.stderr.splitlines() if "lost rank 2" in line]
-    assert len(said) == 1, job.stderr[-6000:]
-    assert "2 of 3 ranks go on from step 4 of" in said[0] and "epoch 2" in said[0], said
-    assert "same global batch of 72 (36 per rank)" in said[0], said
+    said = [line for line in job.stderr.splitlines() if "transparent_dist: lost rank" in line]
+    assert len(said) == 2, job.stderr[-6000:]
+    assert said[0].startswith("transparent_dist: lost rank 2 (on "), said
+    assert "in epoch 2; 2 of 3 ranks go on from step 4 of that epoch" in said[0], said
+    assert "the same global batch of 72 (36 per rank)" in said[0], said
+    assert said[1].startswith("transparent_dist: lost rank 0 (on "), said
+    assert "in epoch 3; 1 of 2 ranks go on from step 2 of that epoch" in said[1], said
+    assert "the same global batch of 72 (72 per rank)" in said[1], said
+    # Rank 1, rank 0 at the end, printed and wrote the files.
+    assert "rank 1 finished" in job.stdout, job.stdout
     expected = np.load(tmp_path / "alone.npz")
     got = np.load(tmp_path / "lost.npz")
     for name in expected.files:

@@ -1,15 +1,19 @@
-"""A rank lost mid-epoch under an MPI with ULFM: the survivors go on.
+"""Ranks lost mid-epoch under an MPI with ULFM: the survivors go on.
 
     mpiexec --with-ft ulfm -n 3 python -m transparent_dist elastic.py MODE OUT
-MODE: none (the uninterrupted run; in one process too), kill2 (rank 2
-SIGKILLs itself as step 4 of epoch 2 begins). Rank 0 (the lowest survivor)
-writes the final weights to OUT.npz and the History to OUT.json.
+MODE: none (the uninterrupted run; in one process too), or kills separated
+by commas, RANK:EPOCH:STEP each (that rank, numbered as the job started,
+SIGKILLs itself as that step of that epoch begins, both 0-based). Rank 0
+at the end (the lowest survivor) writes the final weights to OUT.npz, the
+History to OUT.json and, in OUT-times.json, when each step ended and when
+each rank was killed.
 """
 
 import json
 import os
 import signal
 import sys
+import time
 
 import keras
 import numpy as np
@@ -18,21 +22,24 @@ import transparent_dist
 
 mode, out = sys.argv[1], sys.argv[2]
 rank = transparent_dist.rank()
+kills = {tuple(map(int, k.split(":"))) for k in mode.split(",") if k != "none"}
 keras.utils.set_random_seed(1)
 
 
 class Kill(keras.callbacks.Callback):
+    ended: list = []
+
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
 
     def on_train_batch_begin(self, batch, logs=None):
-        if (mode, rank, self.epoch, batch) == (
-            "kill2",
-            2,
-            1,
-            4,
-        ) or mode == f"kill{rank}:{self.epoch}:{batch}":
+        if (rank, self.epoch, batch) in kills:
+            with open(f"{out}-killed{rank}", "w") as f:
+                f.write(str(time.time()))
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.ended.append((self.epoch, batch, time.time()))
 
 
 x = np.random.default_rng(0).normal(size=(432, 8)).astype("float32")
@@ -46,4 +53,6 @@ if transparent_dist.rank() == 0:
     np.savez(out + ".npz", *model.get_weights())
     with open(out + ".json", "w") as f:
         json.dump(history.history, f)
+    with open(out + "-times.json", "w") as f:
+        json.dump({"ended": Kill.ended}, f)
 print(f"rank {rank} finished", flush=True)

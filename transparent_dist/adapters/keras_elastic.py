@@ -67,6 +67,8 @@ class _FitPosition:
         super().__init__()
         self.epoch, self.start, self.offset = 0, 0, 0
         self.resume, self.skip = resume, skip
+        # A resumed run's `params["steps"]` is its first (short) epoch's.
+        self.full_steps = None if resume is None else resume.steps
 
     def _restore_history(self) -> None:
         resume, self.resume = self.resume, None
@@ -86,7 +88,8 @@ class _FitPosition:
         self._restore_history()
 
     def steps(self) -> int | None:
-        return (getattr(self, "params", None) or {}).get("steps")
+        """A whole epoch's steps (None if unknown)."""
+        return self.full_steps or (getattr(self, "params", None) or {}).get("steps")
 
 
 @functools.cache
