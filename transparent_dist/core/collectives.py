@@ -56,6 +56,7 @@ __all__ = [
     "broadcast_object",
     "check_agreement",
     "completed",
+    "failed_ranks",
     "free",
     "gather_object",
     "is_process_failure",
@@ -494,6 +495,19 @@ def missing_ranks(comm: Any, shrunk: Any) -> list[int]:
     ranks = list(range(comm.Get_size()))
     found = MPI.Group.Translate_ranks(comm.Get_group(), ranks, shrunk.Get_group())
     return [r for r, there in zip(ranks, found, strict=True) if there == MPI.UNDEFINED]
+
+
+def failed_ranks(comm: Any) -> list[int]:
+    """The ranks of `comm` this process knows to have failed (ULFM; local
+    knowledge, not agreed); empty if the library cannot say."""
+    from mpi4py import MPI
+
+    try:
+        failed = comm.Get_failed()
+        ranks = list(range(failed.Get_size()))
+        return sorted(MPI.Group.Translate_ranks(failed, ranks, comm.Get_group()))
+    except (MPI.Exception, NotImplementedError, AttributeError):
+        return []
 
 
 def free(comm: Any) -> None:
