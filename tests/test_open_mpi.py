@@ -9,12 +9,14 @@ looks for libmpi under the running venv first).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 import sysconfig
 
+import numpy as np
 import pytest
 from conftest import OPEN_MPI_ENV, ROOT, job_env
 
@@ -124,3 +126,49 @@ def test_doctor_and_tdrun_know_open_mpi(open_mpi_venv):
     words = dry.stdout.split()
     assert words[:4] == [mpiexec, "-n", "64", "--oversubscribe"], dry.stdout + dry.stderr
     assert ("--allow-run-as-root" in words) == (os.geteuid() == 0)
+
+
+def test_lost_ranks_do_not_end_the_job_under_ulfm(open_mpi_venv, tmp_path):
+    """3 ranks under `mpiexec --with-ft ulfm`: rank 2 is killed as step 4 of
+    epoch 2 begins, then rank 0 as step 2 of epoch 3 does. Each time the
+    survivors shrink the world, go back to the last step all completed,
+    split the rest over themselves with the same global batch; the last
+    rank (1) takes over rank 0's output and files, and the job ends with
+    the weights of the uninterrupted run (here: one process with the whole
+    global batch), exit 0. Under MPICH the same kill ends the job
+    (test_reliability.py's `sigkill`)."""
+    script = str(ROOT / "tests" / "jobs" / "elastic.py")
+    alone = subprocess.run(
+        [sys.executable, script, "none", str(tmp_path / "alone")],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    mpiexec = str(VENV / "bin" / "mpiexec")
+    job = subprocess.run(
+        [mpiexec, "--with-ft", "ulfm", "-n", "3", str(open_mpi_venv), "-m", "transparent_dist"]
+        + [script, "2:1:4,0:2:2", str(tmp_path / "lost")],
+        env={**_env(), **OPEN_MPI_ENV},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-6000:]
+    said = [line for line in job.stderr.splitlines() if "transparent_dist: lost rank" in line]
+    assert len(said) == 2, job.stderr[-6000:]
+    assert said[0].startswith("transparent_dist: lost rank 2 (on "), said
+    assert "in epoch 2; 2 of 3 ranks go on from step 4 of that epoch" in said[0], said
+    assert "the same global batch of 72 (36 per rank)" in said[0], said
+    assert said[1].startswith("transparent_dist: lost rank 0 (on "), said
+    assert "in epoch 3; 1 of 2 ranks go on from step 2 of that epoch" in said[1], said
+    assert "the same global batch of 72 (72 per rank)" in said[1], said
+    # Rank 1, rank 0 at the end, printed and wrote the files.
+    assert "rank 1 finished" in job.stdout, job.stdout
+    expected = np.load(tmp_path / "alone.npz")
+    got = np.load(tmp_path / "lost.npz")
+    for name in expected.files:
+        np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-5)
+    history = json.loads((tmp_path / "lost.json").read_text())
+    assert len(history["loss"]) == 3, history

@@ -42,6 +42,7 @@ from transparent_dist.adapters import (
     calls,
     custom_loops,
     keras_callbacks,
+    keras_elastic,
     keras_identity,
     root_output,
     step_counts,
@@ -49,6 +50,7 @@ from transparent_dist.adapters import (
 from transparent_dist.core import (
     checkpoint,
     config,
+    elastic,
     log,
     output,
     patching,
@@ -164,7 +166,11 @@ def update(
     if in_loop:
         custom_loops.warn_if_loop_data_is_whole()
     averaged = backend.average(grads)
-    with step_state.within(applying=True):
+    # Under ULFM the whole update (its step counter too) waits for the
+    # exchange, so a rank whose exchange failed holds the step before it
+    # (`keras_elastic`); elsewhere nothing changes.
+    ordered = backend.after(averaged) if elastic.available() else contextlib.nullcontext()
+    with step_state.within(applying=True), ordered:
         if in_loop:
             return custom_loops.applied(optimizer, variables, lambda: apply(averaged))
         if step_state.current().compiled_update:
@@ -271,6 +277,68 @@ def _checkpointing(
     return made.CheckpointAndResume(service, skip, user, state=state, unit=unit)
 
 
+def _fit(fw: Framework, original: Any, a: dict, resume: Any = None, position: Any = None) -> Any:
+    """One run of Keras's `fit` under N ranks: the data sharded over this
+    world, the callbacks chosen for this rank. After a lost rank
+    (`keras_elastic`), `resume` says the epoch and step to go on from, and
+    `position` (a callback) notes where the run gets to."""
+    self = a["self"]
+    x, y, sample_weight, batch_size = a["x"], a["y"], a["sample_weight"], a["batch_size"]
+    data = tf_inputs.classify(x, y, sample_weight, fw.arrays)
+    if a["validation_split"] and a["validation_data"] is None and data.kind == "arrays":
+        # Split before sharding: the validation set is the last part
+        # of the whole data, as in plain Keras.
+        (x, y, sample_weight), a["validation_data"] = fw.split_validation(
+            (x, y, sample_weight), a["validation_split"]
+        )
+        a["validation_split"] = 0.0
+        data = tf_inputs.classify(x, y, sample_weight, fw.arrays)
+    unit = data.progress_unit(batch_size)
+    a["x"], a["y"], a["sample_weight"], a["batch_size"] = _sharded(
+        data, batch_size, a["shuffle"], "the training data"
+    )
+    if data.in_pipeline or data.kind == "generator":
+        # Done already by our pipeline; a generator's batches come
+        # in its order (and Keras would warn about the dataset we
+        # made of it, from every rank).
+        a["shuffle"] = False
+    passes = step_counts.before_validation_is_sharded(fw, a, data, batch_size)
+    whole_validation = _shard_validation(fw, a, batch_size)
+    step_counts.adjust(a, passes)
+    fw.build_before_training(self, a["x"])
+    checkpointer = None
+    if config.SETTINGS.checkpoint_dir and resume is None:
+        checkpointer = _checkpointing(fw, a, unit, data)
+    made = keras_callbacks.for_framework(fw)
+    extra: tuple = () if resume is not None else (made.FitStart(data, batch_size),)
+    extra += () if checkpointer is None else (checkpointer,)
+    if resume is not None:
+        a["initial_epoch"] = resume.epoch
+        if resume.step:
+            skipped = fw.backend.skip_batches(a["x"], lambda: resume.step)
+            if skipped is None:
+                raise RuntimeError(
+                    "transparent_dist: after the lost rank, this data cannot be resumed "
+                    f"mid-epoch (step {resume.step}): only a tf.data pipeline can"
+                )
+            a["x"], position.skip = skipped
+    extra += () if position is None else (position,)
+    root_output.output_on_root_only(a, made.for_this_rank(a["callbacks"], True, extra))
+    resuming = (checkpointer is not None and checkpointer.skip is not None) or (
+        position is not None and position.skip is not None
+    )
+    with (
+        step_state.within(
+            fitting=True,
+            own_train_step=bool(fw.own_train_step(self)),
+            whole_validation=whole_validation,
+        ),
+        fw.exact_epochs_after_resume() if resuming else contextlib.nullcontext(),
+        preemption.handling_signals() if checkpointer is not None else contextlib.nullcontext(),
+    ):
+        return calls.call(original, a)
+
+
 def wrap_fit(fw: Framework) -> Callable[[Any], Any]:
     def wrap(original: Any) -> Any:
         def fit(self, *args, **kwargs):
@@ -282,49 +350,15 @@ def wrap_fit(fw: Framework) -> Callable[[Any], Any]:
             calls.enter_phase("fit", a)
             calls.agree_on_compile(self)
             _turn_off_xla(fw, self, training=True)
-            x, y, sample_weight, batch_size = a["x"], a["y"], a["sample_weight"], a["batch_size"]
-            data = tf_inputs.classify(x, y, sample_weight, fw.arrays)
-            if a["validation_split"] and a["validation_data"] is None and data.kind == "arrays":
-                # Split before sharding: the validation set is the last part
-                # of the whole data, as in plain Keras.
-                (x, y, sample_weight), a["validation_data"] = fw.split_validation(
-                    (x, y, sample_weight), a["validation_split"]
-                )
-                a["validation_split"] = 0.0
-                data = tf_inputs.classify(x, y, sample_weight, fw.arrays)
-            unit = data.progress_unit(batch_size)
-            a["x"], a["y"], a["sample_weight"], a["batch_size"] = _sharded(
-                data, batch_size, a["shuffle"], "the training data"
+            if fw.name != "keras" or not elastic.available():
+                # tf_keras: not yet (docs/elastic.md); a lost rank ends the job.
+                return _fit(fw, original, a)
+            return keras_elastic.fit(
+                fw,
+                self,
+                a,
+                lambda args, resume, position: _fit(fw, original, args, resume, position),
             )
-            if data.in_pipeline or data.kind == "generator":
-                # Done already by our pipeline; a generator's batches come
-                # in its order (and Keras would warn about the dataset we
-                # made of it, from every rank).
-                a["shuffle"] = False
-            passes = step_counts.before_validation_is_sharded(fw, a, data, batch_size)
-            whole_validation = _shard_validation(fw, a, batch_size)
-            step_counts.adjust(a, passes)
-            fw.build_before_training(self, a["x"])
-            checkpointer = (
-                _checkpointing(fw, a, unit, data) if config.SETTINGS.checkpoint_dir else None
-            )
-            made = keras_callbacks.for_framework(fw)
-            extra = (made.FitStart(data, batch_size),)
-            extra += () if checkpointer is None else (checkpointer,)
-            root_output.output_on_root_only(a, made.for_this_rank(a["callbacks"], True, extra))
-            resuming = checkpointer is not None and checkpointer.skip is not None
-            with (
-                step_state.within(
-                    fitting=True,
-                    own_train_step=bool(fw.own_train_step(self)),
-                    whole_validation=whole_validation,
-                ),
-                fw.exact_epochs_after_resume() if resuming else contextlib.nullcontext(),
-                preemption.handling_signals()
-                if checkpointer is not None
-                else contextlib.nullcontext(),
-            ):
-                return calls.call(original, a)
 
         return fit
 

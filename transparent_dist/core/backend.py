@@ -16,6 +16,7 @@ and documented where the TensorFlow one implements it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -62,6 +63,11 @@ class Backend:
             library's compiler (XLA), inside a traced step; what `fn`
             reads of the step is captured. For the parts of a step with no
             exchange in them, when the script asked for compilation.
+        after: `tensors -> context` in which the ops made run only once
+            `tensors` exist: an optimizer's update made in it, its step
+            counter included, is not applied when its exchange failed (a
+            lost rank: `core.elastic`), so the counter says which ranks
+            hold which step.
     """
 
     name: str
@@ -76,3 +82,6 @@ class Backend:
     outside_trace: Callable[[], AbstractContextManager[Any]]
     prepare: Callable[[], None]
     compiled: Callable[[Callable[[], Any]], Any]
+    after: Callable[[Sequence[Any]], AbstractContextManager[Any]] = lambda tensors: (
+        contextlib.nullcontext()
+    )

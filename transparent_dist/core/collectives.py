@@ -31,6 +31,8 @@ overwritten while that step can still read them).
 from __future__ import annotations
 
 import contextlib
+import re
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -54,13 +56,19 @@ __all__ = [
     "broadcast_object",
     "check_agreement",
     "completed",
+    "failed_ranks",
+    "free",
     "gather_object",
+    "is_process_failure",
     "isend",
+    "missing_ranks",
     "native_handles",
     "probe",
     "rank_of",
     "recv",
+    "revoke",
     "send",
+    "shrink",
     "size_of",
     "together",
     "reset",
@@ -413,6 +421,98 @@ def probe(tag: int, comm: Any) -> int | None:
     if comm.Iprobe(source=MPI.ANY_SOURCE, tag=tag, status=status):
         return status.Get_source()
     return None
+
+
+_CODE = re.compile(r"failed with code (\d+)")
+_FAILURE_NAMES = (
+    "MPI_ERR_PROC_FAILED",
+    "MPI_ERR_REVOKED",
+    "MPIX_ERR_PROC_FAILED",
+    "MPIX_ERR_REVOKED",
+)
+
+
+def is_process_failure(error: BaseException | None) -> bool:
+    """Whether `error` (or what caused it) is MPI saying a rank was lost or
+    a communicator revoked (ULFM): an `MPI.Exception` of that class, or the
+    native op's or TensorFlow's message carrying its code or name."""
+    if "mpi4py.MPI" not in sys.modules:
+        return False
+    from mpi4py import MPI
+
+    classes = {
+        getattr(MPI, name)
+        for name in ("ERR_PROC_FAILED", "ERR_PROC_FAILED_PENDING", "ERR_REVOKED")
+        if hasattr(MPI, name)
+    }
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, MPI.Exception) and error.Get_error_class() in classes:
+            return True
+        text = str(error)
+        if any(name in text for name in _FAILURE_NAMES):
+            return True
+        match = _CODE.search(text)
+        if match and _error_class(int(match.group(1))) in classes:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _error_class(code: int) -> int:
+    from mpi4py import MPI
+
+    try:
+        return MPI.Get_error_class(code)
+    except MPI.Exception:
+        return -1
+
+
+def revoke(comm: Any) -> None:
+    """Revokes `comm` (ULFM's `MPI_Comm_revoke`): every pending and later
+    call on it, on every rank, returns `MPI_ERR_REVOKED`. Not collective:
+    it is how one rank wakes the others. Revoking twice is harmless."""
+    from mpi4py import MPI
+
+    try:
+        comm.Revoke()
+    except MPI.Exception:
+        pass  # revoked already, or a communicator of failed ranks only
+
+
+def shrink(comm: Any) -> Any:
+    """A new communicator of the live ranks of `comm` (ULFM's
+    `MPI_Comm_shrink`, fault-tolerant and collective over the survivors:
+    every one gets the same group)."""
+    return comm.Shrink()
+
+
+def missing_ranks(comm: Any, shrunk: Any) -> list[int]:
+    """The ranks of `comm` that are not in `shrunk` (its survivors)."""
+    from mpi4py import MPI
+
+    ranks = list(range(comm.Get_size()))
+    found = MPI.Group.Translate_ranks(comm.Get_group(), ranks, shrunk.Get_group())
+    return [r for r, there in zip(ranks, found, strict=True) if there == MPI.UNDEFINED]
+
+
+def failed_ranks(comm: Any) -> list[int]:
+    """The ranks of `comm` this process knows to have failed (ULFM; local
+    knowledge, not agreed); empty if the library cannot say."""
+    from mpi4py import MPI
+
+    try:
+        failed = comm.Get_failed()
+        ranks = list(range(failed.Get_size()))
+        return sorted(MPI.Group.Translate_ranks(failed, ranks, comm.Get_group()))
+    except (MPI.Exception, NotImplementedError, AttributeError):
+        return []
+
+
+def free(comm: Any) -> None:
+    """Frees a communicator made here (collective on it)."""
+    comm.Free()
 
 
 def native_handles(comm: Any) -> list[int]:

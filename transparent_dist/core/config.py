@@ -38,6 +38,7 @@ _CHOICES = {
     "mpi": ("auto", "on", "off"),
     "native": ("auto", "on", "off"),
     "resume": ("auto", "force", "fresh"),
+    "elastic": ("auto", "off"),
 }
 
 
@@ -83,6 +84,11 @@ class Settings:
     # The compiled exchange op ("auto": used when it builds, else the numpy
     # exchange with a warning; "on": required; "off": never).
     native: str = "auto"
+    # A lost rank under an MPI with ULFM: "auto" goes on with the survivors
+    # (core/elastic.py) while at least `min_ranks` are left; "off" ends the
+    # job, as without ULFM.
+    elastic: str = "auto"
+    min_ranks: int = 1
     # Missing values (empty / NA cells, NaN, masked or fill entries) read by
     # transparent_dist.data come through as NaN instead of ending the job; a
     # reader's allow_nan= keyword wins.
@@ -109,7 +115,7 @@ def _validate(key: str, value: object, name: str | None = None) -> object:
             ) from None
         if value < 0:
             raise ValueError(f"transparent_dist: {shown}={raw!r} must be >= 0")
-    if key == "checkpoint_keep":
+    if key in ("checkpoint_keep", "min_ranks"):
         try:
             value = int(value)  # type: ignore[arg-type]
         except ValueError:

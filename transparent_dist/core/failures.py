@@ -13,12 +13,14 @@ every rank with a non-zero status.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import sys
 import time
 import traceback
 from types import TracebackType
 
-from transparent_dist.core import world
+from transparent_dist.core import collectives, world
 from transparent_dist.core.errors import CollectiveError
 
 __all__ = ["INTERRUPTED_STATUS", "handle", "install", "uninstall"]
@@ -46,6 +48,9 @@ def _hook(kind: type[BaseException], error: BaseException, tb: TracebackType | N
         )
         world.abort(INTERRUPTED_STATUS)
         return
+    if world.survives_lost_ranks() and collectives.is_process_failure(error):
+        _lost_rank(w)
+        return
     if not w.is_root and _is_collective(error):
         # Rank 0 has the same error and reports it; an abort from here now
         # could kill it before it has printed. It aborts the job; this is
@@ -60,6 +65,26 @@ def _hook(kind: type[BaseException], error: BaseException, tb: TracebackType | N
             f"{kind.__name__}; ending all ranks of the job\n"
         )
     world.abort(1)
+
+
+def _lost_rank(w: world.World) -> None:
+    """A rank was lost under ULFM and the job does not go on (TD_ELASTIC=off,
+    or outside fit): MPI_Abort with a dead rank may hang there, so every
+    communicator is revoked (which wakes every survivor into this same
+    path) and this rank exits; the launcher then ends the job."""
+    lost = collectives.failed_ranks(w.comm)
+    for field in dataclasses.fields(w.comms):
+        collectives.revoke(getattr(w.comms, field.name))
+    alive = [r for r in range(w.size) if r not in lost]
+    if alive and w.rank == alive[0]:
+        which = ", ".join(map(str, lost)) or "?"
+        sys.stderr.write(
+            f"transparent_dist: rank(s) {which} of {w.size} were lost; ending the job "
+            "(TD_ELASTIC=off, or a loss outside Keras 3's fit: the survivors do not go "
+            "on; resume from the last checkpoint, TD_CHECKPOINT_DIR)\n"
+        )
+        sys.stderr.flush()
+    os._exit(1)
 
 
 def install() -> None:

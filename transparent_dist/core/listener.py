@@ -23,6 +23,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from transparent_dist.core import collectives
+
 __all__ = ["register", "reset", "running", "start", "stop", "unregister"]
 
 _POLL_SECONDS = 0.2
@@ -52,7 +54,13 @@ def _listen() -> None:
         with _LOCK:
             pollers = list(_POLLERS)
         for poller in pollers:
-            poller()
+            try:
+                poller()
+            except Exception as error:
+                # A poller's MPI call that met a lost rank: the main thread
+                # meets it too, and recovers (`elastic`) or ends the job.
+                if not collectives.is_process_failure(error):
+                    raise
 
 
 def start() -> None:

@@ -21,11 +21,13 @@ DEFAULT_BATCH_SIZE = 32  # Keras's own default
 
 def global_batch(batch_size: int | None, size: int | None = None) -> int:
     """The global batch for a `batch_size` argument: N times it, or itself
-    with TD_BATCH_SIZE=global."""
+    with TD_BATCH_SIZE=global. N is the ranks the job started with
+    (`World.batch_ranks`): after a lost rank the survivors keep the global
+    batch."""
     b = batch_size or DEFAULT_BATCH_SIZE
     if config.SETTINGS.batch_size == "global":
         return b
-    return b * (world.get().size if size is None else size)
+    return b * (world.get().batch_ranks if size is None else size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,4 +58,4 @@ class ShardPlan:
         """The plan of this rank for a call with `batch_size` (per rank, as
         the script wrote it) and `shuffle`."""
         w = world.get()
-        return cls(w.rank, w.size, global_batch(batch_size, w.size), seed, bool(shuffle))
+        return cls(w.rank, w.size, global_batch(batch_size, w.batch_ranks), seed, bool(shuffle))

@@ -39,7 +39,7 @@ import numpy as np
 
 from transparent_dist.core import collectives, config, listener, progress, stacks, world
 
-__all__ = ["reset", "start", "stop", "watchers"]
+__all__ = ["hosts", "reset", "start", "stop", "watchers"]
 
 _TAG = 7301
 _DUMP_TAG = 7302
@@ -61,12 +61,15 @@ class _Reporter:
     def __init__(self, comm: Any, watchers: list[int]) -> None:
         self.comm, self.watchers = comm, watchers
         self.count = 0
+        # The native op's count so far: a reporter started again over a
+        # shrunk world (`elastic`) counts from zero on every survivor.
+        self.base = sum(counter() for counter, _ in progress.counters())
         self.sent = 0
         self.pending: collections.deque = collections.deque()
         self.lock = threading.Lock()
 
     def _total(self) -> int:
-        return self.count + sum(counter() for counter, _ in progress.counters())
+        return self.count + sum(counter() for counter, _ in progress.counters()) - self.base
 
     def _send(self, total: int, label_code: int) -> None:
         self.sent = total
@@ -132,6 +135,15 @@ class _Watchdog(threading.Thread):
         self.mismatch: tuple[int, float] | None = None
 
     def run(self) -> None:
+        try:
+            self._watch()
+        except Exception as error:
+            # A lost rank: the main thread recovers (`elastic`) and starts
+            # a watchdog again, or the launcher ends the job.
+            if not collectives.is_process_failure(error):
+                raise
+
+    def _watch(self) -> None:
         message = np.zeros(4, np.int64)
         while not _STOP.is_set():
             while (source := collectives.probe(_TAG, self.comm)) is not None:
@@ -275,6 +287,13 @@ def _on_hosts(ranks: list[int], hosts: list[str]) -> str:
 
 
 _REPORTER: _Reporter | None = None
+# Every rank's host, gathered by `start` (for `elastic`'s report of a loss).
+_HOSTS: list[str] = []
+
+
+def hosts() -> list[str]:
+    """Every rank's host, in rank order, since `start` (empty before)."""
+    return list(_HOSTS)
 
 
 def watchers(size: int) -> list[int]:
@@ -294,6 +313,7 @@ def start() -> None:
     # Every rank's host, so that a report can name a node whose ranks are
     # all late (before the sink is set: the watchdog never counts itself).
     hosts = collectives.allgather_object(socket.gethostname(), comm)
+    _HOSTS[:] = hosts
     _STOP.clear()
     if w.rank in chosen:
         settings = config.SETTINGS
@@ -334,3 +354,4 @@ def reset() -> None:
     thread `listener.reset`'s. The watchdog's communicator belongs to the
     world (`Communicators.watchdog`)."""
     stop()
+    _HOSTS.clear()

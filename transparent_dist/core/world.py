@@ -43,6 +43,7 @@ __all__ = [
     "rebuild",
     "reset",
     "split_by_node",
+    "survives_lost_ranks",
     "thread_level",
     "yield_when_oversubscribed",
 ]
@@ -119,6 +120,9 @@ class World:
     local_rank: int = 0
     local_size: int = 1
     comms: Communicators = Communicators()
+    # The size the job started with when ranks were lost since (`rebuild`);
+    # 0 while none were.
+    started_size: int = 0
 
     @property
     def comm(self) -> Any:
@@ -134,6 +138,13 @@ class World:
     def control_comm(self) -> Any:
         """The phase checks' communicator."""
         return self.comms.control
+
+    @property
+    def batch_ranks(self) -> int:
+        """The ranks a script's per-rank batch is multiplied by for the
+        global batch: the size the job started with, kept when ranks are
+        lost, so the survivors share the same global batch."""
+        return self.started_size or self.size
 
     @property
     def is_root(self) -> bool:
@@ -198,7 +209,7 @@ def _start_mpi() -> World:
     return world
 
 
-def _over(parent: Any) -> World:
+def _over(parent: Any, started_size: int = 0) -> World:
     """The world of the ranks of `parent`, with fresh duplicates of it
     (collective on `parent`)."""
     node = split_by_node(parent)
@@ -209,6 +220,7 @@ def _over(parent: Any) -> World:
             local_rank=node.Get_rank(),
             local_size=node.Get_size(),
             comms=Communicators.duplicate(parent),
+            started_size=started_size,
         )
     finally:
         free(node)
@@ -263,9 +275,9 @@ def rebuild(parent: Any) -> Communicators:
     `stall.start`), the native op (configured with the training
     communicator's handle) and the listener's pollers."""
     global _WORLD
-    old = get().comms
-    _WORLD = _over(parent)
-    return old
+    before = get()
+    _WORLD = _over(parent, before.batch_ranks)
+    return before.comms
 
 
 def reset() -> None:
@@ -356,6 +368,19 @@ def mpi_library() -> tuple[str, str]:
     from mpi4py import MPI
 
     return MPI.Get_library_version().strip().splitlines()[0], mpi4py.__version__
+
+
+def survives_lost_ranks() -> bool:
+    """Whether this job's MPI goes on when a rank dies (ULFM): Open MPI with
+    its fault tolerance on, as `mpiexec --with-ft ulfm` sets it
+    (`mpi_ft_enable`). MPICH and Open MPI without it end the job."""
+    if "mpi4py.MPI" not in sys.modules:
+        return False
+    from mpi4py import MPI
+
+    if not hasattr(MPI.Comm, "Shrink") or "Open MPI" not in MPI.Get_library_version():
+        return False
+    return os.environ.get("OMPI_MCA_mpi_ft_enable", "").lower() in ("1", "true", "yes", "on")
 
 
 def thread_level() -> str:

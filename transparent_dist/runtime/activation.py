@@ -155,6 +155,7 @@ def deactivate() -> None:
 RESETS = (
     "transparent_dist.core.stall",
     "transparent_dist.core.listener",
+    "transparent_dist.core.elastic",
     "transparent_dist.core.phases",
     "transparent_dist.adapters.tf1",
     "transparent_dist.adapters.custom_loops",

@@ -48,6 +48,14 @@ def _compiled(fn: Any) -> Any:
     return tf.function(fn, jit_compile=True, autograph=False)()
 
 
+def _after(tensors: Any) -> Any:
+    import tensorflow as tf
+
+    # A sparse gradient waits through its values.
+    waited = [getattr(t, "values", t) for t in tensors if t is not None]
+    return tf.control_dependencies(waited)
+
+
 TENSORFLOW = Backend(
     name="tensorflow",
     average=exchange.average,
@@ -61,4 +69,5 @@ TENSORFLOW = Backend(
     outside_trace=_outside_trace,
     prepare=exchange.prepare,
     compiled=_compiled,
+    after=_after,
 )

@@ -32,7 +32,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from transparent_dist.core import collectives, config, log, progress, timeline, world
+from transparent_dist.core import collectives, config, elastic, log, progress, timeline, world
 
 # By name from the module: the package's `build` is the function.
 from transparent_dist.tf.native.build import build as build_library
@@ -78,6 +78,13 @@ def _configure(lib: Any, comm: Any) -> None:
     lib.td_take_spans.argtypes = [ctypes.POINTER(ctypes.c_double), ctypes.c_int]
     lib.td_arrivals.restype = ctypes.c_int64
     lib.td_record_spans(1 if timeline.recording() else 0)
+
+
+def _reconfigure(comm: Any) -> None:
+    """The op on the survivors' training communicator after a lost rank
+    (`elastic.on_rebuild`): the traced steps keep calling the same op."""
+    if _STATE.get("lib") is not None:
+        _configure(_STATE["lib"], comm)
 
 
 def _load_here(comm: Any) -> None:
@@ -126,6 +133,7 @@ def load() -> bool:
     if not failures:
         timeline.add_source(_Source())
         progress.add_counter(lambda: int(_STATE["lib"].td_arrivals()), "gradient exchange")
+        elastic.on_rebuild(_reconfigure)
         log.debug(f"native gradient exchange loaded from {library_path()}")
         return True
     _STATE["module"] = None
