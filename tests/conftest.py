@@ -94,7 +94,7 @@ class _Lane:
         self.jobs[key] = {
             "module": str(Path(module).resolve()),
             "args": args(directory),
-            "env": env,
+            "env": {name: value.format(out=directory) for name, value in env.items()},
         }
         return directory
 
@@ -125,8 +125,9 @@ _LANE = _Lane()
 
 def background(key: str, module: str, args: Callable[[Path], list[str]], **env: str) -> Path:
     """Registers a one-process job (called at a test module's import; `args`
-    gets the job's output directory, which is returned) for the background
-    lane; `background_result(key)` waits for it."""
+    gets the job's output directory, which is returned, and `{out}` in an
+    `env` value stands for it) for the background lane;
+    `background_result(key)` waits for it."""
     return _LANE.add(key, module, args, **env)
 
 

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import JOBS, ROOT, load_ranks, run
+from conftest import JOBS, ROOT, background, background_result, load_ranks, run
 
 CORPUS = ROOT / "tests" / "corpus"
 COSMOFLOW = str(CORPUS / "cosmoflow_tfrecord.py")
@@ -66,6 +66,21 @@ def test_the_setting_takes_its_two_values_and_names_a_wrong_one():
 # ------------------------------------------------------------ on 2 ranks
 
 
+# The one-process reference, in the background lane (conftest.background).
+REFERENCE = background(
+    "step_counts-reference",
+    __file__,
+    lambda out: [
+        str(JOBS / "corpus_runner.py"),
+        str(out),
+        "reference",
+        str(2 * B),
+        COSMOFLOW,
+        *(str(CORPUS / f"{name}.py") for name in BUDGETS),
+    ],
+)
+
+
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     out = tmp_path_factory.mktemp("step_counts")
@@ -82,13 +97,12 @@ def job(tmp_path_factory):
         ],
         ranks=2,
     ).check()
-    reference = [str(JOBS / "corpus_runner.py"), str(out), "reference", str(2 * B)]
-    run([*reference, COSMOFLOW, *budgets]).check()
+    background_result("step_counts-reference").check()
     return {
         "dir": out,
         "stderr": finished.stderr,
         "ranks": load_ranks(out, "job", 2),
-        "reference": load_ranks(out, "reference", 1)[0],
+        "reference": load_ranks(REFERENCE, "reference", 1)[0],
     }
 
 

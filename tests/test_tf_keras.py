@@ -6,27 +6,33 @@ import csv
 
 import numpy as np
 import pytest
-from conftest import JOBS, job_env, load_ranks, run, run_together
+from conftest import JOBS, background, background_result, job_env, load_ranks, run
 
 pytestmark = pytest.mark.mpi
 
 SCRIPT = str(JOBS / "tf_keras_fit.py")
 
 
+# The one-process reference, in the background lane (conftest.background).
+REFERENCE = background(
+    "tf_keras-reference",
+    __file__,
+    lambda out: [SCRIPT, str(out), "reference", "2"],
+    TF_USE_LEGACY_KERAS="1",
+)
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     env = job_env(TF_USE_LEGACY_KERAS="1")
     out = tmp_path_factory.mktemp("tf_keras")
-    for job in run_together(
-        dict(args=["-m", "transparent_dist", SCRIPT, str(out), "plugin"], ranks=2, env=env),
-        dict(args=[SCRIPT, str(out), "reference", "2"], env=env),
-    ):
-        job.check()
+    run(["-m", "transparent_dist", SCRIPT, str(out), "plugin"], ranks=2, env=env).check()
     run([SCRIPT, str(out), "control"], ranks=2, env=env).check()
+    background_result("tf_keras-reference").check()
     return {
         "dir": out,
         "plugin": load_ranks(out, "plugin", 2),
-        "reference": load_ranks(out, "reference", 1)[0],
+        "reference": load_ranks(REFERENCE, "reference", 1)[0],
         "control": load_ranks(out, "control", 2),
     }
 
