@@ -110,6 +110,7 @@ def recover(error: BaseException) -> Loss:
     lost = tuple(collectives.missing_ranks(before.comm, shrunk))
     hosts = stall.hosts() or [""] * before.size
     world.rebuild(shrunk)
+    world.finalize_is_unsafe()
     collectives.free(shrunk)
     # The old communicators are revoked: dropped, never freed (freeing is
     # collective over ranks of which some are gone).

@@ -221,6 +221,7 @@ def install_end_check() -> None:
 def _atexit() -> None:
     _end_check()
     world.forget_finalize()
+    world.exit_if_finalize_is_unsafe()
 
 
 def remove_end_check() -> None:

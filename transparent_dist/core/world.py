@@ -289,6 +289,42 @@ def reset() -> None:
     global _WORLD
     if _WORLD is not None and _WORLD.size == 1:
         _WORLD = None
+    _EXIT.update(unsafe_finalize=False, status=0)
+
+
+# After ranks were lost (ULFM), Open MPI's MPI_Finalize may wait forever
+# for them (seen: a survivor that had written its results sat in
+# ompi_mpi_finalize until the job was killed): such a process leaves
+# without it, once every survivor has reached the script's end.
+_EXIT: dict[str, Any] = {"unsafe_finalize": False, "status": 0}
+
+
+def finalize_is_unsafe() -> None:
+    """Says that this process must not call MPI_Finalize (ranks were lost)."""
+    _EXIT["unsafe_finalize"] = True
+
+
+def note_exit_status(status: int) -> None:
+    """The status the script ends with (`python -m transparent_dist` knows it)."""
+    _EXIT["status"] = status
+
+
+def exit_if_finalize_is_unsafe() -> None:
+    """At the very end (the last `atexit` handler, every rank at the script's
+    end): when MPI_Finalize is unsafe, flushes every open file and leaves
+    with the script's status instead of finalizing."""
+    if not _EXIT["unsafe_finalize"]:
+        return
+    import gc
+    import io
+
+    for obj in gc.get_objects():
+        if isinstance(obj, io.IOBase) and not obj.closed:
+            try:
+                obj.flush()
+            except (OSError, ValueError):
+                pass
+    os._exit(_EXIT["status"])
 
 
 def abort(code: int = 1) -> None:

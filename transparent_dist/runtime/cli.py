@@ -103,6 +103,7 @@ def run(argv: list[str]) -> int:
                 f"{code}; ending all ranks of the job\n"
             )
             world.abort(code)
+        world.note_exit_status(code)
         return code
     except BaseException as error:  # noqa: BLE001 - reported, then the job ends
         failures.handle(type(error), error, _user_traceback(error.__traceback__))
