@@ -68,17 +68,9 @@ SWEEP = [8, 64, 512, 4096, 32768, 262144, 2097152, 8388608, 33554432]
 # The same file runs as the driver and, with --role, as each job's process.
 
 
-def _fit_worker(args: argparse.Namespace) -> None:
-    """One timed fit of the MLP: plain (no plugin) or under `python -m
-    transparent_dist` (`--plugin`); prints RESULT {...} (rank 0)."""
-    import numpy as np
-
-    rank, size = 0, 1
-    if args.plugin:
-        import transparent_dist
-
-        rank, size = transparent_dist.rank(), transparent_dist.size()
-        plugin_file = transparent_dist.__file__
+def mlp():
+    """The benchmark's model (6.3 M parameters, ~25 MB of float32 gradients),
+    compiled, its weights seeded: also what overlap_profile.py traces."""
     import keras
 
     keras.utils.set_random_seed(0)
@@ -94,6 +86,23 @@ def _fit_worker(args: argparse.Namespace) -> None:
         optimizer=keras.optimizers.SGD(0.01),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
+    return model
+
+
+def _fit_worker(args: argparse.Namespace) -> None:
+    """One timed fit of the MLP: plain (no plugin) or under `python -m
+    transparent_dist` (`--plugin`); prints RESULT {...} (rank 0)."""
+    import numpy as np
+
+    rank, size = 0, 1
+    if args.plugin:
+        import transparent_dist
+
+        rank, size = transparent_dist.rank(), transparent_dist.size()
+        plugin_file = transparent_dist.__file__
+    import keras
+
+    model = mlp()
     steps = args.warmup + args.steps
     rng = np.random.default_rng(rank)
     # Per-rank batch `batch`: under the plugin the ranks share size x the rows.

@@ -43,19 +43,9 @@ def _worker(out: Path) -> None:
     import transparent_dist
 
     rank = transparent_dist.rank()
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [
-            keras.Input((1024,)),
-            keras.layers.Dense(2048, activation="relu"),
-            keras.layers.Dense(2048, activation="relu"),
-            keras.layers.Dense(10),
-        ]
-    )
-    model.compile(
-        optimizer=keras.optimizers.SGD(0.01),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
+    from overlap import mlp  # the benchmark's own model (benchmarks/ is sys.path[0])
+
+    model = mlp()
     steps = PROFILED + 2
     rng = np.random.default_rng(rank)
     x = rng.normal(size=(1024 * steps * transparent_dist.size(), 1024)).astype("float32")
