@@ -123,6 +123,12 @@ class _Lane:
 _LANE = _Lane()
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # The lane's outputs live outside pytest's own (pruned) temporary
+    # directories: one folder per session would otherwise pile up in /tmp.
+    shutil.rmtree(_LANE.root, ignore_errors=True)
+
+
 def background(key: str, module: str, args: Callable[[Path], list[str]], **env: str) -> Path:
     """Registers a one-process job (called at a test module's import; `args`
     gets the job's output directory, which is returned, and `{out}` in an
