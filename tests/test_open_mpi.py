@@ -128,7 +128,8 @@ def test_doctor_and_tdrun_know_open_mpi(open_mpi_venv):
     assert ("--allow-run-as-root" in words) == (os.geteuid() == 0)
 
 
-def test_lost_ranks_do_not_end_the_job_under_ulfm(open_mpi_venv, tmp_path):
+@pytest.mark.parametrize("legacy", ["0", "1"], ids=["keras", "tf_keras"])
+def test_lost_ranks_do_not_end_the_job_under_ulfm(open_mpi_venv, tmp_path, legacy):
     """3 ranks under `mpiexec --with-ft ulfm`: rank 2 is killed as step 4 of
     epoch 2 begins, then rank 0 as step 2 of epoch 3 does. Each time the
     survivors shrink the world, go back to the last step all completed,
@@ -136,11 +137,12 @@ def test_lost_ranks_do_not_end_the_job_under_ulfm(open_mpi_venv, tmp_path):
     rank (1) takes over rank 0's output and files, and the job ends with
     the weights of the uninterrupted run (here: one process with the whole
     global batch), exit 0. Under MPICH the same kill ends the job
-    (test_reliability.py's `sigkill`)."""
+    (test_reliability.py's `sigkill`). Keras 3's script, and tf_keras's."""
     script = str(ROOT / "tests" / "jobs" / "elastic.py")
+    env = {**_env(), "TF_USE_LEGACY_KERAS": legacy}
     alone = subprocess.run(
         [sys.executable, script, "none", str(tmp_path / "alone")],
-        env=_env(),
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,
@@ -150,7 +152,7 @@ def test_lost_ranks_do_not_end_the_job_under_ulfm(open_mpi_venv, tmp_path):
     job = subprocess.run(
         [mpiexec, "--with-ft", "ulfm", "-n", "3", str(open_mpi_venv), "-m", "transparent_dist"]
         + [script, "2:1:4,0:2:2", str(tmp_path / "lost")],
-        env={**_env(), **OPEN_MPI_ENV},
+        env={**env, **OPEN_MPI_ENV},
         capture_output=True,
         text=True,
         timeout=300,

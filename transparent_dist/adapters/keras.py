@@ -350,8 +350,7 @@ def wrap_fit(fw: Framework) -> Callable[[Any], Any]:
             calls.enter_phase("fit", a)
             calls.agree_on_compile(self)
             _turn_off_xla(fw, self, training=True)
-            if fw.name != "keras" or not elastic.available():
-                # tf_keras: not yet (docs/elastic.md); a lost rank ends the job.
+            if not elastic.available():
                 return _fit(fw, original, a)
             return keras_elastic.fit(
                 fw,

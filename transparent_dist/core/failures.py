@@ -80,7 +80,7 @@ def _lost_rank(w: world.World) -> None:
         which = ", ".join(map(str, lost)) or "?"
         sys.stderr.write(
             f"transparent_dist: rank(s) {which} of {w.size} were lost; ending the job "
-            "(TD_ELASTIC=off, or a loss outside Keras 3's fit: the survivors do not go "
+            "(TD_ELASTIC=off, or a loss outside a Keras fit: the survivors do not go "
             "on; resume from the last checkpoint, TD_CHECKPOINT_DIR)\n"
         )
         sys.stderr.flush()

@@ -9,6 +9,7 @@ TENSORFLOW.name   # 'tensorflow'
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from transparent_dist.core.backend import Backend
@@ -53,7 +54,11 @@ def _after(tensors: Any) -> Any:
 
     # A sparse gradient waits through its values.
     waited = [getattr(t, "values", t) for t in tensors if t is not None]
-    return tf.control_dependencies(waited)
+    if not waited or tf.executing_eagerly():
+        return contextlib.nullcontext()
+    # One barrier op: each op made in the context gets one control input,
+    # not one per exchange op (a bucket, a dtype, a sparse gradient).
+    return tf.control_dependencies([tf.group(*waited, name="td_exchange_done")])
 
 
 TENSORFLOW = Backend(
