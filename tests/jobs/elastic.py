@@ -6,8 +6,7 @@ by commas, RANK:EPOCH:STEP each (that rank, numbered as the job started,
 SIGKILLs itself as that step of that epoch begins, both 0-based). Rank 0
 at the end (the lowest survivor) writes the final weights to OUT.npz, the
 History to OUT.json and, in OUT-times.json, when each step ended and when
-each rank was killed. With TF_USE_LEGACY_KERAS=1 the script is tf_keras's
-(Keras 2), else Keras 3's.
+each rank was killed.
 """
 
 import json
@@ -18,7 +17,7 @@ import time
 
 import numpy as np
 
-if os.environ.get("TF_USE_LEGACY_KERAS") == "1":
+if os.environ.get("TF_USE_LEGACY_KERAS") == "1":  # the same script in tf_keras (Keras 2)
     import tf_keras as keras
 else:
     import keras
