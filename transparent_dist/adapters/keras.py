@@ -168,7 +168,9 @@ def update(
     averaged = backend.average(grads)
     # Under ULFM the whole update (its step counter too) waits for the
     # exchange, so a rank whose exchange failed holds the step before it
-    # (`keras_elastic`); elsewhere nothing changes.
+    # (`keras_elastic`); the counter alone waiting would leave the layers
+    # of the buckets exchanged before a loss updated (docs/elastic.md).
+    # Elsewhere nothing changes.
     ordered = backend.after(averaged) if elastic.available() else contextlib.nullcontext()
     with step_state.within(applying=True), ordered:
         if in_loop:
