@@ -122,6 +122,22 @@ def _exact_epochs_after_resume() -> Iterator[None]:
         handler._configure_dataset_and_inferred_steps, handler.steps = configure, steps
 
 
+@contextlib.contextmanager
+def _after_loss() -> Iterator[None]:
+    """tf_keras's `fit` takes its first epoch and step from a
+    `BackupAndRestore` that began (`model._training_state`, left set by the
+    run a lost rank ended): after a loss they are the survivors' instead."""
+    load = Model._maybe_load_initial_counters_from_ckpt
+    Model._maybe_load_initial_counters_from_ckpt = lambda self, steps, initial_epoch: (
+        initial_epoch,
+        0,
+    )
+    try:
+        yield
+    finally:
+        Model._maybe_load_initial_counters_from_ckpt = load
+
+
 FRAMEWORK = adapter.Framework(
     name="tf_keras",
     backend=TENSORFLOW,
@@ -139,6 +155,7 @@ FRAMEWORK = adapter.Framework(
     own_train_step=lambda model: False,
     silence_backup=_silence_backup,
     exact_epochs_after_resume=_exact_epochs_after_resume,
+    after_loss=_after_loss,
 )
 
 
