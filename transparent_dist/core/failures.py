@@ -14,7 +14,6 @@ every rank with a non-zero status.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 import traceback
@@ -72,19 +71,20 @@ def _lost_rank(w: world.World) -> None:
     or outside fit): MPI_Abort with a dead rank may hang there, so every
     communicator is revoked (which wakes every survivor into this same
     path) and this rank exits; the launcher then ends the job."""
+    from transparent_dist.core import elastic  # its checkpoint lookup, only here
+
     lost = collectives.failed_ranks(w.comm)
     for field in dataclasses.fields(w.comms):
         collectives.revoke(getattr(w.comms, field.name))
     alive = [r for r in range(w.size) if r not in lost]
+    message = ""
     if alive and w.rank == alive[0]:
         which = ", ".join(map(str, lost)) or "?"
-        sys.stderr.write(
-            f"transparent_dist: rank(s) {which} of {w.size} were lost; ending the job "
-            "(TD_ELASTIC=off, or a loss outside Keras 3's fit: the survivors do not go "
-            "on; resume from the last checkpoint, TD_CHECKPOINT_DIR)\n"
+        message = (
+            f"rank(s) {which} of {w.size} were lost; ending the job (TD_ELASTIC=off, or a "
+            "loss outside Keras 3's fit: the survivors do not go on); " + elastic.where_to_resume()
         )
-        sys.stderr.flush()
-    os._exit(1)
+    elastic.leave(message)
 
 
 def install() -> None:
