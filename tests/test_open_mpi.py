@@ -256,8 +256,7 @@ def test_lost_rank_ends_the_job_with_elastic_off_under_ulfm(open_mpi_venv, tmp_p
     assert job.returncode == 1, job.stdout[-3000:] + job.stderr[-6000:]
     said = [line for line in job.stderr.splitlines() if "were lost" in line]
     assert said == [
-        "transparent_dist: rank(s) 1 of 2 were lost; ending the job (TD_ELASTIC=off, or a "
-        "loss outside Keras 3's fit: the survivors do not go on); no checkpoint "
-        "(TD_CHECKPOINT_DIR is not set): the same command starts afresh"
+        "transparent_dist: rank(s) 1 of 2 were lost; ending the job (TD_ELASTIC=off); no "
+        "checkpoint (TD_CHECKPOINT_DIR is not set): the same command starts afresh"
     ], job.stderr[-6000:]
     assert "finished" not in job.stdout, job.stdout

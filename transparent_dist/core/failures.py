@@ -19,7 +19,7 @@ import time
 import traceback
 from types import TracebackType
 
-from transparent_dist.core import collectives, world
+from transparent_dist.core import collectives, config, world
 from transparent_dist.core.errors import CollectiveError
 
 __all__ = ["INTERRUPTED_STATUS", "handle", "install", "uninstall"]
@@ -73,16 +73,28 @@ def _lost_rank(w: world.World) -> None:
     path) and this rank exits; the launcher then ends the job."""
     from transparent_dist.core import elastic  # its checkpoint lookup, only here
 
-    lost = collectives.failed_ranks(w.comm)
     for field in dataclasses.fields(w.comms):
         collectives.revoke(getattr(w.comms, field.name))
+    # A survivor woken by another's revoke may not know yet which rank
+    # failed (seen once: "rank(s) ?"): its MPI learns it within moments.
+    lost = collectives.failed_ranks(w.comm)
+    deadline = time.monotonic() + 2.0
+    while not lost and time.monotonic() < deadline:
+        time.sleep(0.05)
+        lost = collectives.failed_ranks(w.comm)
     alive = [r for r in range(w.size) if r not in lost]
     message = ""
     if alive and w.rank == alive[0]:
         which = ", ".join(map(str, lost)) or "?"
+        why = (
+            "TD_ELASTIC=off"
+            if config.SETTINGS.elastic == "off"
+            else "outside Keras 3's fit, as in evaluate, predict, a custom loop or a TF1 "
+            "session, the survivors do not go on"
+        )
         message = (
-            f"rank(s) {which} of {w.size} were lost; ending the job (TD_ELASTIC=off, or a "
-            "loss outside Keras 3's fit: the survivors do not go on); " + elastic.where_to_resume()
+            f"rank(s) {which} of {w.size} were lost; ending the job ({why}); "
+            + elastic.where_to_resume()
         )
     elastic.leave(message)
 
