@@ -31,7 +31,6 @@ resume from (`TD_ELASTIC=off`: `core.failures`).
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -103,15 +102,12 @@ def leave(message: str) -> None:
     """Ends this survivor's part in the job: `message` on standard error
     if given, then exit status 1, without MPI_Abort (which may wait forever
     for a lost rank under ULFM) nor MPI_Finalize; the launcher ends the job
-    once every survivor has left."""
+    once every survivor has left. The script's open files are flushed."""
     if message:
         sys.stderr.write(f"transparent_dist: {message}\n")
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # noqa: BLE001 - a closed stream must not keep this rank
-            pass
-    os._exit(1)
+    world.finalize_is_unsafe()
+    world.note_exit_status(1)
+    world.exit_if_finalize_is_unsafe()
 
 
 def recover(error: BaseException) -> Loss:
