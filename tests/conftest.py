@@ -302,6 +302,52 @@ def run_together(*jobs: dict, timeout: float = 900) -> list[Finished]:
     return finished
 
 
+def side_by_side(drivers: dict, at_once: int = 2) -> dict:
+    """Calls each of `drivers` (key -> a function of no arguments that runs
+    one job and returns what its test checks) on `at_once` threads, and
+    returns key -> its result, or the exception it raised (`outcome`
+    re-raises it in the test that owns the key).
+
+    For a module's jobs that mostly wait (a fault that ends the job, a
+    watchdog's bound, a signal sent at a moment): one of them alone leaves
+    the cores idle, two at a time keep them busy. Only where the test's
+    own time bounds are many times the job's time (TensorFlow's start
+    takes twice as long beside a second job).
+    """
+    import concurrent.futures
+
+    def call(driver: Callable) -> object:
+        try:
+            return driver()
+        except BaseException as error:  # noqa: BLE001 - handed to the test
+            return error
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=at_once) as pool:
+        futures = {key: pool.submit(call, driver) for key, driver in drivers.items()}
+        return {key: future.result() for key, future in futures.items()}
+
+
+def selected(request: pytest.FixtureRequest, test: str, param: str | None = None) -> list:
+    """For a module fixture that runs the jobs of several tests at once: the
+    values of `param` with which `test` (a function of the fixture's module)
+    runs in this session (`-k` may pick some), or [None] if it runs
+    unparametrized; [] if it does not run."""
+    found = []
+    for item in request.session.items:
+        if getattr(item, "module", None) is request.module and item.originalname == test:
+            value = item.callspec.params[param] if param else None
+            if value not in found:
+                found.append(value)
+    return found
+
+
+def outcome(result: object) -> object:
+    """A result of `side_by_side`, or its driver's exception raised here."""
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
 def leftovers(pid_files: str, grace: float = 10.0) -> list[int]:
     """Processes of a job still alive `grace` seconds after its launcher
     returned: each rank wrote its pid to a file matching the glob

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import JOBS, PYTHON, job_env, load_ranks, run
+from conftest import JOBS, PYTHON, background, background_result, job_env, load_ranks, run
 from netns_cluster import Cluster
 
 pytestmark = [
@@ -23,6 +23,21 @@ pytestmark = [
 PREEMPTIBLE = str(JOBS / "preemptible.py")
 # One global batch at any rank count, no dropout: numbers independent of N.
 GLOBAL = {"TD_BATCH_SIZE": "global", "BATCH": "48", "DROPOUT": "0"}
+
+# The one-process references (nothing times them) start with the session:
+# 4 ranks x 12 and 1 x 48; the checkpointed job's uninterrupted run at its
+# global batch of 48 (2 or 4 ranks or one process: the same numbers).
+REFERENCE = background(
+    "hosts-reference",
+    __file__,
+    lambda out: [str(JOBS / "tiny_plain.py"), str(out), "reference", "48"],
+)
+FULL = background(
+    "hosts-full",
+    __file__,
+    lambda out: ["-m", "transparent_dist", PREEMPTIBLE, str(out), "full"],
+    **GLOBAL,
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +55,8 @@ def _plugin(script: str, *args: str) -> list[str]:
 
 
 def test_two_nodes_train_as_one_process_and_write_once(cluster, tmp_path):
-    run([str(JOBS / "tiny_plain.py"), str(tmp_path), "reference", "48"]).check()
-    reference = np.asarray(load_ranks(tmp_path, "reference", 1)[0]["weights"])
+    background_result("hosts-reference").check()
+    reference = np.asarray(load_ranks(REFERENCE, "reference", 1)[0]["weights"])
     shared = tmp_path / "shared"
     shared.mkdir()
     command = cluster.mpiexec(ranks=4, per_node=2)
@@ -95,10 +110,8 @@ def _start(cluster, out, env):
 
 
 def test_a_lost_node_ends_the_job_and_the_rest_resume_from_the_checkpoint(cluster, tmp_path):
-    full = tmp_path / "full"
-    full.mkdir()
-    run(_plugin(PREEMPTIBLE, str(full), "full")[1:], ranks=2, env=job_env(**GLOBAL)).check()
-    reference = np.asarray(json.loads((full / "full-rank0.json").read_text())["weights"])
+    background_result("hosts-full").check()
+    reference = np.asarray(json.loads((FULL / "full-rank0.json").read_text())["weights"])
     out, ckpt = tmp_path / "run", tmp_path / "ckpt"
     out.mkdir()
     env = _env(**GLOBAL, TD_CHECKPOINT_DIR=str(ckpt), TD_CHECKPOINT_EVERY="10")

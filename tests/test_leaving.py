@@ -4,13 +4,25 @@ late still give the documented status (README: "Batch jobs")."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
-from conftest import JOBS, PYTHON, _mpiexec, job_env, open_mpi, run
+from conftest import (
+    JOBS,
+    PYTHON,
+    Finished,
+    _mpiexec,
+    job_env,
+    open_mpi,
+    outcome,
+    run,
+    side_by_side,
+)
 
 pytestmark = pytest.mark.mpi
 
@@ -34,19 +46,36 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES), ids=lambda c: "-".join(map(str, c)))
-def test_a_rank_that_leaves_early_ends_the_job_naming_it(case):
+def _leave(case) -> Finished:
     how, where, ranks, leaver, form = case
-    job = run(
+    return run(
         [LEAVE] if form == "import" else ["-m", "transparent_dist", LEAVE],
         ranks=ranks,
         timeout=120,
         env=job_env(LEAVE_HOW=how, LEAVE_WHERE=where, LEAVE_RANK=str(leaver)),
     )
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    """This module's jobs, two at a time (conftest.side_by_side): most of
+    each one's time is a rank waiting for the watchdog or a signal."""
+    drivers = {case: functools.partial(_leave, case) for case in CASES}
+    drivers["configure"] = _configure_on_one_rank
+    for name, driver in (("two_sigterms", _two_sigterms), ("sigusr1", _sigusr1_after_fit)):
+        drivers[name] = functools.partial(driver, tmp_path_factory.mktemp(name))
+    return side_by_side(drivers)
+
+
+@pytest.mark.parametrize("case", sorted(CASES), ids=lambda c: "-".join(map(str, c)))
+def test_a_rank_that_leaves_early_ends_the_job_naming_it(jobs, case):
+    how, where, ranks, leaver, form = case
+    job = outcome(jobs[case])
     assert job.returncode != 0, job.stderr[-3000:]
     for words in CASES[case]:
         assert words in job.stderr, job.stderr[-3000:]
-    # Starting TensorFlow takes ~5 s per rank here; the end comes seconds after.
+    # Starting TensorFlow takes ~5 s per rank here (twice that beside the
+    # module's other job); the end comes seconds after.
     assert job.seconds < 60
     # Said once at the start: where the other ranks' output went, and
     # (where ranks outnumber cores, as 3 do on the 2-core test machines) why it crawls.
@@ -98,7 +127,7 @@ def test_a_setting_that_differs_between_ranks_is_named_at_start(name, value):
     assert job.seconds < 20
 
 
-def test_configure_on_one_rank_is_named_at_the_next_fit():
+def _configure_on_one_rank() -> Finished:
     code = (
         "import transparent_dist, keras, numpy as np\n"
         "if transparent_dist.rank() == 1: transparent_dist.configure(lr_scaling='linear')\n"
@@ -106,7 +135,11 @@ def test_configure_on_one_rank_is_named_at_the_next_fit():
         "m.compile('sgd', 'mse')\n"
         "m.fit(np.ones((8, 2)), np.ones((8, 1)), verbose=0)\n"
     )
-    job = run(["-c", code], ranks=2, timeout=60)
+    return run(["-c", code], ranks=2, timeout=60)
+
+
+def test_configure_on_one_rank_is_named_at_the_next_fit(jobs):
+    job = outcome(jobs["configure"])
     assert job.returncode != 0
     assert NOT_SAME in job.stderr
     assert "TD_LR_SCALING='none'" in job.stderr and "TD_LR_SCALING='linear'" in job.stderr
@@ -131,25 +164,36 @@ def _signal_ranks(out, number):
         os.kill(int((out / f"pid-rank{rank}").read_text()), number)
 
 
-def test_two_sigterms_still_end_with_the_requeue_status(tmp_path):
+def _two_sigterms(out) -> tuple[int, str, Path]:
+    job = _start_late(out, TD_CHECKPOINT_DIR=str(out / "ckpt"))
+    _wait_for(out / "in-fit")
+    _signal_ranks(out, signal.SIGTERM)
+    time.sleep(0.6)
+    _signal_ranks(out, signal.SIGTERM)
+    _, stderr = job.communicate(timeout=90)
+    return job.returncode, stderr, out
+
+
+def test_two_sigterms_still_end_with_the_requeue_status(jobs):
     """Slurm's SIGTERM and a user's `scancel --signal=TERM` 0.6 s apart: the
     checkpoint is written and the job ends with 75, not 15 / 143."""
-    job = _start_late(tmp_path, TD_CHECKPOINT_DIR=str(tmp_path / "ckpt"))
-    _wait_for(tmp_path / "in-fit")
-    _signal_ranks(tmp_path, signal.SIGTERM)
-    time.sleep(0.6)
-    _signal_ranks(tmp_path, signal.SIGTERM)
-    _, stderr = job.communicate(timeout=90)
-    assert job.returncode == 75, stderr[-3000:]
+    returncode, stderr, out = outcome(jobs["two_sigterms"])
+    assert returncode == 75, stderr[-3000:]
     assert "exiting with status 75" in stderr
-    assert (tmp_path / "ckpt" / "latest").exists()
+    assert (out / "ckpt" / "latest").exists()
 
 
-def test_sigusr1_after_fit_is_said_and_the_exports_are_written(tmp_path):
-    job = _start_late(tmp_path, TD_CHECKPOINT_DIR=str(tmp_path / "ckpt"))
-    _wait_for(tmp_path / "fit-done")
-    _signal_ranks(tmp_path, signal.SIGUSR1)
+def _sigusr1_after_fit(out) -> tuple[int, str, Path]:
+    # No slow steps: the signal comes after fit.
+    job = _start_late(out, TD_CHECKPOINT_DIR=str(out / "ckpt"), SLOW_STEPS="0")
+    _wait_for(out / "fit-done")
+    _signal_ranks(out, signal.SIGUSR1)
     _, stderr = job.communicate(timeout=90)
-    assert job.returncode == 0, stderr[-3000:]
+    return job.returncode, stderr, out
+
+
+def test_sigusr1_after_fit_is_said_and_the_exports_are_written(jobs):
+    returncode, stderr, out = outcome(jobs["sigusr1"])
+    assert returncode == 0, stderr[-3000:]
     assert "SIGUSR1 received outside a fit that checkpoints" in stderr
-    assert float((tmp_path / "export-rank0.txt").read_text()) >= 0
+    assert float((out / "export-rank0.txt").read_text()) >= 0

@@ -126,6 +126,9 @@ def test_tf_keras_fit_goes_on_after_lost_ranks_under_ulfm(open_mpi_venv, tmp_pat
     for name in expected.files:
         np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-5)
     assert len(json.loads((tmp_path / "lost.json").read_text())["loss"]) == 3
+    # Rank 1's callbacks saw each step end once, numbered as in one fit.
+    ended = [tuple(e[:2]) for e in json.loads((tmp_path / "lost-times.json").read_text())["ended"]]
+    assert ended == [(epoch, step) for epoch in range(3) for step in range(6)], ended
 
 
 def test_doctor_and_tdrun_know_open_mpi(open_mpi_venv):
@@ -167,33 +170,56 @@ def test_doctor_and_tdrun_know_open_mpi(open_mpi_venv):
     assert ("--allow-run-as-root" in words) == (os.geteuid() == 0)
 
 
-def test_lost_ranks_do_not_end_the_job_under_ulfm(open_mpi_venv, tmp_path):
-    """3 ranks under `mpiexec --with-ft ulfm`: rank 2 is killed as step 4 of
-    epoch 2 begins, then rank 0 as step 2 of epoch 3 does. Each time the
-    survivors shrink the world, go back to the last step all completed,
-    split the rest over themselves with the same global batch; the last
-    rank (1) takes over rank 0's output and files, and the job ends with
-    the weights of the uninterrupted run (here: one process with the whole
-    global batch), exit 0. Under MPICH the same kill ends the job
-    (test_reliability.py's `sigkill`)."""
-    script = str(ROOT / "tests" / "jobs" / "elastic.py")
+SCRIPT = str(ROOT / "tests" / "jobs" / "elastic.py")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The run no rank is lost from, in one process with the whole global
+    batch: `tests/jobs/elastic.py`'s files under the prefix returned."""
+    out = tmp_path_factory.mktemp("elastic") / "alone"
     alone = subprocess.run(
-        [sys.executable, script, "none", str(tmp_path / "alone")],
+        [sys.executable, SCRIPT, "none", str(out)],
         env=_env(),
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert alone.returncode == 0, alone.stderr[-3000:]
+    return out
+
+
+def _ulfm_job(python, ranks: int, kills: str, out, timeout: int = 300, **settings: str):
     mpiexec = str(VENV / "bin" / "mpiexec")
-    job = subprocess.run(
-        [mpiexec, "--with-ft", "ulfm", "-n", "3", str(open_mpi_venv), "-m", "transparent_dist"]
-        + [script, "2:1:4,0:2:2", str(tmp_path / "lost")],
-        env={**_env(), **OPEN_MPI_ENV},
+    return subprocess.run(
+        [mpiexec, "--with-ft", "ulfm", "-n", str(ranks), str(python), "-m", "transparent_dist"]
+        + [SCRIPT, kills, str(out)],
+        env={**_env(), **OPEN_MPI_ENV, **settings},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
+
+
+def _csv_rows(path) -> list[dict]:
+    lines = path.read_text().splitlines()
+    header = lines[0].split(",")
+    return [dict(zip(header, map(float, line.split(",")), strict=True)) for line in lines[1:]]
+
+
+def test_lost_ranks_do_not_end_the_job_under_ulfm(open_mpi_venv, uninterrupted, tmp_path):
+    """3 ranks under `mpiexec --with-ft ulfm`: rank 2 is killed as step 4 of
+    epoch 2 begins, then rank 0 as step 2 of epoch 3 does. Each time the
+    survivors shrink the world, go back to the last step all completed,
+    split the rest over themselves with the same global batch; the last
+    rank (1) takes over rank 0's output and files, and the job ends with
+    the weights of the uninterrupted run (here: one process with the whole
+    global batch), exit 0. The script's files are written as if nothing
+    was lost: one CSVLogger row per epoch, one ModelCheckpoint file per
+    epoch (the newest holding the final weights), the BackupAndRestore
+    backup of the last epoch. Under MPICH the same kill ends the job
+    (test_reliability.py's `sigkill`)."""
+    job = _ulfm_job(open_mpi_venv, 3, "2:1:4,0:2:2", tmp_path / "lost")
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-6000:]
     said = [line for line in job.stderr.splitlines() if "transparent_dist: lost rank" in line]
     assert len(said) == 2, job.stderr[-6000:]
@@ -205,9 +231,74 @@ def test_lost_ranks_do_not_end_the_job_under_ulfm(open_mpi_venv, tmp_path):
     assert "the same global batch of 72 (72 per rank)" in said[1], said
     # Rank 1, rank 0 at the end, printed and wrote the files.
     assert "rank 1 finished" in job.stdout, job.stdout
-    expected = np.load(tmp_path / "alone.npz")
+    expected = np.load(f"{uninterrupted}.npz")
     got = np.load(tmp_path / "lost.npz")
     for name in expected.files:
         np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-5)
+    newest = np.load(tmp_path / "lost-newest.npz")
+    for name in expected.files:
+        np.testing.assert_array_equal(newest[name], got[name])
     history = json.loads((tmp_path / "lost.json").read_text())
+    reference = json.loads(uninterrupted.with_suffix(".json").read_text())
     assert len(history["loss"]) == 3, history
+    # Validation after a loss sees the whole validation set with the same
+    # weights: its loss is the uninterrupted run's; the training loss of
+    # the epochs a rank was lost in is that of their steps after the loss.
+    np.testing.assert_allclose(history["val_loss"], reference["val_loss"], rtol=1e-5)
+    rows = _csv_rows(tmp_path / "lost.csv")
+    assert [row["epoch"] for row in rows] == [0, 1, 2], rows
+    np.testing.assert_allclose([r["val_loss"] for r in rows], reference["val_loss"], rtol=1e-5)
+    np.testing.assert_allclose(rows[0]["loss"], reference["loss"][0], rtol=1e-5)
+    files = sorted(p.name for p in tmp_path.glob("lost-ckpt-*"))
+    assert files == [f"lost-ckpt-{e}.weights.h5" for e in (1, 2, 3)], files
+    backup = json.loads((tmp_path / "lost-backup" / "training_metadata.json").read_text())
+    assert backup["epoch"] == 3, backup
+
+
+def test_too_few_ranks_left_end_the_job_under_ulfm(open_mpi_venv, uninterrupted, tmp_path):
+    """TD_MIN_RANKS=2, 3 ranks, TD_CHECKPOINT_DIR every 2 steps: rank 2 is
+    lost in epoch 2's validation (its steps all done: the survivors run its
+    validation and end again, the epoch's logs whole), rank 0 as step 2 of
+    epoch 3 begins. One rank would be left: the job ends (exit 1), naming
+    the lost rank and the checkpoint written after the first loss."""
+    ckpt = tmp_path / "ckpt"
+    job = _ulfm_job(
+        open_mpi_venv,
+        3,
+        "2:1:v0,0:2:2",
+        tmp_path / "few",
+        timeout=120,
+        TD_MIN_RANKS="2",
+        TD_CHECKPOINT_DIR=str(ckpt),
+        TD_CHECKPOINT_EVERY="2",
+    )
+    assert job.returncode == 1, job.stdout[-3000:] + job.stderr[-6000:]
+    said = [line for line in job.stderr.splitlines() if "transparent_dist: lost rank" in line]
+    assert len(said) == 2, job.stderr[-6000:]
+    assert "in epoch 2; 2 of 3 ranks go on from that epoch's validation and end" in said[0], said
+    # Steps 1-12 are epochs 1 and 2; step 14 is the second of epoch 3.
+    assert said[1] == (
+        "transparent_dist: lost rank 0 (on "
+        + said[1].split("(on ")[1].split(")")[0]
+        + "); 1 of 2 rank(s) are left, fewer than TD_MIN_RANKS=2: ending the job; the same "
+        f"command resumes from the checkpoint {ckpt / 'ckpt-000000000014'}"
+    ), said
+    rows = _csv_rows(tmp_path / "few.csv")
+    reference = _csv_rows(uninterrupted.with_suffix(".csv"))
+    assert [row["epoch"] for row in rows] == [0, 1], rows
+    for row, expected in zip(rows, reference, strict=False):
+        np.testing.assert_allclose(row["loss"], expected["loss"], rtol=1e-5)
+        np.testing.assert_allclose(row["val_loss"], expected["val_loss"], rtol=1e-5)
+
+
+def test_lost_rank_ends_the_job_with_elastic_off_under_ulfm(open_mpi_venv, tmp_path):
+    """TD_ELASTIC=off under ULFM: a lost rank ends the job as without ULFM,
+    promptly, with exit 1; the lowest survivor names the lost rank."""
+    job = _ulfm_job(open_mpi_venv, 2, "1:0:2", tmp_path / "off", timeout=120, TD_ELASTIC="off")
+    assert job.returncode == 1, job.stdout[-3000:] + job.stderr[-6000:]
+    said = [line for line in job.stderr.splitlines() if "were lost" in line]
+    assert said == [
+        "transparent_dist: rank(s) 1 of 2 were lost; ending the job (TD_ELASTIC=off); no "
+        "checkpoint (TD_CHECKPOINT_DIR is not set): the same command starts afresh"
+    ], job.stderr[-6000:]
+    assert "finished" not in job.stdout, job.stdout

@@ -3,6 +3,7 @@ SIGTERM checkpoints, and the rerun resumes to the same weights."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -10,15 +11,63 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import JOBS, PYTHON, _mpiexec, job_env, leftovers, run
+from conftest import (
+    JOBS,
+    PYTHON,
+    Finished,
+    _mpiexec,
+    job_env,
+    leftovers,
+    outcome,
+    run,
+    selected,
+    side_by_side,
+)
 
 from transparent_dist.core import checkpoint, config, preemption
 
 FAULTS = str(JOBS / "faults.py")
 PREEMPTIBLE = str(JOBS / "preemptible.py")
+
+
+def _fault(mode: str, out: Path, **env: str) -> tuple[Finished, str]:
+    marker = str(out / mode)
+    job = run(
+        ["-m", "transparent_dist", FAULTS, mode],
+        ranks=3 if mode == "stall" else 2,
+        timeout=120,
+        env=job_env(FAULT_OUT=marker, **env),
+    )
+    return job, marker
+
+
+@pytest.fixture(scope="module")
+def waiting(request, tmp_path_factory):
+    """The jobs of this module's tests that end a job or wait for a bound,
+    two at a time (conftest.side_by_side): a rank that sleeps, a watchdog's
+    limit, a signal. Only those of the selected tests run."""
+    drivers = {}
+    for mode in selected(request, "test_failure_ends_the_job_promptly_with_the_reason", "mode"):
+        drivers[mode] = functools.partial(_fault, mode, tmp_path_factory.mktemp(mode))
+    more = {
+        "test_sigterm_to_a_rank_blocked_in_a_collective_ends_the_job": _sigterm_while_blocked,
+        "test_a_stopped_rank_0_is_named_by_the_other_watcher_and_the_job_ends": functools.partial(
+            _fault, "stop_rank0", TD_STALL_WARN="2", TD_STALL_ABORT="6"
+        ),
+        "test_sigterm_after_fit_ends_the_job_as_without_the_plugin": _sigterm_after_fit,
+    }
+    for test, driver in more.items():
+        if selected(request, test):
+            drivers[test] = functools.partial(driver, out=tmp_path_factory.mktemp("waiting"))
+    if selected(request, "test_stalled_rank_is_named_and_optionally_aborted"):
+        for name, env in (("stall_warn", {}), ("stall_abort", {"TD_STALL_ABORT": "3"})):
+            out = tmp_path_factory.mktemp(name)
+            drivers[name] = functools.partial(_fault, "stall", out, TD_STALL_WARN="1", **env)
+    return side_by_side(drivers)
 
 
 @pytest.mark.mpi
@@ -48,14 +97,8 @@ PREEMPTIBLE = str(JOBS / "preemptible.py")
         ("sigterm", 30, ["rank 1 of 2 received SIGTERM; ending all ranks of the job"]),
     ],
 )
-def test_failure_ends_the_job_promptly_with_the_reason(mode, limit, expected, tmp_path):
-    marker = str(tmp_path / mode)
-    job = run(
-        ["-m", "transparent_dist", FAULTS, mode],
-        ranks=2,
-        timeout=120,
-        env=job_env(FAULT_OUT=marker),
-    )
+def test_failure_ends_the_job_promptly_with_the_reason(waiting, mode, limit, expected):
+    job, marker = outcome(waiting[mode])
     expected_status = {"sigint": 130, "sigterm": 143}.get(mode)
     assert job.returncode != 0 and job.returncode == (expected_status or job.returncode)
     assert job.seconds < limit, job.seconds
@@ -128,39 +171,41 @@ def test_a_rank_that_stops_training_stops_every_rank(tmp_path):
         assert open(f"{marker}-rank{rank}").read().split() == ["[1,", "1]", "64"]
 
 
-@pytest.mark.mpi
-def test_sigterm_to_a_rank_blocked_in_a_collective_ends_the_job(tmp_path):
-    """Rank 1 is busy in a callback for 120 s; rank 0 waits in a collective,
-    where Python cannot run its signal handler: the listener thread ends the
-    job with 143 a few seconds after the SIGTERM."""
-    marker = str(tmp_path / "blocked")
+def _sigterm_while_blocked(out: Path) -> tuple[int, float, str, str]:
+    marker = str(out / "blocked")
     command = [_mpiexec(), "-n", "2", PYTHON, "-m", "transparent_dist", FAULTS, "sleep_long"]
     job = subprocess.Popen(
         command, env=job_env(FAULT_OUT=marker), stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    _wait_for(tmp_path / "blocked-sleeping")
+    _wait_for(out / "blocked-sleeping")
     time.sleep(1)
     os.kill(int(open(marker + "-pid0").read()), signal.SIGTERM)
     sent = time.monotonic()
     _, stderr = job.communicate(timeout=60)
-    assert job.returncode == 143
-    assert time.monotonic() - sent < 15
-    text = stderr.decode()
+    return job.returncode, time.monotonic() - sent, stderr.decode(), marker
+
+
+@pytest.mark.mpi
+def test_sigterm_to_a_rank_blocked_in_a_collective_ends_the_job(waiting):
+    """Rank 1 is busy in a callback for 120 s; rank 0 waits in a collective,
+    where Python cannot run its signal handler: the listener thread ends the
+    job with 143 a few seconds after the SIGTERM."""
+    returncode, seconds, text, marker = outcome(
+        waiting["test_sigterm_to_a_rank_blocked_in_a_collective_ends_the_job"]
+    )
+    assert returncode == 143
+    assert seconds < 15
     assert "rank 0: the main thread did not act on SIGTERM within 3 s; it is here" in text
     assert "in any_flags" in text  # the collective it waits in
     assert not leftovers(marker + "-pid*")
 
 
 @pytest.mark.mpi
-def test_a_stopped_rank_0_is_named_by_the_other_watcher_and_the_job_ends(tmp_path):
+def test_a_stopped_rank_0_is_named_by_the_other_watcher_and_the_job_ends(waiting):
     """SIGSTOP on rank 0 (the first watcher) mid-epoch: the last rank names
     it, prints its own stack, and ends the job after TD_STALL_ABORT."""
-    marker = str(tmp_path / "stopped")
-    job = run(
-        ["-m", "transparent_dist", FAULTS, "stop_rank0"],
-        ranks=2,
-        timeout=120,
-        env=job_env(TD_STALL_WARN="2", TD_STALL_ABORT="6", FAULT_OUT=marker),
+    job, marker = outcome(
+        waiting["test_a_stopped_rank_0_is_named_by_the_other_watcher_and_the_job_ends"]
     )
     assert job.returncode != 0
     assert job.seconds < 40, job.seconds
@@ -172,25 +217,16 @@ def test_a_stopped_rank_0_is_named_by_the_other_watcher_and_the_job_ends(tmp_pat
 
 
 @pytest.mark.mpi
-def test_stalled_rank_is_named_and_optionally_aborted():
-    job = run(
-        ["-m", "transparent_dist", FAULTS, "stall"],
-        ranks=3,
-        timeout=120,
-        env=job_env(TD_STALL_WARN="1"),
-    ).check()
+def test_stalled_rank_is_named_and_optionally_aborted(waiting):
+    job, _ = outcome(waiting["stall_warn"])
+    job.check()
     assert "rank(s) 1, which have not arrived" in job.stderr
     # Where the late rank is, and where the others wait.
     assert "stack of rank 1 (late; in fit #1 at faults.py:" in job.stderr
     assert "[rank 1]     time.sleep(5)" in job.stderr
     assert "stack of rank 0 (waiting; in fit #1" in job.stderr
     assert "finished" in job.stdout  # a warning only: the job goes on
-    job = run(
-        ["-m", "transparent_dist", FAULTS, "stall"],
-        ranks=3,
-        timeout=120,
-        env=job_env(TD_STALL_WARN="1", TD_STALL_ABORT="3"),
-    )
+    job, _ = outcome(waiting["stall_abort"])
     assert job.returncode != 0
     assert "rank(s) 1 did not reach collective" in job.stderr
     assert "finished" not in job.stdout
@@ -463,18 +499,25 @@ def test_an_unwritable_checkpoint_dir_fails_at_the_start_of_fit(tmp_path):
     assert not (tmp_path / "progress-rank0").exists()  # before the first step
 
 
-@pytest.mark.mpi
-def test_sigterm_after_fit_ends_the_job_as_without_the_plugin(tmp_path):
-    """The checkpoint handler is gone once fit returns: SIGTERM in the
-    script's next phase ends the job with 143 at once, writing nothing."""
-    ckpt = tmp_path / "ckpt"
-    job = _start(tmp_path, "run", TD_CHECKPOINT_DIR=str(ckpt), AFTER_FIT="1")
-    _wait_for(tmp_path / "fit-done-rank1")  # the rank signalled is out of its fit
-    os.kill(int((tmp_path / "pid-rank1").read_text()), signal.SIGTERM)
+def _sigterm_after_fit(out: Path) -> tuple[int, float, str, Path]:
+    ckpt = out / "ckpt"
+    job = _start(out, "run", TD_CHECKPOINT_DIR=str(ckpt), AFTER_FIT="1")
+    _wait_for(out / "fit-done-rank1")  # the rank signalled is out of its fit
+    os.kill(int((out / "pid-rank1").read_text()), signal.SIGTERM)
     sent = time.monotonic()
     _, stderr = job.communicate(timeout=60)
-    assert job.returncode == 143, stderr[-3000:]
-    assert time.monotonic() - sent < 15
+    return job.returncode, time.monotonic() - sent, stderr, ckpt
+
+
+@pytest.mark.mpi
+def test_sigterm_after_fit_ends_the_job_as_without_the_plugin(waiting):
+    """The checkpoint handler is gone once fit returns: SIGTERM in the
+    script's next phase ends the job with 143 at once, writing nothing."""
+    returncode, seconds, stderr, ckpt = outcome(
+        waiting["test_sigterm_after_fit_ends_the_job_as_without_the_plugin"]
+    )
+    assert returncode == 143, stderr[-3000:]
+    assert seconds < 15
     assert "a checkpoint will be written" not in stderr
     assert "rank 1 of 2 received SIGTERM; ending all ranks of the job with status 143" in stderr
     assert checkpoint.peek(str(ckpt)) is None  # none was due; none was written

@@ -25,6 +25,7 @@ UNDONE_OTHERWISE = {
     "transparent_dist.core.signals": "uninstall (deactivate): the handlers, the wake-up pipe",
     "transparent_dist.core.output": "restore (deactivate): standard output and logging",
     "transparent_dist.core.preemption": "handling_signals: held by a with block only",
+    "transparent_dist.adapters.tf_keras": "_after_loss: Model's method, held by a with block only",
     "transparent_dist.core.config": "the user's settings (environment, configure())",
     "transparent_dist.runtime.activation": "_ACTIVE: deactivate's own flag",
     "transparent_dist.adapters.keras_steps": (

@@ -4,6 +4,7 @@ script submitted with sbatch and started by tdrun (srun --mpi=pmi2 -n 2)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import JOBS, job_env, load_ranks, run
+from conftest import JOBS, background, background_result, job_env, load_ranks
 
 DAEMONS = [shutil.which(name) for name in ("slurmctld", "slurmd", "sbatch", "munged")]
 pytestmark = [
@@ -24,6 +25,13 @@ pytestmark = [
         "or this is not root (slurmd needs root)",
     ),
 ]
+
+# The one-process reference (nothing times it) starts with the session.
+REFERENCE = background(
+    "slurm-reference",
+    __file__,
+    lambda out: [str(JOBS / "tiny_plain.py"), str(out), "reference", "40"],
+)
 
 
 def _port() -> int:
@@ -102,9 +110,27 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubsc
         subprocess.run(["kill", pid.read_text().strip()], check=False)
 
 
+def _sbatch_and_wait(script: Path, env: dict, timeout: float = 300) -> str:
+    """Submits `script`; returns `scontrol show job` once the job has ended.
+    (`sbatch --wait` polls at growing intervals: it returned ~30 s after a
+    12 s job had ended.)"""
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", str(script)], env=env, capture_output=True, text=True, check=True
+    )
+    job_id = submitted.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = subprocess.run(
+            ["scontrol", "-o", "show", "job", job_id], env=env, capture_output=True, text=True
+        ).stdout
+        if re.search(r"JobState=(COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL|OUT_OF_ME)", state):
+            return state
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} did not end within {timeout} s: {state}")
+
+
 def test_sbatch_tdrun_trains_on_two_ranks(cluster, tmp_path):
     env, directory = cluster
-    run([str(JOBS / "tiny_plain.py"), str(tmp_path), "reference", "40"]).check()
     tdrun = Path(sys.executable).parent / "tdrun"
     script = tmp_path / "job.sbatch"
     script.write_text(f"""#!/bin/bash
@@ -112,12 +138,11 @@ def test_sbatch_tdrun_trains_on_two_ranks(cluster, tmp_path):
 #SBATCH --output={tmp_path}/job.out
 {tdrun} -n 2 {JOBS / "tiny_plain.py"} {tmp_path} slurm 20
 """)
-    job = subprocess.run(
-        ["sbatch", "--wait", str(script)], env=env, capture_output=True, text=True, timeout=300
-    )
+    state = _sbatch_and_wait(script, env)
     output = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
-    assert job.returncode == 0, job.stderr + output[-3000:]
-    reference = np.asarray(load_ranks(tmp_path, "reference", 1)[0]["weights"])
+    assert "JobState=COMPLETED" in state and "ExitCode=0:0" in state, state + output[-3000:]
+    background_result("slurm-reference").check()
+    reference = np.asarray(load_ranks(REFERENCE, "reference", 1)[0]["weights"])
     ranks = [np.asarray(r["weights"]) for r in load_ranks(tmp_path, "slurm", 2)]
     np.testing.assert_array_equal(ranks[0], ranks[1])
     np.testing.assert_allclose(ranks[0], reference, atol=1e-5)  # 2 ranks x 20 = 1 x 40

@@ -69,3 +69,107 @@ def test_a_loss_says_where():
     loss = elastic.Loss((2,), ("node1",), 3, 2, 0, 0, 0.1)
     assert loss.where() == "rank 2 (on node1)"
     assert elastic.Loss((1, 2), ("a", "a"), 4, 2, 0, 0, 0.1).where() == "ranks 1, 2 (on a)"
+
+
+def test_the_resume_hint_names_the_newest_checkpoint(monkeypatch, tmp_path):
+    from transparent_dist.core import checkpoint
+
+    assert elastic.where_to_resume() == (
+        "no checkpoint (TD_CHECKPOINT_DIR is not set): the same command starts afresh"
+    )
+    directory = str(tmp_path / "ckpt")
+    monkeypatch.setattr(config.SETTINGS, "checkpoint_dir", directory)
+    checkpoint.require_private(directory)
+    assert (
+        elastic.where_to_resume()
+        == f"no checkpoint in {directory} yet: the same command starts afresh"
+    )
+    path = checkpoint.save(directory, [], {"global_step": 14})
+    assert elastic.where_to_resume() == f"the same command resumes from the checkpoint {path}"
+
+
+class _Base:
+    """Stands in for Keras's `Callback`."""
+
+    def __init__(self):
+        self.model = self.params = None
+
+    def set_model(self, model):
+        self.model = model
+
+    def set_params(self, params):
+        self.params = params
+
+    def __getattr__(self, name):
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+
+class _Recording(_Base):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __getattr__(self, name):
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: self.calls.append((name, *args))
+        raise AttributeError(name)
+
+
+class CSVLogger(_Recording):
+    append = False
+
+    def on_train_begin(self, logs=None):
+        self.calls.append(("on_train_begin", self.append))
+
+
+def _a_resumed_run(callback, fresh, resume):
+    from transparent_dist.adapters import keras_elastic
+
+    wrapped = keras_elastic._continued_class(_Base)(callback, fresh, resume)
+    wrapped.set_model("model")
+    wrapped.on_train_begin()
+    for epoch in (1, 2):
+        wrapped.on_epoch_begin(epoch)
+        for batch in (0, 1):
+            wrapped.on_train_batch_begin(batch)
+            wrapped.on_train_batch_end(batch, {"loss": 1.0})
+        wrapped.on_epoch_end(epoch, {"loss": 1.0})
+    wrapped.on_train_end()
+    return wrapped
+
+
+def test_the_scripts_callbacks_go_on_where_they_were_after_a_loss(monkeypatch):
+    from transparent_dist.adapters import keras_elastic, root_output
+
+    monkeypatch.setattr(world, "_WORLD", world.World(rank=0, size=2))
+    # Lost in epoch 2 (1 here, 0-based) after 4 of its steps: the callback
+    # had that epoch's begin; its batches go on from 4.
+    resume = keras_elastic.Resume(epoch=1, step=4, iterations=10, history=None, begun=True)
+    callback = _Recording()
+    wrapped = _a_resumed_run(callback, False, resume)
+    assert callback.model == "model"
+    assert callback.calls == [
+        ("on_train_batch_begin", 4, None),
+        ("on_train_batch_end", 4, {"loss": 1.0}),
+        ("on_train_batch_begin", 5, None),
+        ("on_train_batch_end", 5, {"loss": 1.0}),
+        ("on_epoch_end", 1, {"loss": 1.0}),
+        ("on_epoch_begin", 2, None),
+        ("on_train_batch_begin", 0, None),
+        ("on_train_batch_end", 0, {"loss": 1.0}),
+        ("on_train_batch_begin", 1, None),
+        ("on_train_batch_end", 1, {"loss": 1.0}),
+        ("on_epoch_end", 2, {"loss": 1.0}),
+        ("on_train_end",),
+    ]
+    assert wrapped.inner is callback
+    # A writing callback on the rank that took over from a lost rank 0:
+    # it begins here (its file appended to), and its silence is lifted.
+    logger = CSVLogger()
+    logger.on_train_end = root_output.no_op
+    _a_resumed_run(logger, True, resume)
+    assert logger.calls[:2] == [("on_train_begin", True), ("on_epoch_begin", 1, None)]
+    assert logger.calls[-1] == ("on_train_end",)
+    assert logger.append is False and "on_train_end" not in vars(logger)

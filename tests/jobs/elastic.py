@@ -3,12 +3,16 @@
     mpiexec --with-ft ulfm -n 3 python -m transparent_dist elastic.py MODE OUT
 MODE: none (the uninterrupted run; in one process too), or kills separated
 by commas, RANK:EPOCH:STEP each (that rank, numbered as the job started,
-SIGKILLs itself as that step of that epoch begins, both 0-based). Rank 0
-at the end (the lowest survivor) writes the final weights to OUT.npz, the
-History to OUT.json and, in OUT-times.json, when each step ended and when
-each rank was killed.
+SIGKILLs itself as that step of that epoch begins, both 0-based; vSTEP: as
+that step of the epoch's validation begins). Rank 0 at the end (the lowest
+survivor) writes the final weights to OUT.npz, the History to OUT.json, the
+weights of the newest ModelCheckpoint file (OUT-ckpt-EPOCH.weights.h5) to
+OUT-newest.npz and, in OUT-times.json, when each step ended and when each
+rank was killed. The script's CSVLogger writes OUT.csv, its
+BackupAndRestore OUT-backup/ (kept at the end).
 """
 
+import glob
 import json
 import os
 import signal
@@ -26,37 +30,63 @@ import transparent_dist
 
 mode, out = sys.argv[1], sys.argv[2]
 rank = transparent_dist.rank()
-kills = {tuple(map(int, k.split(":"))) for k in mode.split(",") if k != "none"}
+kills = {tuple(k.split(":")) for k in mode.split(",") if k != "none"}
+kills = {(int(r), int(e), s) for r, e, s in kills}
 keras.utils.set_random_seed(1)
 
 
 class Kill(keras.callbacks.Callback):
     ended: list = []
 
+    def _kill(self, step):
+        if (rank, self.epoch, step) in kills:
+            with open(f"{out}-killed{rank}", "w") as f:
+                f.write(str(time.time()))
+            os.kill(os.getpid(), signal.SIGKILL)
+
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
 
     def on_train_batch_begin(self, batch, logs=None):
-        if (rank, self.epoch, batch) in kills:
-            with open(f"{out}-killed{rank}", "w") as f:
-                f.write(str(time.time()))
-            os.kill(os.getpid(), signal.SIGKILL)
+        self._kill(str(batch))
+
+    def on_test_batch_begin(self, batch, logs=None):
+        self._kill(f"v{batch}")
 
     def on_train_batch_end(self, batch, logs=None):
         self.ended.append((self.epoch, batch, time.time()))
 
 
-x = np.random.default_rng(0).normal(size=(432, 8)).astype("float32")
-y = x @ np.linspace(-1, 1, 8).astype("float32")
+data = np.random.default_rng(0).normal(size=(576, 8)).astype("float32")
+x, vx = data[:432], data[432:]
+y, vy = (d @ np.linspace(-1, 1, 8).astype("float32") for d in (x, vx))
 model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16), keras.layers.Dense(1)])
 model.compile(keras.optimizers.Adam(1e-2), "mse")
 # A global batch of 72: 24 per rank on 3 ranks, all of it in one process.
 batch = 72 // transparent_dist.size()
-history = model.fit(x, y, batch_size=batch, epochs=3, shuffle=False, verbose=0, callbacks=[Kill()])
+callbacks = [
+    Kill(),
+    keras.callbacks.CSVLogger(out + ".csv"),
+    keras.callbacks.ModelCheckpoint(out + "-ckpt-{epoch}.weights.h5", save_weights_only=True),
+    keras.callbacks.BackupAndRestore(out + "-backup", delete_checkpoint=False),
+]
+history = model.fit(
+    x,
+    y,
+    batch_size=batch,
+    epochs=3,
+    shuffle=False,
+    verbose=0,
+    validation_data=(vx, vy),
+    callbacks=callbacks,
+)
 if transparent_dist.rank() == 0:
     np.savez(out + ".npz", *model.get_weights())
     with open(out + ".json", "w") as f:
         json.dump(history.history, f)
     with open(out + "-times.json", "w") as f:
         json.dump({"ended": Kill.ended}, f)
+    newest = max(glob.glob(out + "-ckpt-*.weights.h5"), key=os.path.getmtime)
+    model.load_weights(newest)
+    np.savez(out + "-newest.npz", *model.get_weights())
 print(f"rank {rank} finished", flush=True)

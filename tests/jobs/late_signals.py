@@ -5,7 +5,8 @@
 Writes OUT/pid-rank<r>; OUT/in-fit once the second epoch runs (each step
 then sleeps a little, so signals land mid-fit); OUT/fit-done once fit has
 returned, then spends 3 s on "exports" before writing OUT/export-rank0.txt
-(rank 0, as scripts do).
+(rank 0, as scripts do). SLOW_STEPS=0: no sleeps in the steps (for a signal
+that comes after fit).
 """
 
 import os
@@ -25,7 +26,7 @@ with open(os.path.join(out, f"pid-rank{rank}"), "w") as f:
 
 class Slow(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
-        if self.epoch >= 1:
+        if self.epoch >= 1 and os.environ.get("SLOW_STEPS", "1") != "0":
             if rank == 0 and batch == 1:
                 open(os.path.join(out, "in-fit"), "w").close()
             time.sleep(0.2)

@@ -313,8 +313,11 @@ def _fit(fw: Framework, original: Any, a: dict, resume: Any = None, position: An
     step_counts.adjust(a, passes)
     fw.build_before_training(self, a["x"])
     checkpointer = None
-    if config.SETTINGS.checkpoint_dir and resume is None:
-        checkpointer = _checkpointing(fw, a, unit, data)
+    if config.SETTINGS.checkpoint_dir:
+        # After a loss, the service of the run before goes on (keras_elastic).
+        checkpointer = (
+            _checkpointing(fw, a, unit, data) if resume is None else position.checkpointer
+        )
     made = keras_callbacks.for_framework(fw)
     extra: tuple = () if resume is not None else (made.FitStart(data, batch_size),)
     extra += () if checkpointer is None else (checkpointer,)
@@ -329,7 +332,10 @@ def _fit(fw: Framework, original: Any, a: dict, resume: Any = None, position: An
                 )
             a["x"], position.skip = skipped
     extra += () if position is None else (position,)
-    root_output.output_on_root_only(a, made.for_this_rank(a["callbacks"], True, extra))
+    callbacks = made.for_this_rank(a["callbacks"], True, extra)
+    if position is not None:
+        callbacks = position.continued(callbacks, a["callbacks"])
+    root_output.output_on_root_only(a, callbacks)
     resuming = (checkpointer is not None and checkpointer.skip is not None) or (
         position is not None and position.skip is not None
     )

@@ -90,7 +90,14 @@ def _exact_epochs_after_resume() -> Iterator[None]:
                 self._num_batches = self._lengths()[0]
 
         def _enumerate_iterator(self):
-            yield from super()._enumerate_iterator()
+            if self._lengths() and self._num_batches == 0:
+                # Every step of the resumed epoch was done (a rank lost in
+                # its validation, `keras_elastic`): Keras would take 0 for
+                # "unknown" and call one step more to find the end.
+                self.data_adapter.on_epoch_begin()
+                self.data_adapter.on_epoch_end()
+            else:
+                yield from super()._enumerate_iterator()
             if self._lengths():
                 self._num_batches = self._lengths()[1]
 

@@ -24,6 +24,16 @@ the new world:
   lengths of a resume).
 - The history: the epochs done before, put back in front of the new run's.
 - The steps: traced again, for the new world's size.
+- The script's callbacks go on as if nothing was lost (`_Continued`): no
+  second `on_train_begin`, no second `on_epoch_begin` for the epoch they
+  are in, the resumed epoch's batches numbered on from the step resumed
+  at. A rank that takes over from a lost rank 0 starts the callbacks that
+  write (run on rank 0 only) there: a `CSVLogger` appends to the file rank
+  0 wrote, a `BackupAndRestore` writes again. The `TD_CHECKPOINT_DIR`
+  service goes on, its step count back at the agreed step.
+- A loss after an epoch's last step but before its callbacks' epoch end
+  (in the validation pass): the epoch's validation and end run again, with
+  its training logs as its last step gave them.
 
 The world's `batch_ranks` keeps the global batch of the per-rank batch
 setting: each survivor takes a larger share of the same global batch.
@@ -38,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from transparent_dist.adapters import keras_callback_state
+from transparent_dist.adapters import keras_callback_state, keras_callbacks, root_output
 from transparent_dist.core import collectives, elastic, log, shard_plan, unique, world
 from transparent_dist.tf import broadcast
 
@@ -49,40 +59,73 @@ __all__ = ["Resume", "fit"]
 class Resume:
     """Where a fit goes on after a loss: `epoch` (0-based), the steps of it
     done (`step`), the optimizer's step count (`iterations`), the epochs'
-    history before, and the epoch's steps (None if unknown)."""
+    history before, and the epoch's steps (None if unknown). `begun`: the
+    callbacks had that epoch's `on_epoch_begin`; `logs`: the epoch's
+    training logs when only its validation and end are left (all its steps
+    done), else None."""
 
     epoch: int
     step: int
     iterations: int
     history: dict | None
     steps: int | None = None
+    begun: bool = False
+    logs: dict | None = None
 
 
 class _FitPosition:
     """Notes each epoch's start (its number, the optimizer's step count, the
-    steps already done in it) for a recovery; a resumed epoch's skip counter
-    is set to 0 at its end, and the earlier epochs' history put back."""
+    steps already done in it), the last epoch whose callbacks began and
+    ended, and the last step's logs, for a recovery; a resumed epoch's skip
+    counter is set to 0 at its end, and the earlier epochs' history put
+    back. `earlier`: the position of the run before the loss, whose notes
+    go on."""
 
-    def __init__(self, resume: Resume | None = None, skip: Any = None) -> None:
+    def __init__(self, resume: Resume | None = None, skip: Any = None, earlier: Any = None) -> None:
         super().__init__()
         self.epoch, self.start, self.offset = 0, 0, 0
         self.resume, self.skip = resume, skip
         # A resumed run's `params["steps"]` is its first (short) epoch's.
         self.full_steps = None if resume is None else resume.steps
+        # The script's callbacks this rank has run, the plugin's checkpointer,
+        # the last epochs begun and ended, the TD_CHECKPOINT_DIR step count
+        # less the optimizer's, the last step's logs.
+        self.delivered: list = [] if earlier is None else earlier.delivered
+        self.checkpointer: Any = None if earlier is None else earlier.checkpointer
+        self.began = -1 if earlier is None else earlier.began
+        self.ended = -1 if earlier is None else earlier.ended
+        self.base = 0 if earlier is None else earlier.base
+        self.logs: dict | None = None if resume is None else resume.logs
 
     def _restore_history(self) -> None:
-        resume, self.resume = self.resume, None
-        if resume is not None:
+        resume = self.resume
+        if resume is not None and resume.history is not None:
             keras_callback_state.restore_history(self.model, resume.history)
+            self.resume = dataclasses.replace(resume, history=None)
 
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         self._restore_history()
         self.offset = int(self.skip.numpy()) if self.skip is not None else 0
         self.epoch, self.start = epoch, int(self.model.optimizer.iterations.numpy())
+        self.began = max(self.began, epoch)
+        if self.checkpointer is not None:
+            self.base = self.checkpointer.service.global_step - self.start
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        # Keras made these plain numbers for the callbacks already.
+        self.logs = logs
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         if self.skip is not None:
             self.skip.assign(0)
+        resume = self.resume
+        if resume is not None and resume.logs and logs is not None and epoch == resume.epoch:
+            # No step ran in this epoch here: its training logs are the
+            # ones its last step gave before the loss (validation's added).
+            for key, value in resume.logs.items():
+                logs.setdefault(key, value)
+        # The script's callbacks, after this one, get this epoch's end.
+        self.ended = max(self.ended, epoch)
 
     def on_train_end(self, logs: Any = None) -> None:
         self._restore_history()
@@ -91,15 +134,144 @@ class _FitPosition:
         """A whole epoch's steps (None if unknown)."""
         return self.full_steps or (getattr(self, "params", None) or {}).get("steps")
 
+    def continued(self, callbacks: Any, user: Any) -> Any:
+        """The callbacks a run of fit gets, from the list `for_this_rank`
+        made of the script's (`user`) and the plugin's: the first run's as
+        they are (noting the script's and the checkpointer); after a loss
+        the script's go on where they were (`_Continued`)."""
+        if not isinstance(callbacks, list):
+            return callbacks  # a CallbackList the script assembled
+        user = list(user) if isinstance(user, (list, tuple)) else []
+        theirs = [c for c in callbacks if any(c is u for u in user)]
+        if self.resume is None:
+            self.delivered = theirs
+            made = keras_callbacks.for_framework(self.framework)
+            self.checkpointer = next(
+                (c for c in callbacks if isinstance(c, made.CheckpointAndResume)), None
+            )
+            return callbacks
+        wrapper = _continued_class(self.framework.callback_base)
+        out = []
+        for callback in callbacks:
+            if any(callback is c for c in theirs):
+                fresh = not any(callback is c for c in self.delivered)
+                callback = wrapper(callback, fresh, self.resume)
+            out.append(callback)
+        self.delivered = self.delivered + [c for c in theirs if c not in self.delivered]
+        return out
+
 
 @functools.cache
 def _position_class(base: type) -> type:
     return type("FitPosition", (_FitPosition, base), {})
 
 
-def position(fw: Any, resume: Resume | None = None, skip: Any = None) -> Any:
+def position(fw: Any, resume: Resume | None = None, earlier: Any = None) -> Any:
     """The `FitPosition` callback over `fw`'s `Callback`."""
-    return _position_class(fw.callback_base)(resume, skip)
+    made = _position_class(fw.callback_base)(resume, None, earlier)
+    made.framework = fw
+    return made
+
+
+# Callback methods passed on as they are.
+_HOOKS = (
+    "on_train_end",
+    "on_test_begin",
+    "on_test_end",
+    "on_predict_begin",
+    "on_predict_end",
+    "on_test_batch_begin",
+    "on_test_batch_end",
+    "on_predict_batch_begin",
+    "on_predict_batch_end",
+    "on_epoch_end",
+)
+
+
+class _Continued:
+    """One of the script's callbacks in the fit run again after a loss: it
+    gets no second `on_train_begin` (unless `fresh`: it never ran on this
+    rank, as a writing callback on the rank that took over from a lost rank
+    0), no second `on_epoch_begin` for the epoch it was in, and the resumed
+    epoch's batches numbered on from the step resumed at. A fresh
+    `CSVLogger` appends to the file written before the loss."""
+
+    def __init__(self, inner: Any, fresh: bool, resume: Resume) -> None:
+        super().__init__()
+        self.inner, self.fresh, self.resume = inner, fresh, resume
+        self._offset, self._first = 0, False
+        if world.get().is_root:
+            # Silenced while this rank was not rank 0 (`silence_backup`).
+            for name, value in list(vars(inner).items()):
+                if value is root_output.no_op:
+                    delattr(inner, name)
+
+    def set_model(self, model: Any) -> None:
+        super().set_model(model)
+        self.inner.set_model(model)
+
+    def set_params(self, params: Any) -> None:
+        super().set_params(params)
+        self.inner.set_params(params)
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        if not self.fresh:
+            return
+        if _is(self.inner, "CSVLogger"):
+            # The rows of the epochs before the loss are in its file.
+            append, self.inner.append = self.inner.append, True
+            try:
+                self.inner.on_train_begin(logs)
+            finally:
+                self.inner.append = append
+            return
+        self.inner.on_train_begin(logs)
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        resumed = epoch == self.resume.epoch
+        self._offset = self.resume.step if resumed else 0
+        self._first = resumed
+        if not (resumed and self.resume.begun and not self.fresh):
+            self.inner.on_epoch_begin(epoch, logs)
+
+    def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+        if self._first:
+            self._first = False
+            if batch != 0:
+                # tf_keras numbers a resumed epoch's batches on from the
+                # step itself (Keras 3 from 0).
+                self._offset = 0
+        self.inner.on_train_batch_begin(batch + self._offset, logs)
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        self.inner.on_train_batch_end(batch + self._offset, logs)
+
+    def on_batch_begin(self, batch: int, logs: Any = None) -> None:
+        self.on_train_batch_begin(batch, logs)
+
+    def on_batch_end(self, batch: int, logs: Any = None) -> None:
+        self.on_train_batch_end(batch, logs)
+
+
+def _passed_on(name: str) -> Callable[..., Any]:
+    def hook(self: _Continued, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.inner, name)(*args, **kwargs)
+
+    hook.__name__ = name
+    return hook
+
+
+for _name in _HOOKS:
+    setattr(_Continued, _name, _passed_on(_name))
+
+
+def _is(callback: Any, name: str) -> bool:
+    return any(cls.__name__ == name for cls in type(callback).__mro__)
+
+
+@functools.cache
+def _continued_class(base: type) -> type:
+    return type("Continued", (_Continued, base), {})
 
 
 def _state_variables(fw: Any, model: Any) -> list[Any]:
@@ -116,29 +288,58 @@ def _state_variables(fw: Any, model: Any) -> list[Any]:
 
 def _roll_back(fw: Any, model: Any, noted: Any, history: dict | None) -> Resume:
     """Every survivor back at the last step all of them completed, from the
-    lowest survivor that holds it (collective over the survivors)."""
+    lowest survivor that holds it (collective over the survivors). An epoch
+    whose steps are all done goes on after its end if rank 0 (now) had that
+    end, else its validation and end run again."""
     w = world.get()
     done = int(model.optimizer.iterations.numpy())
     steps = noted.steps() or -1
-    record = np.array([done, noted.epoch, noted.start, noted.offset, steps], np.int64)
+    record = np.array(
+        [done, noted.epoch, noted.start, noted.offset, steps, noted.began, noted.ended], np.int64
+    )
     table = collectives.allgather_records(record, w.comm, "agreement check")
-    log.debug(f"after the loss: [iterations, epoch, its start, its offset, steps] {table.tolist()}")
+    log.debug(
+        "after the loss: [iterations, epoch, its start, its offset, steps, began, ended] "
+        f"{table.tolist()}"
+    )
     least = int(table[:, 0].min())
     source = int(np.flatnonzero(table[:, 0] == least)[0])
-    _, epoch, start, offset, steps = (int(v) for v in table[source])
+    _, epoch, start, offset, steps, _, _ = (int(v) for v in table[source])
     broadcast.variables(_state_variables(fw, model), root=source, what="model and optimizer state")
     step = offset + least - start
+    logs = None
     if steps > 0 and step >= steps:
-        epoch, step = epoch + 1, 0
-    return Resume(epoch, step, least, history, steps if steps > 0 else None)
+        if int(table[0, 6]) >= epoch:
+            epoch, step = epoch + 1, 0
+        else:
+            logs = dict(noted.logs or {})
+    began = int(table[0, 5]) >= epoch
+    return Resume(epoch, step, least, history, steps if steps > 0 else None, began, logs)
+
+
+def _go_on_checkpointing(noted: Any, resume: Resume) -> None:
+    """The TD_CHECKPOINT_DIR service of the run before the loss, for the
+    next: its step count at the agreed step, nothing pending."""
+    checkpointer = noted.checkpointer
+    if checkpointer is None:
+        return
+    checkpointer.service.global_step = resume.iterations + noted.base
+    checkpointer._pending = 0
+    checkpointer._resume_step = resume.step
+    checkpointer.skip = None
+    checkpointer._again = checkpointer._metric_sums = checkpointer._history = None
 
 
 def _say(loss: elastic.Loss, resume: Resume, global_batch: int) -> None:
     share = global_batch // loss.size
+    where = (
+        f"from step {resume.step} of that epoch (the last step every rank completed)"
+        if resume.logs is None
+        else "from that epoch's validation and end (its steps were all done)"
+    )
     log.info(
         f"lost {loss.where()} in epoch {resume.epoch + 1}; {loss.size} of {loss.size_before} "
-        f"ranks go on from step {resume.step} of that epoch (the last step every rank "
-        f"completed), with the same global batch of {global_batch} ({share} per rank"
+        f"ranks go on {where}, with the same global batch of {global_batch} ({share} per rank"
         f"{'' if global_batch % loss.size == 0 else ', one more on some'}); "
         f"recovered in {loss.seconds:.2f} s",
         once=False,
@@ -156,15 +357,21 @@ def fit(
     (`calls.bind`), before sharding."""
     resume: Resume | None = None
     global_batch = shard_plan.global_batch(arguments.get("batch_size"))
+    noted = None
     while True:
-        noted = position(fw, resume)
+        noted = position(fw, resume, noted)
         try:
             return run(dict(arguments), resume, noted)
         except Exception as error:  # noqa: BLE001 - recover() re-raises what is not a loss
             loss = elastic.recover(error)
             history = keras_callback_state.snapshot_history(model)
             resume = _roll_back(fw, model, noted, history)
+            _go_on_checkpointing(noted, resume)
             # The steps were traced for the old world (its size is a
             # constant in them: the divided loss, the summed target).
             model.train_function = model.test_function = model.predict_function = None
+            # Keras 3 starts at a BackupAndRestore's epoch when one was
+            # restored: the epoch to go on from is the agreed one.
+            if getattr(model, "_initial_epoch", None) is not None:
+                model._initial_epoch = None
             _say(loss, resume, global_batch)

@@ -23,8 +23,9 @@ watchdog). Holders of a communicator registered with `on_rebuild` (the
 native op) are handed the new one; the stall watchdog starts again.
 
 Without ULFM (MPICH, or Open MPI without `--with-ft ulfm`) the launcher
-ends the job when a rank dies, as it always did; `TD_ELASTIC=off` or fewer
-survivors than `TD_MIN_RANKS` end it here, naming the lost ranks.
+ends the job when a rank dies, as it always did; fewer survivors than
+`TD_MIN_RANKS` end it here, naming the lost ranks and the checkpoint to
+resume from (`TD_ELASTIC=off`: `core.failures`).
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from transparent_dist.core import collectives, config, listener, output, stall, world
+from transparent_dist.core import checkpoint, collectives, config, listener, output, stall, world
 
-__all__ = ["Loss", "available", "on_rebuild", "recover", "reset"]
+__all__ = ["Loss", "available", "leave", "on_rebuild", "recover", "reset", "where_to_resume"]
 
 # Holders of a communicator, told the new training one after a shrink.
 _REBUILT: list[Callable[[Any], None]] = []
@@ -85,9 +86,28 @@ def available() -> bool:
     )
 
 
-def _end(message: str) -> None:
-    sys.stderr.write(f"transparent_dist: {message}; ending the job\n")
-    world.abort(1)
+def where_to_resume() -> str:
+    """How the job can be run again: from the newest checkpoint in
+    `TD_CHECKPOINT_DIR` (named), or afresh when there is none."""
+    directory = config.SETTINGS.checkpoint_dir
+    meta = checkpoint.peek(directory) if directory else None
+    if meta is not None:
+        return f"the same command resumes from the checkpoint {meta['path']}"
+    if directory:
+        return f"no checkpoint in {directory} yet: the same command starts afresh"
+    return "no checkpoint (TD_CHECKPOINT_DIR is not set): the same command starts afresh"
+
+
+def leave(message: str) -> None:
+    """Ends this survivor's part in the job: `message` on standard error
+    if given, then exit status 1, without MPI_Abort (which may wait forever
+    for a lost rank under ULFM) nor MPI_Finalize; the launcher ends the job
+    once every survivor has left. The script's open files are flushed."""
+    if message:
+        sys.stderr.write(f"transparent_dist: {message}\n")
+    world.finalize_is_unsafe()
+    world.note_exit_status(1)
+    world.exit_if_finalize_is_unsafe()
 
 
 def recover(error: BaseException) -> Loss:
@@ -125,9 +145,12 @@ def recover(error: BaseException) -> Loss:
         seconds=0.0,
     )
     if after.size < max(1, config.SETTINGS.min_ranks):
-        _end(
-            f"lost {loss.where()}; {after.size} rank(s) are left, fewer than "
-            f"TD_MIN_RANKS={config.SETTINGS.min_ranks}"
+        # Every survivor is here (the shrink is collective): rank 0 says it.
+        leave(
+            f"lost {loss.where()}; {after.size} of {before.size} rank(s) are left, fewer "
+            f"than TD_MIN_RANKS={config.SETTINGS.min_ranks}: ending the job; " + where_to_resume()
+            if after.is_root
+            else ""
         )
     if after.is_root and not before.is_root:
         # Rank 0 was lost: this rank prints and writes for the job now.

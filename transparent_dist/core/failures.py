@@ -14,13 +14,12 @@ every rank with a non-zero status.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 import traceback
 from types import TracebackType
 
-from transparent_dist.core import collectives, world
+from transparent_dist.core import collectives, config, world
 from transparent_dist.core.errors import CollectiveError
 
 __all__ = ["INTERRUPTED_STATUS", "handle", "install", "uninstall"]
@@ -72,19 +71,32 @@ def _lost_rank(w: world.World) -> None:
     or outside fit): MPI_Abort with a dead rank may hang there, so every
     communicator is revoked (which wakes every survivor into this same
     path) and this rank exits; the launcher then ends the job."""
-    lost = collectives.failed_ranks(w.comm)
+    from transparent_dist.core import elastic  # its checkpoint lookup, only here
+
     for field in dataclasses.fields(w.comms):
         collectives.revoke(getattr(w.comms, field.name))
+    # A survivor woken by another's revoke may not know yet which rank
+    # failed (seen once: "rank(s) ?"): its MPI learns it within moments.
+    lost = collectives.failed_ranks(w.comm)
+    deadline = time.monotonic() + 2.0
+    while not lost and time.monotonic() < deadline:
+        time.sleep(0.05)
+        lost = collectives.failed_ranks(w.comm)
     alive = [r for r in range(w.size) if r not in lost]
+    message = ""
     if alive and w.rank == alive[0]:
         which = ", ".join(map(str, lost)) or "?"
-        sys.stderr.write(
-            f"transparent_dist: rank(s) {which} of {w.size} were lost; ending the job "
-            "(TD_ELASTIC=off, or a loss outside a Keras fit: the survivors do not go "
-            "on; resume from the last checkpoint, TD_CHECKPOINT_DIR)\n"
+        why = (
+            "TD_ELASTIC=off"
+            if config.SETTINGS.elastic == "off"
+            else "outside a Keras fit, as in evaluate, predict, a custom loop or a TF1 "
+            "session, the survivors do not go on"
         )
-        sys.stderr.flush()
-    os._exit(1)
+        message = (
+            f"rank(s) {which} of {w.size} were lost; ending the job ({why}); "
+            + elastic.where_to_resume()
+        )
+    elastic.leave(message)
 
 
 def install() -> None:
