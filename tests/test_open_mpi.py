@@ -126,6 +126,14 @@ def test_tf_keras_fit_goes_on_after_lost_ranks_under_ulfm(open_mpi_venv, tmp_pat
     for name in expected.files:
         np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-5)
     assert len(json.loads((tmp_path / "lost.json").read_text())["loss"]) == 3
+    # The validation losses are the uninterrupted run's (over the whole
+    # validation set, after each loss too).
+    rows = [
+        np.loadtxt(tmp_path / f"{run}.csv", delimiter=",", skiprows=1, ndmin=2)
+        for run in ("alone", "lost")
+    ]
+    assert rows[1][:, 0].tolist() == [0, 1, 2], rows[1]
+    np.testing.assert_allclose(rows[1][:, -1], rows[0][:, -1], rtol=0, atol=1e-5)
     # Rank 1's callbacks saw each step end once, numbered as in one fit.
     ended = [tuple(e[:2]) for e in json.loads((tmp_path / "lost-times.json").read_text())["ended"]]
     assert ended == [(epoch, step) for epoch in range(3) for step in range(6)], ended

@@ -100,9 +100,10 @@ class Framework:
         root_counts: a context in which only rank 0's metric states count
             (every rank evaluates the same data whole), or None: then data
             with fewer samples than ranks cannot be evaluated.
-        after_loss: a context for `fit` run again after a lost rank
-            (`keras_elastic`): the framework's own resume kept out of it, so
-            that it starts at the epoch and step the survivors agreed on.
+        after_loss: `model ->` a context for `fit` run again after a lost
+            rank (`keras_elastic`): what the ended run left on the model
+            dropped, the framework's own resume kept out, so that it starts
+            at the epoch and step the survivors agreed on.
     """
 
     name: str
@@ -122,7 +123,7 @@ class Framework:
     build_before_training: Callable[[Any, Any], None] = lambda model, data: None
     exact_epochs_after_resume: Callable[[], Any] = contextlib.nullcontext
     root_counts: Callable[[], Any] | None = None
-    after_loss: Callable[[], Any] = contextlib.nullcontext
+    after_loss: Callable[[Any], Any] = lambda model: contextlib.nullcontext()
 
     @staticmethod
     def fitting() -> bool:
@@ -347,7 +348,7 @@ def _fit(fw: Framework, original: Any, a: dict, resume: Any = None, position: An
         ),
         fw.exact_epochs_after_resume() if resuming else contextlib.nullcontext(),
         preemption.handling_signals() if checkpointer is not None else contextlib.nullcontext(),
-        fw.after_loss() if resume is not None else contextlib.nullcontext(),
+        fw.after_loss(self) if resume is not None else contextlib.nullcontext(),
     ):
         return calls.call(original, a)
 

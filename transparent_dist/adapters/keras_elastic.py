@@ -103,7 +103,18 @@ class _FitPosition:
             keras_callback_state.restore_history(self.model, resume.history)
             self.resume = dataclasses.replace(resume, history=None)
 
+    def _make_files(self) -> None:
+        for callback in self.delivered:
+            file = getattr(callback, "csv_file", None)
+            if _is(callback, "CSVLogger") and file is not None and not callback.append:
+                # tf_keras's file (a GFile) is made at its first row: made
+                # now, so that a rank taking over from a rank 0 lost before
+                # that row appends to this fit's file, not to an older one.
+                file.write("")
+
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        if self.resume is None and self.began < 0:
+            self._make_files()  # after every callback's on_train_begin
         self._restore_history()
         self.offset = int(self.skip.numpy()) if self.skip is not None else 0
         self.epoch, self.start = epoch, int(self.model.optimizer.iterations.numpy())

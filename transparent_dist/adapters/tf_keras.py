@@ -123,10 +123,15 @@ def _exact_epochs_after_resume() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _after_loss() -> Iterator[None]:
-    """tf_keras's `fit` takes its first epoch and step from a
-    `BackupAndRestore` that began (`model._training_state`, left set by the
-    run a lost rank ended): after a loss they are the survivors' instead."""
+def _after_loss(model: Any) -> Iterator[None]:
+    """tf_keras's `fit` evaluates through the data handler an earlier run
+    cached (`_eval_data_handler`, dropped only at a fit's end: the ended
+    run's is split for the old world), and takes its first epoch and step
+    from a `BackupAndRestore` that began (`model._training_state`, left set
+    by the ended run): after a loss, a new handler, and the survivors'
+    epoch and step."""
+    if getattr(model, "_eval_data_handler", None) is not None:
+        del model._eval_data_handler
     load = Model._maybe_load_initial_counters_from_ckpt
     Model._maybe_load_initial_counters_from_ckpt = lambda self, steps, initial_epoch: (
         initial_epoch,
