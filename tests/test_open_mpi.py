@@ -18,7 +18,7 @@ import sysconfig
 
 import numpy as np
 import pytest
-from conftest import OPEN_MPI_ENV, ROOT, job_env
+from conftest import OPEN_MPI_ENV, ROOT, background, background_result, job_env
 
 pytestmark = pytest.mark.mpi
 
@@ -96,14 +96,8 @@ def test_tf_keras_fit_goes_on_after_lost_ranks_under_ulfm(open_mpi_venv, tmp_pat
     writes the files, the weights are the uninterrupted run's (1e-5)."""
     script = str(ROOT / "tests" / "jobs" / "elastic.py")
     env = {**_env(), "TF_USE_LEGACY_KERAS": "1"}
-    alone = subprocess.run(
-        [sys.executable, script, "none", str(tmp_path / "alone")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert alone.returncode == 0, alone.stderr[-3000:]
+    background_result("elastic-alone-tf_keras").check()
+    alone = ALONE["tf_keras"]
     job = subprocess.run(
         [str(VENV / "bin" / "mpiexec"), "--with-ft", "ulfm", "-n", "3", str(open_mpi_venv)]
         + ["-m", "transparent_dist", script, "2:1:4,0:2:2", str(tmp_path / "lost")],
@@ -122,15 +116,15 @@ def test_tf_keras_fit_goes_on_after_lost_ranks_under_ulfm(open_mpi_venv, tmp_pat
     assert "in epoch 3; 1 of 2 ranks go on from step 2 of that epoch" in said[1], said
     assert "the same global batch of 72 (72 per rank)" in said[1], said
     assert "rank 1 finished" in job.stdout, job.stdout
-    expected, got = np.load(tmp_path / "alone.npz"), np.load(tmp_path / "lost.npz")
+    expected, got = np.load(f"{alone}.npz"), np.load(tmp_path / "lost.npz")
     for name in expected.files:
         np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-5)
     assert len(json.loads((tmp_path / "lost.json").read_text())["loss"]) == 3
     # The validation losses are the uninterrupted run's (over the whole
     # validation set, after each loss too).
     rows = [
-        np.loadtxt(tmp_path / f"{run}.csv", delimiter=",", skiprows=1, ndmin=2)
-        for run in ("alone", "lost")
+        np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
+        for path in (f"{alone}.csv", tmp_path / "lost.csv")
     ]
     assert rows[1][:, 0].tolist() == [0, 1, 2], rows[1]
     np.testing.assert_allclose(rows[1][:, -1], rows[0][:, -1], rtol=0, atol=1e-5)
@@ -179,22 +173,26 @@ def test_doctor_and_tdrun_know_open_mpi(open_mpi_venv):
 
 
 SCRIPT = str(ROOT / "tests" / "jobs" / "elastic.py")
+# The runs no rank is lost from (one process each, nothing times them), in
+# the background lane from the session's start (conftest.background).
+ALONE = {
+    kind: background(
+        "elastic-alone" + ("-tf_keras" if kind == "tf_keras" else ""),
+        __file__,
+        lambda out: [SCRIPT, "none", str(out / "alone")],
+        **({"TF_USE_LEGACY_KERAS": "1"} if kind == "tf_keras" else {}),
+    )
+    / "alone"
+    for kind in ("keras", "tf_keras")
+}
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted():
     """The run no rank is lost from, in one process with the whole global
     batch: `tests/jobs/elastic.py`'s files under the prefix returned."""
-    out = tmp_path_factory.mktemp("elastic") / "alone"
-    alone = subprocess.run(
-        [sys.executable, SCRIPT, "none", str(out)],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert alone.returncode == 0, alone.stderr[-3000:]
-    return out
+    background_result("elastic-alone").check()
+    return ALONE["keras"]
 
 
 def _ulfm_job(python, ranks: int, kills: str, out, timeout: int = 300, **settings: str):
