@@ -89,6 +89,20 @@ def test_core_equivalence_and_fault_matrix_pass_under_open_mpi(open_mpi_venv):
     assert passed >= 23, job.stdout[-2000:]
 
 
+def _assert_rank_2_then_0_lost(job) -> None:
+    """The job of `tests/jobs/elastic.py 2:1:4,0:2:2` went on after each
+    loss (exit 0) and said each once, plainly."""
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-6000:]
+    said = [line for line in job.stderr.splitlines() if "transparent_dist: lost rank" in line]
+    assert len(said) == 2, job.stderr[-6000:]
+    assert said[0].startswith("transparent_dist: lost rank 2 (on "), said
+    assert "in epoch 2; 2 of 3 ranks go on from step 4 of that epoch" in said[0], said
+    assert "the same global batch of 72 (36 per rank)" in said[0], said
+    assert said[1].startswith("transparent_dist: lost rank 0 (on "), said
+    assert "in epoch 3; 1 of 2 ranks go on from step 2 of that epoch" in said[1], said
+    assert "the same global batch of 72 (72 per rank)" in said[1], said
+
+
 def test_tf_keras_fit_goes_on_after_lost_ranks_under_ulfm(open_mpi_venv, tmp_path):
     """tf_keras's fit, as Keras 3's in the test below (its script, in tf_keras):
     3 ranks, rank 2 killed as step 4 of epoch 2 begins, rank 0 as step 2 of
@@ -106,15 +120,7 @@ def test_tf_keras_fit_goes_on_after_lost_ranks_under_ulfm(open_mpi_venv, tmp_pat
         text=True,
         timeout=300,
     )
-    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-6000:]
-    said = [line for line in job.stderr.splitlines() if "transparent_dist: lost rank" in line]
-    assert len(said) == 2, job.stderr[-6000:]
-    assert said[0].startswith("transparent_dist: lost rank 2 (on "), said
-    assert "in epoch 2; 2 of 3 ranks go on from step 4 of that epoch" in said[0], said
-    assert "the same global batch of 72 (36 per rank)" in said[0], said
-    assert said[1].startswith("transparent_dist: lost rank 0 (on "), said
-    assert "in epoch 3; 1 of 2 ranks go on from step 2 of that epoch" in said[1], said
-    assert "the same global batch of 72 (72 per rank)" in said[1], said
+    _assert_rank_2_then_0_lost(job)
     assert "rank 1 finished" in job.stdout, job.stdout
     expected, got = np.load(f"{alone}.npz"), np.load(tmp_path / "lost.npz")
     for name in expected.files:
@@ -226,15 +232,7 @@ def test_lost_ranks_do_not_end_the_job_under_ulfm(open_mpi_venv, uninterrupted, 
     backup of the last epoch. Under MPICH the same kill ends the job
     (test_reliability.py's `sigkill`)."""
     job = _ulfm_job(open_mpi_venv, 3, "2:1:4,0:2:2", tmp_path / "lost")
-    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-6000:]
-    said = [line for line in job.stderr.splitlines() if "transparent_dist: lost rank" in line]
-    assert len(said) == 2, job.stderr[-6000:]
-    assert said[0].startswith("transparent_dist: lost rank 2 (on "), said
-    assert "in epoch 2; 2 of 3 ranks go on from step 4 of that epoch" in said[0], said
-    assert "the same global batch of 72 (36 per rank)" in said[0], said
-    assert said[1].startswith("transparent_dist: lost rank 0 (on "), said
-    assert "in epoch 3; 1 of 2 ranks go on from step 2 of that epoch" in said[1], said
-    assert "the same global batch of 72 (72 per rank)" in said[1], said
+    _assert_rank_2_then_0_lost(job)
     # Rank 1, rank 0 at the end, printed and wrote the files.
     assert "rank 1 finished" in job.stdout, job.stdout
     expected = np.load(f"{uninterrupted}.npz")

@@ -135,13 +135,8 @@ def test_calls_that_differ_between_ranks_raise_the_same_named_error_on_every_ran
     once (a CollectiveError, a ValueError), never paired up with another
     call: one job runs them all, catching each (uncaught, such an error ends
     the job: loss_on_one_rank above)."""
-    marker = str(tmp_path / "differing")
-    job = run(
-        ["-m", "transparent_dist", FAULTS, "disagreements"],
-        ranks=2,
-        timeout=120,
-        env=job_env(FAULT_OUT=marker),
-    ).check()
+    job, marker = _fault("disagreements", tmp_path)
+    job.check()
     assert "finished" in job.stdout
     for rank in (0, 1):
         caught = json.loads(open(f"{marker}-caught{rank}.json").read())
@@ -157,13 +152,8 @@ def test_a_rank_that_stops_training_stops_every_rank(tmp_path):
     """model.stop_training set on one rank (EarlyStopping on its own numbers
     at an epoch's end; a time budget mid-epoch): every rank stops at the same
     step, said once, instead of one rank waiting in the exchange forever."""
-    marker = str(tmp_path / "stop")
-    job = run(
-        ["-m", "transparent_dist", FAULTS, "stop_one_rank"],
-        ranks=2,
-        timeout=120,
-        env=job_env(FAULT_OUT=marker),
-    ).check()
+    job, marker = _fault("stop_one_rank", tmp_path)
+    job.check()
     assert job.stderr.count("rank(s) 1 stopped training at the end of epoch 1") == 1
     assert job.stderr.count("rank(s) 1 stopped training at step 4") == 1
     # 2 epochs of 20 steps, then 1 epoch, then 4 steps: on both ranks.
