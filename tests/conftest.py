@@ -270,36 +270,9 @@ def run_together(*jobs: dict, timeout: float = 900) -> list[Finished]:
     2-core machine idle, so running them side by side takes the time of
     the longest, not the sum. Never for a job whose test times it.
     """
-    started = []
-    for job in jobs:
-        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-        proc = subprocess.Popen(
-            _command(job["args"], job.get("ranks")),
-            env=job.get("env") or job_env(),
-            stdout=out,
-            stderr=err,
-            text=True,
-            stdin=subprocess.DEVNULL,
-        )
-        started.append((job, proc, out, err, time.monotonic()))
-    deadline = time.monotonic() + timeout
-    finished = []
-    for job, proc, out, err, start in started:
-        try:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for _, other, *_ in started:
-                other.kill()
-            raise
-        seconds = time.monotonic() - start
-        out.seek(0)
-        err.seek(0)
-        done = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
-        out.close()
-        err.close()
-        finished.append(Finished(done, seconds))
-        _log_time(finished[-1], job["args"], job.get("ranks"))
-    return finished
+    drivers = {i: functools.partial(run, timeout=timeout, **job) for i, job in enumerate(jobs)}
+    done = side_by_side(drivers, at_once=len(jobs))
+    return [outcome(done[i]) for i in range(len(jobs))]
 
 
 def side_by_side(drivers: dict, at_once: int = 2) -> dict:
