@@ -119,10 +119,8 @@ def recover(error: BaseException) -> Loss:
         raise error
     started = time.perf_counter()
     before = world.get()
-    for field in dataclasses.fields(before.comms):
-        comm = getattr(before.comms, field.name)
-        if comm is not None:
-            collectives.revoke(comm)
+    for comm in before.comms.held():
+        collectives.revoke(comm)
     # The watchdog's threads poll the revoked communicator: stopped before
     # it is dropped, started again over the new one.
     stall.stop()

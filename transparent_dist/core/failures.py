@@ -13,7 +13,6 @@ every rank with a non-zero status.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 import traceback
@@ -73,8 +72,8 @@ def _lost_rank(w: world.World) -> None:
     path) and this rank exits; the launcher then ends the job."""
     from transparent_dist.core import elastic  # its checkpoint lookup, only here
 
-    for field in dataclasses.fields(w.comms):
-        collectives.revoke(getattr(w.comms, field.name))
+    for comm in w.comms.held():
+        collectives.revoke(comm)
     # A survivor woken by another's revoke may not know yet which rank
     # failed (seen once: "rank(s) ?"): its MPI learns it within moments.
     lost = collectives.failed_ranks(w.comm)

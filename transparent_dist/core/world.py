@@ -103,12 +103,15 @@ class Communicators:
         it at the same point)."""
         return cls(*(parent.Dup() for _ in dataclasses.fields(cls)))
 
+    def held(self) -> list[Any]:
+        """The communicators held (none in a world of size 1 without MPI)."""
+        comms = (getattr(self, field.name) for field in dataclasses.fields(self))
+        return [comm for comm in comms if comm is not None]
+
     def free(self) -> None:
         """Frees every communicator (collective, like `duplicate`)."""
-        for field in dataclasses.fields(self):
-            comm = getattr(self, field.name)
-            if comm is not None:
-                comm.Free()
+        for comm in self.held():
+            comm.Free()
 
 
 @dataclasses.dataclass(frozen=True)
