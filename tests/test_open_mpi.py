@@ -89,27 +89,37 @@ def test_core_equivalence_and_fault_matrix_pass_under_open_mpi(open_mpi_venv):
     assert passed >= 23, job.stdout[-2000:]
 
 
-def _assert_rank_2_then_0_lost(job) -> None:
+def _assert_rank_2_then_0_lost(
+    job, batch: str = "the same global batch of 72 ({} per rank)"
+) -> None:
     """The job of `tests/jobs/elastic.py 2:1:4,0:2:2` went on after each
-    loss (exit 0) and said each once, plainly."""
+    loss (exit 0) and said each once, plainly, with how the steps keep the
+    global batch (`batch`, formatted with the ranks left, or arrays' rows
+    per rank)."""
+    arrays = "per rank" in batch
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-6000:]
     said = [line for line in job.stderr.splitlines() if "transparent_dist: lost rank" in line]
     assert len(said) == 2, job.stderr[-6000:]
     assert said[0].startswith("transparent_dist: lost rank 2 (on "), said
     assert "in epoch 2; 2 of 3 ranks go on from step 4 of that epoch" in said[0], said
-    assert "the same global batch of 72 (36 per rank)" in said[0], said
+    assert batch.format(36 if arrays else 2) in said[0], said
     assert said[1].startswith("transparent_dist: lost rank 0 (on "), said
     assert "in epoch 3; 1 of 2 ranks go on from step 2 of that epoch" in said[1], said
-    assert "the same global batch of 72 (72 per rank)" in said[1], said
+    last = batch.format(72) if arrays else batch.split(" and split")[0] + " into one batch"
+    assert last in said[1], said
 
 
 def test_tf_keras_fit_goes_on_after_lost_ranks_under_ulfm(open_mpi_venv, tmp_path):
-    """tf_keras's fit, as Keras 3's in the test below (its script, in tf_keras):
-    3 ranks, rank 2 killed as step 4 of epoch 2 begins, rank 0 as step 2 of
-    epoch 3 does; the survivors go on with the same global batch, rank 1
-    writes the files, the weights are the uninterrupted run's (1e-5)."""
+    """tf_keras's fit, as Keras 3's in the test below (its script, in tf_keras),
+    over a tf.data dataset the script batched by 24 (18 batches, the last of
+    22): 3 ranks, rank 2 killed as step 4 of epoch 2 begins, rank 0 as step
+    2 of epoch 3 does; each step after a loss is the same 3 batches, joined
+    and split over the survivors; rank 1 writes the files, the weights are
+    the uninterrupted run's (one process, batches of 72; 1e-5). Before the
+    survivors kept each step's batches, they took 2 of 3 and 1 of 3 of
+    them per step: 0.08 off."""
     script = str(ROOT / "tests" / "jobs" / "elastic.py")
-    env = {**_env(), "TF_USE_LEGACY_KERAS": "1"}
+    env = {**_env(), "TF_USE_LEGACY_KERAS": "1", "ELASTIC_DATA": "dataset"}
     background_result("elastic-alone-tf_keras").check()
     alone = ALONE["tf_keras"]
     job = subprocess.run(
@@ -120,7 +130,10 @@ def test_tf_keras_fit_goes_on_after_lost_ranks_under_ulfm(open_mpi_venv, tmp_pat
         text=True,
         timeout=300,
     )
-    _assert_rank_2_then_0_lost(job)
+    _assert_rank_2_then_0_lost(
+        job,
+        "each step the same 3 batches of the dataset, joined and split by rows over the {} ranks",
+    )
     assert "rank 1 finished" in job.stdout, job.stdout
     expected, got = np.load(f"{alone}.npz"), np.load(tmp_path / "lost.npz")
     for name in expected.files:
@@ -186,7 +199,7 @@ ALONE = {
         "elastic-alone" + ("-tf_keras" if kind == "tf_keras" else ""),
         __file__,
         lambda out: [SCRIPT, "none", str(out / "alone")],
-        **({"TF_USE_LEGACY_KERAS": "1"} if kind == "tf_keras" else {}),
+        **({"TF_USE_LEGACY_KERAS": "1", "ELASTIC_DATA": "dataset"} if kind == "tf_keras" else {}),
     )
     / "alone"
     for kind in ("keras", "tf_keras")

@@ -173,3 +173,51 @@ def test_the_scripts_callbacks_go_on_where_they_were_after_a_loss(monkeypatch):
     assert logger.calls[:2] == [("on_train_begin", True), ("on_epoch_begin", 1, None)]
     assert logger.calls[-1] == ("on_train_end",)
     assert logger.append is False and "on_train_end" not in vars(logger)
+
+
+def test_data_the_survivors_cannot_re_split_ends_the_job(monkeypatch):
+    """After a loss, fit's data decides whether the survivors go on: arrays
+    and tf.data datasets are re-split with the same global batches; a
+    generator (cannot go back), a PyDataset (dealt in whole batches, not
+    resumable mid-epoch) and rows a reader split by rank (the lost rank's
+    are gone) end the job with the reason. The line of a dataset says how
+    its steps keep their batches."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from transparent_dist.adapters import keras_elastic
+    from transparent_dist.adapters.keras3_tensorflow import FRAMEWORK as fw
+    from transparent_dist.core.sharding import rank_rows
+
+    monkeypatch.setattr(world, "_WORLD", world.World(rank=0, size=2, started_size=3))
+
+    class Batches(keras.utils.PyDataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return np.zeros((4, 2)), np.zeros(4)
+
+    def why(**arguments):
+        return keras_elastic._why_not_go_on(fw, {"x": None, "y": None, **arguments})
+
+    x, y = np.zeros((12, 2), "float32"), np.zeros(12, "float32")
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    assert why(x=x, y=y) is None
+    assert why(x=dataset, validation_data=Batches()) is None
+    assert why(x=(b for b in [(x, y)])) == (
+        "the training data is a Python generator, which cannot go back to the last step "
+        "every rank completed"
+    )
+    assert "is a keras.utils.PyDataset" in why(x=Batches())
+    assert "the lost rank's rows are on no survivor" in why(x=rank_rows(x), y=rank_rows(y))
+    assert why(x=x, y=y, validation_data=(rank_rows(x), rank_rows(y))).startswith(
+        "the validation data is already split by rank"
+    )
+    assert keras_elastic._batch_words(fw, {"x": dataset}, 2) == (
+        "each step the same 3 batches of the dataset, joined and split by rows over the 2 ranks"
+    )
+    assert keras_elastic._batch_words(fw, {"x": x, "y": y, "batch_size": 24}, 2) == (
+        "the same global batch of 72 (36 per rank)"
+    )

@@ -222,3 +222,73 @@ def test_epoch_end_uses_only_the_own_and_last_batch_of_the_round():
     assert [b.tolist() for b in mine] == [[0, 1, 2, 3], [103]]
     theirs = pipelines.epoch_end(last, last, [np.array([200])], 1, 2, "the data")
     assert [b.tolist() for b in theirs] == [[100, 101, 102], [200]]
+
+
+def _steps(rows, size, round_size=None):
+    from transparent_dist.tf.inputs import pipelines
+
+    return [
+        [
+            np.asarray(b)
+            for b in pipelines.balanced_rounds(iter(_batches(rows)), r, size, round_size=round_size)
+        ]
+        for r in range(size)
+    ]
+
+
+@pytest.mark.parametrize(("started", "left"), [(3, 2), (3, 1), (4, 3), (4, 2), (2, 1)])
+def test_balanced_rounds_after_a_lost_rank_keep_every_steps_samples(started, left):
+    """A lost rank leaves `left` of `started` ranks: each step is the same
+    samples the `started` ranks took in it (joined, split by rows), no
+    survivor's batch is empty, every sample once (round_size)."""
+    rng = np.random.default_rng(7 * started + left)
+    for _ in range(20):
+        rows = [int(v) for v in rng.integers(3, 7, int(rng.integers(started, 5 * started)))]
+        rows[-1] = int(rng.integers(started, 7))  # a short last batch, enough for a step
+        before = _steps(rows, started)
+        after = _steps(rows, left, round_size=started)
+        assert len({len(s) for s in after}) == 1 and len(after[0]) == len(before[0]), rows
+        assert all(len(b) > 0 for s in after for b in s), rows
+        for k in range(len(before[0])):
+            expected = np.concatenate([s[k] for s in before])
+            got = np.concatenate([s[k] for s in after])
+            np.testing.assert_array_equal(got, expected)
+
+
+def test_balanced_rounds_unchanged_when_no_rank_was_lost():
+    rows = [4, 4, 4, 4, 4, 4, 2]
+    assert [[b.tolist() for b in s] for s in _steps(rows, 3, round_size=3)] == [
+        [b.tolist() for b in s] for s in _deal(rows, 3)
+    ]
+
+
+def test_batches_of_other_shapes_cannot_be_joined_after_a_lost_rank():
+    """Padded batches (each to its own length) end the job with the reason."""
+    from transparent_dist.tf.inputs import pipelines
+
+    batches = [np.zeros((2, 5)), np.zeros((2, 7)), np.zeros((2, 6))]
+    with pytest.raises(CollectiveError, match=r"cannot be joined \(shapes \[\[\(2, 5\)\]"):
+        list(pipelines.balanced_rounds(iter(batches), 0, 2, round_size=3))
+
+
+def test_a_batched_dataset_after_a_lost_rank_keeps_the_global_batches():
+    """`dataset_batches` with the plan of 2 survivors of 3 ranks: each step
+    is 3 of the script's batches, 36 rows each survivor; the length is the
+    3-rank run's; a tensor dataset (tf.concat path)."""
+    import tensorflow as tf
+
+    from transparent_dist.core.shard_plan import ShardPlan
+    from transparent_dist.tf.inputs import pipelines
+
+    dataset = tf.data.Dataset.range(430).batch(24)  # 18 batches, the last of 22
+    parts = [
+        pipelines.dataset_batches(dataset, ShardPlan(rank=r, size=2, batch_ranks=3))
+        for r in range(2)
+    ]
+    steps = [[b.numpy() for b in part] for part in parts]
+    assert [int(p.cardinality()) for p in parts] == [6, 6]
+    assert [len(b) for b in steps[0]] == [36] * 5 + [35]
+    for k in range(6):
+        np.testing.assert_array_equal(
+            np.concatenate([steps[0][k], steps[1][k]]), np.arange(72 * k, min(72 * k + 72, 430))
+        )

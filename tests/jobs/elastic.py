@@ -9,7 +9,9 @@ survivor) writes the final weights to OUT.npz, the History to OUT.json, the
 weights of the newest ModelCheckpoint file (OUT-ckpt-EPOCH.weights.h5) to
 OUT-newest.npz and, in OUT-times.json, when each step ended and when each
 rank was killed. The script's CSVLogger writes OUT.csv, its
-BackupAndRestore OUT-backup/ (kept at the end).
+BackupAndRestore OUT-backup/ (kept at the end). With ELASTIC_DATA=dataset
+the training data is a tf.data dataset the script batches itself (430 rows
+in 18 batches of 24 on 3 ranks, the last of 22; in 6 of 72 in one process).
 """
 
 import glob
@@ -70,10 +72,13 @@ callbacks = [
     keras.callbacks.ModelCheckpoint(out + "-ckpt-{epoch}.weights.h5", save_weights_only=True),
     keras.callbacks.BackupAndRestore(out + "-backup", delete_checkpoint=False),
 ]
+inputs = {"x": x, "y": y, "batch_size": batch}
+if os.environ.get("ELASTIC_DATA") == "dataset":
+    import tensorflow as tf
+
+    inputs = {"x": tf.data.Dataset.from_tensor_slices((x[:430], y[:430])).batch(batch)}
 history = model.fit(
-    x,
-    y,
-    batch_size=batch,
+    **inputs,
     epochs=3,
     shuffle=False,
     verbose=0,

@@ -36,7 +36,13 @@ the new world:
   its training logs as its last step gave them.
 
 The world's `batch_ranks` keeps the global batch of the per-rank batch
-setting: each survivor takes a larger share of the same global batch.
+setting: each survivor takes a larger share of the same global batch. A
+`tf.data` dataset the script batched gave each rank one of its batches per
+step: a step after the loss is the same batches, joined and split by rows
+over the survivors (`tf.inputs.pipelines.balanced_rounds`). Data that cannot
+be re-split so (a Python generator, which cannot go back; a `PyDataset`;
+rows each rank read for itself, of which the lost rank's are gone) ends the
+job instead, naming the reason and the checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ import numpy as np
 from transparent_dist.adapters import keras_callback_state, keras_callbacks, root_output
 from transparent_dist.core import collectives, elastic, log, shard_plan, unique, world
 from transparent_dist.tf import broadcast
+from transparent_dist.tf import inputs as tf_inputs
 
 __all__ = ["Resume", "fit"]
 
@@ -341,8 +348,60 @@ def _go_on_checkpointing(noted: Any, resume: Resume) -> None:
     checkpointer._again = checkpointer._metric_sums = checkpointer._history = None
 
 
-def _say(loss: elastic.Loss, resume: Resume, global_batch: int) -> None:
-    share = global_batch // loss.size
+# Data a lost rank's survivors cannot re-split with the same global batches,
+# by its kind (`tf_inputs.Data.kind`), for the training data (the
+# validation data is summed over every sample whatever the split).
+_CANNOT_GO_ON = {
+    "generator": "a Python generator, which cannot go back to the last step every rank completed",
+    "sequence": "a keras.utils.PyDataset, which is dealt to the ranks in whole batches and "
+    "cannot go back to the last step every rank completed",
+    "rank rows": "already split by rank (a transparent_dist.data reader): the lost rank's "
+    "rows are on no survivor",
+    "other": "not split by the plugin, so not resumable mid-epoch",
+}
+_VALIDATION_CANNOT_GO_ON = ("generator", "rank rows")
+
+
+def _training_kind(fw: Any, arguments: dict) -> str:
+    x, y, weights = (arguments.get(name) for name in ("x", "y", "sample_weight"))
+    return tf_inputs.classify(x, y, weights, fw.arrays).kind
+
+
+def _kind(fw: Any, data: Any) -> str:
+    """The kind of a `validation_data` argument."""
+    x, y, weights = (
+        fw.unpack(tuple(data)) if isinstance(data, (tuple, list)) else (data, None, None)
+    )
+    return tf_inputs.classify(x, y, weights, fw.arrays).kind
+
+
+def _why_not_go_on(fw: Any, arguments: dict) -> str | None:
+    """Why the survivors cannot go on with fit's data (see the module's
+    docstring), or None."""
+    kind = _training_kind(fw, arguments)
+    if kind in _CANNOT_GO_ON:
+        return f"the training data is {_CANNOT_GO_ON[kind]}"
+    validation = arguments.get("validation_data")
+    if validation is not None and (kind := _kind(fw, validation)) in _VALIDATION_CANNOT_GO_ON:
+        return f"the validation data is {_CANNOT_GO_ON[kind]}"
+    return None
+
+
+def _batch_words(fw: Any, arguments: dict, size: int) -> str:
+    """How the survivors' steps keep the global batch, for `_say`."""
+    if _training_kind(fw, arguments) == "dataset":
+        started = world.get().batch_ranks
+        split = "into one batch" if size == 1 else f"and split by rows over the {size} ranks"
+        return f"each step the same {started} batches of the dataset, joined {split}"
+    global_batch = shard_plan.global_batch(arguments.get("batch_size"))
+    share = global_batch // size
+    return (
+        f"the same global batch of {global_batch} ({share} per rank"
+        f"{'' if global_batch % size == 0 else ', one more on some'})"
+    )
+
+
+def _say(loss: elastic.Loss, resume: Resume, batch: str) -> None:
     where = (
         f"from step {resume.step} of that epoch (the last step every rank completed)"
         if resume.logs is None
@@ -350,9 +409,7 @@ def _say(loss: elastic.Loss, resume: Resume, global_batch: int) -> None:
     )
     log.info(
         f"lost {loss.where()} in epoch {resume.epoch + 1}; {loss.size} of {loss.size_before} "
-        f"ranks go on {where}, with the same global batch of {global_batch} ({share} per rank"
-        f"{'' if global_batch % loss.size == 0 else ', one more on some'}); "
-        f"recovered in {loss.seconds:.2f} s",
+        f"ranks go on {where}, with {batch}; recovered in {loss.seconds:.2f} s",
         once=False,
     )
 
@@ -367,7 +424,6 @@ def fit(
     each lost rank (see the module's docstring). `arguments` are fit's
     (`calls.bind`), before sharding."""
     resume: Resume | None = None
-    global_batch = shard_plan.global_batch(arguments.get("batch_size"))
     noted = None
     while True:
         noted = position(fw, resume, noted)
@@ -375,6 +431,12 @@ def fit(
             return run(dict(arguments), resume, noted)
         except Exception as error:  # noqa: BLE001 - recover() re-raises what is not a loss
             loss = elastic.recover(error)
+            if (reason := _why_not_go_on(fw, arguments)) is not None:
+                elastic.leave(
+                    f"lost {loss.where()}; {reason}: ending the job; {elastic.where_to_resume()}"
+                    if world.get().is_root
+                    else ""
+                )
             history = keras_callback_state.snapshot_history(model)
             resume = _roll_back(fw, model, noted, history)
             _go_on_checkpointing(noted, resume)
@@ -385,4 +447,4 @@ def fit(
             # restored: the epoch to go on from is the agreed one.
             if getattr(model, "_initial_epoch", None) is not None:
                 model._initial_epoch = None
-            _say(loss, resume, global_batch)
+            _say(loss, resume, _batch_words(fw, arguments, loss.size))

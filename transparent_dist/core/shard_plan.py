@@ -41,6 +41,10 @@ class ShardPlan:
         global_batch: samples per step over all ranks.
         seed: the seed agreed by the ranks (`tf.inputs.seeds.agreed_seed`).
         shuffle: whether each epoch draws a new order.
+        batch_ranks: the ranks the job started with (`World.batch_ranks`;
+            0: `size`). A source the script batched itself gives each of
+            them one of its batches per step; after a lost rank the
+            survivors keep that step (`round_size`).
     """
 
     rank: int = 0
@@ -48,14 +52,28 @@ class ShardPlan:
     global_batch: int = DEFAULT_BATCH_SIZE
     seed: int = 0
     shuffle: bool = False
+    batch_ranks: int = 0
 
     @property
     def local_batch(self) -> int:
         return max(1, self.global_batch // self.size)
+
+    @property
+    def round_size(self) -> int:
+        """The script's batches one step takes over all ranks: one per rank
+        the job started with, so a step is the same samples after a loss."""
+        return self.batch_ranks or self.size
 
     @classmethod
     def for_call(cls, batch_size: int | None, shuffle: object, seed: int) -> ShardPlan:
         """The plan of this rank for a call with `batch_size` (per rank, as
         the script wrote it) and `shuffle`."""
         w = world.get()
-        return cls(w.rank, w.size, global_batch(batch_size, w.batch_ranks), seed, bool(shuffle))
+        return cls(
+            w.rank,
+            w.size,
+            global_batch(batch_size, w.batch_ranks),
+            seed,
+            bool(shuffle),
+            w.batch_ranks,
+        )

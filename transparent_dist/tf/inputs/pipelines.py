@@ -340,6 +340,7 @@ def balanced_rounds(
     size: int,
     agree: Callable[[bool], None] | None = None,
     what: str = "the dataset",
+    round_size: int | None = None,
 ) -> Iterator[Any]:
     """This rank's batches of one pass over `batches`: batch `rank` of
     every full round of `size` batches, then its rows of the last, partial
@@ -347,8 +348,23 @@ def balanced_rounds(
     every sample is used once. The source is read once per epoch on every
     rank, so a shuffling dataset shuffles alike everywhere. Holds at most
     one round of batches. `agree(has_round)` is called once per round and
-    at the end, for sources whose length the ranks do not know up front."""
-    pending = None  # (own batch, last batch) of the last full round
+    at the end, for sources whose length the ranks do not know up front.
+
+    `round_size`: the ranks the batches were first dealt to, when a lost
+    rank left fewer (`ShardPlan.round_size`). Each step is then the step
+    those ranks took, its pieces joined and split by rows over the `size`
+    ranks left (`joined_rows`): the same global batches, the same steps."""
+    dealt = size if round_size is None else round_size
+    for pieces in _global_steps(batches, dealt, agree, what):
+        yield pieces[rank] if dealt == size else joined_rows(pieces, rank, size, what)
+
+
+def _global_steps(
+    batches: Iterator[Any], size: int, agree: Callable[[bool], None] | None, what: str
+) -> Iterator[list[Any]]:
+    """Each step of one pass over `batches` dealt to `size` ranks: the list
+    of every rank's batch, in rank order (see `balanced_rounds`)."""
+    pending = None  # the last full round, held until the source ends
     current: list[Any] = []
     for batch in batches:
         current.append(batch)
@@ -357,9 +373,8 @@ def balanced_rounds(
         if agree is not None:
             agree(True)
         if pending is not None:
-            yield pending[0]
-        pending = (current[rank], current[-1])
-        current = []
+            yield pending
+        pending, current = current, []
     if agree is not None:
         agree(False)
         collectives.check_agreement(
@@ -367,8 +382,41 @@ def balanced_rounds(
             len(current),
             world.get().data_comm,
         )
-    own, last = pending if pending is not None else (None, None)
-    yield from epoch_end(own, last, current, rank, size, what)
+    last = None if pending is None else pending[-1]
+    ends = [
+        epoch_end(None if pending is None else pending[r], last, current, r, size, what)
+        for r in range(size)
+    ]
+    yield from (list(step) for step in zip(*ends, strict=True))
+
+
+def joined_rows(pieces: list[Any], rank: int, size: int, what: str = "the dataset") -> Any:
+    """Rank `rank`'s rows of `pieces` (one step's batches) joined, split
+    over `size` ranks (`sharding.shard_range`). Batches whose shapes differ
+    past their first dimension (padded to each batch's own length) cannot
+    be joined: that ends the job with the reason, never a step of other
+    samples."""
+
+    def join(*leaves: Any) -> Any:
+        if leaves[0] is None:  # a generator's (x, y, None)
+            return None
+        if all(isinstance(leaf, np.ndarray) for leaf in leaves):
+            return np.concatenate(leaves)
+        return tf.concat(leaves, 0)
+
+    try:
+        joined = tf.nest.map_structure(join, *pieces)
+    except (ValueError, tf.errors.InvalidArgumentError) as error:
+        shapes = [[tuple(leaf.shape) for leaf in tf.nest.flatten(p)] for p in pieces]
+        raise CollectiveError(
+            f"transparent_dist: {what}: after the lost rank(s), the survivors keep each "
+            f"step's samples by joining its {len(pieces)} batches and splitting them over "
+            f"{size} ranks, but these batches cannot be joined (shapes {shapes}: "
+            f"{type(error).__name__}). Batches of one shape (batch, not padded_batch to each "
+            "batch's own length) can; or run with TD_ELASTIC=off and resume from a checkpoint"
+        ) from None
+    start, stop = sharding.shard_range(num_rows(joined), rank, size)
+    return rows_of(joined, start, stop)
 
 
 def epoch_end(own: Any, last: Any, tail: list[Any], rank: int, size: int, what: str) -> list[Any]:
@@ -445,16 +493,17 @@ def dataset_batches(dataset: tf.data.Dataset, plan: ShardPlan) -> tf.data.Datase
     """Round-robin batches of a batched dataset, the last partial round
     split by rows (`balanced_rounds`): equal steps on every rank, no
     empty batch, every sample once per epoch."""
-    w, rank, size = world.get(), plan.rank, plan.size
+    w, rank, size, dealt = world.get(), plan.rank, plan.size, plan.round_size
     cardinality = int(dataset.cardinality())
-    if cardinality == tf.data.INFINITE_CARDINALITY:
+    infinite = cardinality == tf.data.INFINITE_CARDINALITY
+    if infinite and dealt == size:
         return dataset.shard(size, rank)
     known = cardinality != tf.data.UNKNOWN_CARDINALITY
-    if known:
+    if known and not infinite:
         collectives.check_agreement("the number of batches in the dataset", cardinality, w.comm)
         if cardinality == 0:
             raise CollectiveError("transparent_dist: the dataset is empty")
-        if cardinality % size == 0:
+        if cardinality % size == 0 and dealt == size:
             return dataset.shard(size, rank)
     agree = None if known else _round_agreement(w.data_comm, "the dataset")
     iterators = {"created": 0, "consumed": 0}
@@ -468,14 +517,16 @@ def dataset_batches(dataset: tf.data.Dataset, plan: ShardPlan) -> tf.data.Datase
         for _ in range(iterators["created"] - 1 - iterators["consumed"]):
             iter(dataset)
         iterators["consumed"] = max(iterators["created"], iterators["consumed"] + 1)
-        yield from balanced_rounds(iter(dataset), rank, size, agree)
+        yield from balanced_rounds(iter(dataset), rank, size, agree, round_size=dealt)
 
     balanced = tf.data.Dataset.from_generator(
         generate, output_signature=_any_batch_size(dataset.element_spec)
     )
-    if known:
+    if infinite:
+        balanced = balanced.repeat()  # a declared length, not a second pass
+    elif known:
         balanced = balanced.apply(
-            tf.data.experimental.assert_cardinality(math.ceil(cardinality / size))
+            tf.data.experimental.assert_cardinality(math.ceil(cardinality / dealt))
         )
     else:
         balanced = read_on_demand(balanced)
