@@ -89,6 +89,11 @@ def test_core_equivalence_and_fault_matrix_pass_under_open_mpi(open_mpi_venv):
     assert passed >= 23, job.stdout[-2000:]
 
 
+_DATASET_STEPS = (
+    "each step the same 3 batches of the dataset, joined and split by rows over the {} ranks"
+)
+
+
 def _assert_rank_2_then_0_lost(
     job, batch: str = "the same global batch of 72 ({} per rank)"
 ) -> None:
@@ -130,10 +135,7 @@ def test_tf_keras_fit_goes_on_after_lost_ranks_under_ulfm(open_mpi_venv, tmp_pat
         text=True,
         timeout=300,
     )
-    _assert_rank_2_then_0_lost(
-        job,
-        "each step the same 3 batches of the dataset, joined and split by rows over the {} ranks",
-    )
+    _assert_rank_2_then_0_lost(job, _DATASET_STEPS)
     assert "rank 1 finished" in job.stdout, job.stdout
     expected, got = np.load(f"{alone}.npz"), np.load(tmp_path / "lost.npz")
     for name in expected.files:
@@ -232,7 +234,8 @@ def _csv_rows(path) -> list[dict]:
     return [dict(zip(header, map(float, line.split(",")), strict=True)) for line in lines[1:]]
 
 
-def test_lost_ranks_do_not_end_the_job_under_ulfm(open_mpi_venv, uninterrupted, tmp_path):
+@pytest.mark.parametrize("data", ["arrays", "endless"])
+def test_lost_ranks_do_not_end_the_job_under_ulfm(open_mpi_venv, uninterrupted, tmp_path, data):
     """3 ranks under `mpiexec --with-ft ulfm`: rank 2 is killed as step 4 of
     epoch 2 begins, then rank 0 as step 2 of epoch 3 does. Each time the
     survivors shrink the world, go back to the last step all completed,
@@ -243,9 +246,17 @@ def test_lost_ranks_do_not_end_the_job_under_ulfm(open_mpi_venv, uninterrupted, 
     was lost: one CSVLogger row per epoch, one ModelCheckpoint file per
     epoch (the newest holding the final weights), the BackupAndRestore
     backup of the last epoch. Under MPICH the same kill ends the job
-    (test_reliability.py's `sigkill`)."""
-    job = _ulfm_job(open_mpi_venv, 3, "2:1:4,0:2:2", tmp_path / "lost")
-    _assert_rank_2_then_0_lost(job)
+    (test_reliability.py's `sigkill`). `endless`: the same rows as a
+    tf.data dataset the script batched and repeated, read `steps_per_epoch`
+    batches an epoch through one iterator (the same numbers): after each
+    loss the survivors go on where that iterator was, with the same steps
+    per epoch (before: the stream read again from its start, 9 steps an
+    epoch on 2 ranks)."""
+    job = _ulfm_job(open_mpi_venv, 3, "2:1:4,0:2:2", tmp_path / "lost", ELASTIC_DATA=data)
+    if data == "arrays":
+        _assert_rank_2_then_0_lost(job)
+    else:
+        _assert_rank_2_then_0_lost(job, _DATASET_STEPS)
     # Rank 1, rank 0 at the end, printed and wrote the files.
     assert "rank 1 finished" in job.stdout, job.stdout
     expected = np.load(f"{uninterrupted}.npz")

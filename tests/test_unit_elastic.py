@@ -221,3 +221,25 @@ def test_data_the_survivors_cannot_re_split_ends_the_job(monkeypatch):
     assert keras_elastic._batch_words(fw, {"x": x, "y": y, "batch_size": 24}, 2) == (
         "the same global batch of 72 (36 per rank)"
     )
+
+
+def test_step_counts_keep_the_ranks_the_job_started_with(monkeypatch):
+    """`steps_per_epoch=18` of the script's batches on 3 ranks is 6 steps of
+    3 batches; the survivors of a loss (2, then 1) run the same 6 steps of
+    the same 3 batches (before: 9 steps on 2 ranks, 18 on 1)."""
+    import tensorflow as tf
+
+    from transparent_dist.adapters import step_counts
+    from transparent_dist.tf import inputs as tf_inputs
+
+    dataset = tf.data.Dataset.range(432).batch(24).repeat()
+    data = tf_inputs.classify(dataset, None, None)
+    for size in (3, 2, 1):
+        monkeypatch.setattr(world, "_WORLD", world.World(rank=0, size=size, started_size=3))
+        a = {"steps_per_epoch": 18, "validation_data": None, "x": dataset}
+        passes = step_counts.Passes(
+            step_counts.Pass(None, None), step_counts.Pass(None, None), 3, None
+        )
+        assert step_counts.before_validation_is_sharded(None, a, data, None).per_step == 3
+        step_counts.adjust(a, passes)
+        assert a["steps_per_epoch"] == 6, size

@@ -322,10 +322,15 @@ def _fit(fw: Framework, original: Any, a: dict, resume: Any = None, position: An
     made = keras_callbacks.for_framework(fw)
     extra: tuple = () if resume is not None else (made.FitStart(data, batch_size),)
     extra += () if checkpointer is None else (checkpointer,)
+    if position is not None:
+        position.data_steps = fw.backend.num_batches(a["x"])
     if resume is not None:
         a["initial_epoch"] = resume.epoch
-        if resume.step:
-            skipped = fw.backend.skip_batches(a["x"], lambda: resume.step)
+        if resume.skipped:
+            per_epoch = a["steps_per_epoch"]
+            # An endless dataset's resumed epoch is its steps left.
+            epoch_steps = (per_epoch - resume.step, per_epoch) if per_epoch else None
+            skipped = fw.backend.skip_batches(a["x"], lambda: resume.skipped, epoch_steps)
             if skipped is None:
                 raise RuntimeError(
                     "transparent_dist: after the lost rank, this data cannot be resumed "

@@ -81,8 +81,13 @@ def _exact_epochs_after_resume() -> Iterator[None]:
     original = tf_trainer.TFEpochIterator
 
     class ResumedEpochIterator(original):
+        def _dataset(self):
+            return getattr(self.data_adapter, "_dataset", None)
+
         def _lengths(self):
-            return resume.epoch_lengths(getattr(self.data_adapter, "_dataset", None))
+            if getattr(self, "_resumed_epoch_done", False):
+                return None
+            return resume.epoch_lengths(self._dataset())
 
         def reset(self):
             super().reset()
@@ -90,16 +95,33 @@ def _exact_epochs_after_resume() -> Iterator[None]:
                 self._num_batches = self._lengths()[0]
 
         def _enumerate_iterator(self):
-            if self._lengths() and self._num_batches == 0:
+            lengths = self._lengths()
+            if lengths is None:
+                yield from super()._enumerate_iterator()
+                return
+            first, full = lengths
+            # An endless dataset is read by one iterator over the epochs;
+            # a length would end it (and make a new one).
+            endless = resume.endless(self._dataset())
+            self._resumed_epoch_done = True
+            if first == 0:
                 # Every step of the resumed epoch was done (a rank lost in
                 # its validation, `keras_elastic`): Keras would take 0 for
                 # "unknown" and call one step more to find the end.
                 self.data_adapter.on_epoch_begin()
                 self.data_adapter.on_epoch_end()
+            elif self.steps_per_epoch:
+                # The resumed epoch's steps, and no warning that the data
+                # ran out: `steps_per_epoch` is the resumed epoch's.
+                per_epoch, self.steps_per_epoch = self.steps_per_epoch, first
+                self._num_batches = None if endless else first
+                try:
+                    yield from super()._enumerate_iterator()
+                finally:
+                    self.steps_per_epoch = per_epoch
             else:
                 yield from super()._enumerate_iterator()
-            if self._lengths():
-                self._num_batches = self._lengths()[1]
+            self._num_batches = None if endless else full
 
     tf_trainer.TFEpochIterator = ResumedEpochIterator
     try:

@@ -78,6 +78,14 @@ class Resume:
     steps: int | None = None
     begun: bool = False
     logs: dict | None = None
+    batches: int | None = None
+
+    @property
+    def skipped(self) -> int:
+        """The batches of the training data the resumed run skips: the
+        epoch's steps done, or (`batches`) every step since the data's
+        iterator was made, where the framework reads one across epochs."""
+        return self.step if self.batches is None else self.batches
 
 
 class _FitPosition:
@@ -103,6 +111,11 @@ class _FitPosition:
         self.ended = -1 if earlier is None else earlier.ended
         self.base = 0 if earlier is None else earlier.base
         self.logs: dict | None = None if resume is None else resume.logs
+        # This run's first epoch: the optimizer's step count and the
+        # batches skipped then; and the length of the data fit was given
+        # (`data_steps`, set by the adapter; None if not a dataset).
+        self.first: tuple[int, int] | None = None
+        self.data_steps: int | None = None
 
     def _restore_history(self) -> None:
         resume = self.resume
@@ -123,8 +136,14 @@ class _FitPosition:
         if self.resume is None and self.began < 0:
             self._make_files()  # after every callback's on_train_begin
         self._restore_history()
-        self.offset = int(self.skip.numpy()) if self.skip is not None else 0
+        first = self.first is None
+        resume = self.resume
+        # Steps of this epoch done before this run (the resumed epoch's).
+        self.offset = resume.step if first and resume is not None else 0
         self.epoch, self.start = epoch, int(self.model.optimizer.iterations.numpy())
+        if first:
+            skipped = int(self.skip.numpy()) if self.skip is not None else 0
+            self.first = (self.start, skipped)
         self.began = max(self.began, epoch)
         if self.checkpointer is not None:
             self.base = self.checkpointer.service.global_step - self.start
@@ -134,7 +153,9 @@ class _FitPosition:
         self.logs = logs
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-        if self.skip is not None:
+        if self.skip is not None and self.data_steps != _INFINITE:
+            # The epochs after the resumed one read whole passes (an endless
+            # dataset's one iterator may be made in the next epoch).
             self.skip.assign(0)
         resume = self.resume
         if resume is not None and resume.logs and logs is not None and epoch == resume.epoch:
@@ -360,6 +381,7 @@ _CANNOT_GO_ON = {
     "other": "not split by the plugin, so not resumable mid-epoch",
 }
 _VALIDATION_CANNOT_GO_ON = ("generator", "rank rows")
+_INFINITE = -1  # tf.data.INFINITE_CARDINALITY
 
 
 def _training_kind(fw: Any, arguments: dict) -> str:
@@ -375,12 +397,21 @@ def _kind(fw: Any, data: Any) -> str:
     return tf_inputs.classify(x, y, weights, fw.arrays).kind
 
 
-def _why_not_go_on(fw: Any, arguments: dict) -> str | None:
+def _why_not_go_on(fw: Any, arguments: dict, noted: Any = None) -> str | None:
     """Why the survivors cannot go on with fit's data (see the module's
     docstring), or None."""
     kind = _training_kind(fw, arguments)
     if kind in _CANNOT_GO_ON:
         return f"the training data is {_CANNOT_GO_ON[kind]}"
+    steps, length = (None, None) if noted is None else (noted.steps(), noted.data_steps)
+    if arguments.get("steps_per_epoch") and steps and length and 0 < steps < length:
+        # Keras reads one iterator over several epochs, made anew when a
+        # pass is used up (cutting that epoch short): its place is the
+        # framework's, not rebuilt here.
+        return (
+            f"read {steps} steps per epoch (steps_per_epoch) from data of {length} steps "
+            "per pass, one iterator across epochs, whose place the survivors cannot rebuild"
+        )
     validation = arguments.get("validation_data")
     if validation is not None and (kind := _kind(fw, validation)) in _VALIDATION_CANNOT_GO_ON:
         return f"the validation data is {_CANNOT_GO_ON[kind]}"
@@ -431,7 +462,7 @@ def fit(
             return run(dict(arguments), resume, noted)
         except Exception as error:  # noqa: BLE001 - recover() re-raises what is not a loss
             loss = elastic.recover(error)
-            if (reason := _why_not_go_on(fw, arguments)) is not None:
+            if (reason := _why_not_go_on(fw, arguments, noted)) is not None:
                 elastic.leave(
                     f"lost {loss.where()}; {reason}: ending the job; {elastic.where_to_resume()}"
                     if world.get().is_root
@@ -439,6 +470,11 @@ def fit(
                 )
             history = keras_callback_state.snapshot_history(model)
             resume = _roll_back(fw, model, noted, history)
+            if noted.data_steps == _INFINITE and noted.first is not None:
+                # One iterator for the whole run (steps_per_epoch): every
+                # step since its first epoch drew a batch of it.
+                start, offset = noted.first
+                resume = dataclasses.replace(resume, batches=offset + resume.iterations - start)
             _go_on_checkpointing(noted, resume)
             # The steps were traced for the old world (its size is a
             # constant in them: the divided loss, the summed target).

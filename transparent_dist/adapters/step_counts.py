@@ -15,6 +15,10 @@ step_counts.scaled(60, step_counts.Pass(script_batches=60, job_steps=20), size=3
 step_counts.scaled(60, step_counts.Pass(None, None), size=3)                        # 20
 ```
 
+N is the ranks the job started with (`World.batch_ranks`): after a lost
+rank the survivors' steps still take N of the script's batches
+(`keras_elastic`), so the counts stay the same.
+
 Every number used is one every rank holds alike (the counts were agreed
 by `phases.enter`, the lengths by the sharding), so no collective is
 added.
@@ -98,7 +102,7 @@ def _script_batches(data: tf_inputs.Data, batch_size: int | None) -> int | None:
 
 def _per_step(data: tf_inputs.Data, batch_size: int | None) -> int | None:
     if data.kind in _SPLIT_STREAMS:
-        return world.get().size
+        return world.get().batch_ranks
     if data.kind in _SPLIT_ROWS:
         b = batch_size or DEFAULT_BATCH_SIZE
         return max(1, tf_inputs.global_batch(b) // b)
@@ -130,7 +134,7 @@ def before_validation_is_sharded(
 
 
 def _say(given: dict[str, int], run: dict[str, int], per_step: int) -> None:
-    size = world.get().size
+    size = world.get().batch_ranks
     names = " and ".join(f"{k}={v}" for k, v in given.items())
     steps = " and ".join(str(v) for v in run.values())
     kept = " and ".join(str(v) for v in given.values())
@@ -143,7 +147,7 @@ def _say(given: dict[str, int], run: dict[str, int], per_step: int) -> None:
 
 
 def _counting_batches() -> bool:
-    return config.SETTINGS.steps == "batches" and world.get().size > 1
+    return config.SETTINGS.steps == "batches" and world.get().batch_ranks > 1
 
 
 def _rewrite(a: dict, name: str, one_pass: Pass, per_step: int | None) -> int | None:
@@ -187,5 +191,5 @@ def adjust_evaluate(a: dict, data: tf_inputs.Data, batch_size: int | None) -> No
     if steps is not None:
         log.info(
             f"evaluate: steps={steps} counts batches of the script's own batch size "
-            f"(TD_STEPS=batches): on {world.get().size} ranks it runs {a['steps']} steps"
+            f"(TD_STEPS=batches): on {world.get().batch_ranks} ranks it runs {a['steps']} steps"
         )

@@ -103,10 +103,15 @@ def _exact_epochs_after_resume() -> Iterator[None]:
 
     def configure_lengths(self, *args, **kwargs):
         configure(self, *args, **kwargs)
-        lengths = resume.epoch_lengths(getattr(self._adapter, "_dataset", None))
+        dataset = getattr(self._adapter, "_dataset", None)
+        lengths = resume.epoch_lengths(dataset)
         if lengths is not None:
             self._inferred_steps = lengths[1]
             first_steps[self] = lengths[1] - lengths[0]
+            if not resume.endless(dataset):
+                # A pass per epoch, as the uninterrupted run made (its data's
+                # length, known there, was `steps_per_epoch` or none given).
+                self._adapter.should_recreate_iterator = lambda: True
 
     def steps_from_resumed(self):
         first = first_steps.pop(self, 0)

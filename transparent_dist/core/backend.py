@@ -46,10 +46,14 @@ class Backend:
             in a traced step.
         zero_if_empty: `loss -> loss`, or 0 when this rank's batch in the
             current step is empty (a mean over no samples is NaN).
-        skip_batches: `(data, steps) -> (data less its first `steps()`
-            batches in its next epoch, the counter to set to 0 after it)`,
-            or None when `data` is not the backend's dataset (then `steps`
-            is not called). For an exact resume.
+        skip_batches: `(data, steps, epoch_steps=None) -> (data less its
+            first `steps()` batches in its next epoch, the counter to set to
+            0 after it)`, or None when `data` is not the backend's dataset
+            (then `steps` is not called). For an exact resume. `epoch_steps`:
+            the resumed and full epochs' steps where `data` never ends.
+        num_batches: `data -> batches in one pass of it` (-1: endless),
+            or None when `data` is not the backend's dataset or its length
+            is unknown. For a resume after a lost rank.
         host_op: `(fn, inputs, like, name) -> outputs`: the numpy-level
             `fn` as one op of the step, kept in program order (collectives
             issued from it run in the same order on every rank), its
@@ -77,7 +81,7 @@ class Backend:
     before_first_update: Callable[[Any, list[Any]], None]
     sample_count: Callable[[Any], Any]
     zero_if_empty: Callable[[Any], Any]
-    skip_batches: Callable[[Any, Callable[[], int]], tuple[Any, Any] | None]
+    skip_batches: Callable[..., tuple[Any, Any] | None]
     host_op: Callable[[Callable[..., Any], list[Any], list[Any], str], list[Any]]
     outside_trace: Callable[[], AbstractContextManager[Any]]
     prepare: Callable[[], None]
@@ -85,3 +89,4 @@ class Backend:
     after: Callable[[Sequence[Any]], AbstractContextManager[Any]] = lambda tensors: (
         contextlib.nullcontext()
     )
+    num_batches: Callable[[Any], int | None] = lambda data: None

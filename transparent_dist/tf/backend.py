@@ -70,6 +70,7 @@ TENSORFLOW = Backend(
     sample_count=_sample_count,
     zero_if_empty=_zero_if_empty,
     skip_batches=resume.skip_first,
+    num_batches=resume.num_batches,
     host_op=host_op.collective_op,
     outside_trace=_outside_trace,
     prepare=exchange.prepare,

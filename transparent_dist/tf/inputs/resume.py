@@ -18,11 +18,13 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["epoch_lengths", "skip_first"]
+__all__ = ["endless", "epoch_lengths", "num_batches", "skip_first"]
 
 # A resumed dataset (`skip_first`) -> (its resumed epoch's length, a full
 # epoch's length).
 _EPOCH_LENGTHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# The resumed datasets that never end (read `steps_per_epoch` at a time).
+_ENDLESS: weakref.WeakSet = weakref.WeakSet()
 
 
 def epoch_lengths(dataset: Any) -> tuple[int, int] | None:
@@ -31,12 +33,23 @@ def epoch_lengths(dataset: Any) -> tuple[int, int] | None:
     return None if dataset is None else _EPOCH_LENGTHS.get(dataset)
 
 
-def skip_first(dataset: Any, steps: Callable[[], int]) -> tuple[Any, Any] | None:
+def endless(dataset: Any) -> bool:
+    """Whether `dataset` is a resumed dataset that never ends: the framework
+    reads one iterator of it across epochs, `steps_per_epoch` at a time."""
+    return dataset is not None and dataset in _ENDLESS
+
+
+def skip_first(
+    dataset: Any, steps: Callable[[], int], epoch_steps: tuple[int, int] | None = None
+) -> tuple[Any, Any] | None:
     """`(dataset less its first `steps()` batches, the skip counter)` where
     `dataset` is a `tf.data.Dataset`, else None (and `steps` is not called:
     it may say what it rounds). The counter is read afresh
     at every epoch's iterator: the resumed epoch skips what it had done,
-    and once it is set to 0 the epochs after it are whole."""
+    and once it is set to 0 the epochs after it are whole. `epoch_steps`:
+    the resumed epoch's and a full epoch's steps of a dataset that never
+    ends (`steps_per_epoch`); its `steps()` counts every batch read since
+    its iterator was made, over epochs."""
     import tensorflow as tf
 
     if not isinstance(dataset, tf.data.Dataset):
@@ -46,6 +59,20 @@ def skip_first(dataset: Any, steps: Callable[[], int]) -> tuple[Any, Any] | None
         tf.autograph.experimental.do_not_convert(lambda _: dataset.skip(skip))
     )
     full = int(dataset.cardinality())
-    if full > 0:
+    if epoch_steps is not None and full == tf.data.INFINITE_CARDINALITY:
+        _EPOCH_LENGTHS[resumed] = epoch_steps
+        _ENDLESS.add(resumed)
+    elif full > 0:
         _EPOCH_LENGTHS[resumed] = (full - int(skip.numpy()), full)
     return resumed, skip
+
+
+def num_batches(dataset: Any) -> int | None:
+    """The batches in one pass of a `tf.data.Dataset` (-1: endless), or
+    None when it is not one or its length is unknown."""
+    import tensorflow as tf
+
+    if not isinstance(dataset, tf.data.Dataset):
+        return None
+    length = int(dataset.cardinality())
+    return None if length == tf.data.UNKNOWN_CARDINALITY else length
