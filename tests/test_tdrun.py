@@ -67,3 +67,66 @@ def test_an_option_that_is_not_ours_is_refused_before_launching(capsys):
         ["train.py", "-np", "5"],
     )
     assert launcher.split_target(["-m", "pkg.train", "--x"]) == ([], ["-m", "pkg.train", "--x"])
+
+
+# Open MPI's mpiexec as tdrun meets it (in-process: no MPI): it says its
+# version; it starts the target as ranks 0 and 1 (SLURM_PROCID, which the
+# ledger reads like OMPI_COMM_WORLD_RANK) and ends with FAKE_STATUS, 0 by
+# default whatever its ranks did, as Open MPI does after a lost node.
+FAKE_OPEN_MPI = """#!/bin/bash
+if [ "$1" = "--version" ]; then echo "mpiexec (Open MPI) 5.0.11"; exit 0; fi
+while [ "$1" != "$FAKE_PYTHON" ]; do shift; done
+for rank in 0 1; do SLURM_PROCID=$rank "$@" & done
+wait
+exit ${FAKE_STATUS:-0}
+"""
+# MODE: "killed" (both ranks SIGKILLed mid-script), "rank1" (rank 1 only,
+# as a lost rank whose survivor goes on under ULFM), "none".
+RANKS = """import os, signal, sys
+if sys.argv[1] == "killed" or (sys.argv[1] == "rank1" and os.environ["SLURM_PROCID"] == "1"):
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _tdrun(tmp_path, mode, **environ):
+    import os
+    import subprocess
+    import sys
+
+    fake, script = tmp_path / "mpiexec", tmp_path / "ranks.py"
+    fake.write_text(FAKE_OPEN_MPI)
+    fake.chmod(0o755)
+    script.write_text(RANKS)
+    code = (
+        "import sys; from transparent_dist.runtime import launcher; "
+        "launcher.find_launcher = lambda *a, **k: ('mpiexec', sys.argv[1]); "
+        "sys.exit(launcher.main(sys.argv[2:]))"
+    )
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    env = {**os.environ, "FAKE_PYTHON": sys.executable, "TMPDIR": str(tmp_path / "tmp"), **environ}
+    env.pop("TD_CHECKPOINT_DIR", None)
+    command = [sys.executable, "-c", code, str(fake), "-n", "2", str(script), mode]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_tdrun_turns_open_mpis_silent_end_after_a_lost_node_into_a_failure(tmp_path):
+    import socket
+
+    ended = _tdrun(tmp_path, "killed")
+    assert ended.returncode == 1, ended.stderr
+    host = socket.gethostname()
+    assert ended.stderr.splitlines()[-1] == (
+        f"tdrun: the launcher exited with status 0, but ranks 0, 1 (on {host}) ended before "
+        "the end of the script: Open MPI ends a job so when it loses a node's daemon (a lost "
+        "node: its message above names the node); no checkpoint (TD_CHECKPOINT_DIR is not "
+        "set): the same command starts afresh; exit status 1"
+    )
+    # A lost rank whose survivor finished (as under ULFM), a launcher's own
+    # failure: the launcher's status, nothing said.
+    for mode, environ, status in (
+        ("rank1", {}, 0),
+        ("killed", {"FAKE_STATUS": "3"}, 3),
+    ):
+        run = _tdrun(tmp_path, mode, **environ)
+        assert (run.returncode, "tdrun:" in run.stderr) == (status, False), (mode, run.stderr)
+    assert not list((tmp_path / "tmp").iterdir())  # tdrun's ledger folders are gone

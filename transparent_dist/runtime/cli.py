@@ -19,6 +19,8 @@ import runpy
 import sys
 import types
 
+from transparent_dist.core import ledger
+
 __all__ = ["USAGE", "main", "run"]
 
 USAGE = """\
@@ -139,4 +141,7 @@ def main() -> None:
 
         print(f"transparent_dist {__version__}")
         sys.exit(0)
-    sys.exit(run(argv))
+    ledger.note("start")
+    status = run(argv)
+    ledger.note("end", str(status))
+    sys.exit(status)

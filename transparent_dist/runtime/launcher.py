@@ -22,7 +22,10 @@ the script's name.
 Open MPI's `mpiexec` (`flavour` tells it by its `--version`) gets what it
 needs where MPICH's does not: `--oversubscribe` when more ranks than cores
 are asked for, `--allow-run-as-root` when run as root (containers), and
-`--host` for the host list.
+`--host` for the host list. It also does not take over tdrun's process:
+it ends a job with status 0 when it loses a node's daemon, so tdrun waits
+for it and turns such an end into status 1 with a line saying so
+(`supervise`).
 """
 
 from __future__ import annotations
@@ -241,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(shlex.join(command))
         return 0
+    if kind == "mpiexec" and flavour(launcher) == "Open MPI":
+        # Its status is 0 after a lost node: tdrun stays to judge it.
+        from transparent_dist.runtime import supervise
+
+        return supervise.run(command)
     sys.stdout.flush()
     os.execv(command[0], command)  # the launcher takes over: signals reach it directly
     return 0  # not reached

@@ -1,0 +1,91 @@
+"""Where each rank of a `tdrun` job got to, for `tdrun` to judge a launcher's status.
+
+```python
+from transparent_dist.core import ledger
+ledger.note("start")                 # a rank, as its script starts (TDRUN_LEDGER names the folder)
+ledger.note("end", "0")              # ... as its script ends, with its status
+print(ledger.judge("/tmp/x", 0))     # tdrun: None (no rank wrote there), or what went wrong
+```
+
+Open MPI's `mpiexec` (PRRTE 3.0) ends a job with exit status 0 when it
+loses a node's daemon: the ranks left are killed mid-script, and the
+launcher's status is never raised above 0, whether it noticed the lost
+daemon by its connection or by its `ssh` ending (docs/ulfm_lost_node.json,
+docs/elastic.md). Only the ranks can tell such an end from a finished
+job: each notes its start and its end (with the script's status), one
+small file each, in the folder `TDRUN_LEDGER` names (tdrun makes it). A
+rank whose host cannot see the folder (another node, no shared file
+system) notes nothing and is not judged. Outside tdrun (`TDRUN_LEDGER`
+unset) nothing is written. A script that leaves by `os._exit(0)` on every
+rank skips its end note: tdrun would take it for a lost node.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+__all__ = ["ENV", "judge", "note"]
+
+ENV = "TDRUN_LEDGER"
+# The launcher's own rank numbers: they do not change when a rank is lost
+# and the world is rebuilt under ULFM (the plugin's world ranks do).
+_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")
+
+
+def _rank() -> str | None:
+    for name in _RANK_VARIABLES:
+        if os.environ.get(name, "").isdigit():
+            return os.environ[name]
+    return None
+
+
+def note(kind: str, detail: str = "") -> None:
+    """Notes `kind` ('start', 'end') for this rank, with its host and
+    `detail`; nothing outside a tdrun job or where the folder is not
+    reachable (a note must never end a job)."""
+    folder, rank = os.environ.get(ENV), _rank()
+    if not folder or rank is None or not os.path.isdir(folder):
+        return
+    try:
+        Path(folder, f"{rank}.{kind}").write_text(f"{socket.gethostname()}\n{detail}\n")
+    except OSError:
+        pass
+
+
+def _read(folder: str) -> dict[str, dict[int, str]]:
+    """{kind: {rank: host}} of the notes in `folder`."""
+    notes: dict[str, dict[int, str]] = {"start": {}, "end": {}}
+    for path in Path(folder).glob("*.*"):
+        rank, _, kind = path.name.partition(".")
+        if kind in notes and rank.isdigit():
+            notes[kind][int(rank)] = path.read_text().partition("\n")[0]
+    return notes
+
+
+def _ranks_on_hosts(hosts_of: dict[int, str]) -> str:
+    hosts: dict[str, list[int]] = {}
+    for rank in sorted(hosts_of):
+        hosts.setdefault(hosts_of[rank], []).append(rank)
+    return ", ".join(
+        f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} (on {host})"
+        for host, ranks in hosts.items()
+    )
+
+
+def judge(folder: str, status: int) -> str | None:
+    """What went wrong when the launcher ended with `status` 0 although
+    ranks started and none of them reached the end of its script, or None
+    (another status stands as it is; so does a job whose ranks, or the
+    survivors of a lost rank under ULFM, ended their scripts)."""
+    if status != 0 or not os.path.isdir(folder):
+        return None
+    notes = _read(folder)
+    if not notes["start"] or notes["end"]:
+        return None
+    return (
+        f"the launcher exited with status 0, but {_ranks_on_hosts(notes['start'])} ended "
+        "before the end of the script: Open MPI ends a job so when it loses a node's daemon "
+        "(a lost node: its message above names the node)"
+    )
