@@ -89,6 +89,27 @@ def test_core_equivalence_and_fault_matrix_pass_under_open_mpi(open_mpi_venv):
     assert passed >= 23, job.stdout[-2000:]
 
 
+def _assert_every_sample_once(prefix, rows: int, epochs: int = 3, steps: int = 6) -> None:
+    """Every sample trained on once per epoch, by the ledgers of a job of
+    `tests/jobs/elastic.py`: of the ranks' notes of a step, those of the
+    last world that ran it count (a step the lost rank did not finish is
+    run again by the survivors; one it finished stands, its notes too)."""
+    taken: dict[tuple[int, int], tuple[int, list[int]]] = {}
+    for path in prefix.parent.glob(prefix.name + "-ledger*"):
+        for line in path.read_text().splitlines():
+            size, epoch, step, ids = line.split(" ")
+            key, size = (int(epoch), int(step)), int(size)
+            before = taken.get(key, (size + 1, []))
+            if size < before[0]:
+                taken[key] = (size, [int(i) for i in ids.split(",")])
+            elif size == before[0]:
+                before[1].extend(int(i) for i in ids.split(","))
+    assert sorted(taken) == [(e, s) for e in range(epochs) for s in range(steps)], sorted(taken)
+    for epoch in range(epochs):
+        ids = sorted(i for (e, _), (_, step) in taken.items() if e == epoch for i in step)
+        assert ids == list(range(rows)), (epoch, len(ids), len(set(ids)))
+
+
 _DATASET_STEPS = (
     "each step the same 3 batches of the dataset, joined and split by rows over the {} ranks"
 )
@@ -136,6 +157,7 @@ def test_tf_keras_fit_goes_on_after_lost_ranks_under_ulfm(open_mpi_venv, tmp_pat
         timeout=300,
     )
     _assert_rank_2_then_0_lost(job, _DATASET_STEPS)
+    _assert_every_sample_once(tmp_path / "lost", 430)
     assert "rank 1 finished" in job.stdout, job.stdout
     expected, got = np.load(f"{alone}.npz"), np.load(tmp_path / "lost.npz")
     for name in expected.files:
@@ -257,6 +279,7 @@ def test_lost_ranks_do_not_end_the_job_under_ulfm(open_mpi_venv, uninterrupted, 
         _assert_rank_2_then_0_lost(job)
     else:
         _assert_rank_2_then_0_lost(job, _DATASET_STEPS)
+    _assert_every_sample_once(tmp_path / "lost", 432)
     # Rank 1, rank 0 at the end, printed and wrote the files.
     assert "rank 1 finished" in job.stdout, job.stdout
     expected = np.load(f"{uninterrupted}.npz")

@@ -81,10 +81,13 @@ wait
 exit ${FAKE_STATUS:-0}
 """
 # MODE: "killed" (both ranks SIGKILLed mid-script), "rank1" (rank 1 only,
-# as a lost rank whose survivor goes on under ULFM), "none".
+# as a lost rank whose survivor goes on under ULFM), "os_exit" (both end
+# by os._exit(0), skipping the rest of the interpreter's exit), "none".
 RANKS = """import os, signal, sys
 if sys.argv[1] == "killed" or (sys.argv[1] == "rank1" and os.environ["SLURM_PROCID"] == "1"):
     os.kill(os.getpid(), signal.SIGKILL)
+if sys.argv[1] == "os_exit":
+    os._exit(0)
 """
 
 
@@ -121,10 +124,12 @@ def test_tdrun_turns_open_mpis_silent_end_after_a_lost_node_into_a_failure(tmp_p
         "node: its message above names the node); no checkpoint (TD_CHECKPOINT_DIR is not "
         "set): the same command starts afresh; exit status 1"
     )
-    # A lost rank whose survivor finished (as under ULFM), a launcher's own
-    # failure: the launcher's status, nothing said.
+    # A lost rank whose survivor finished (as under ULFM), a script that
+    # leaves by os._exit(0), a launcher's own failure: the launcher's
+    # status, nothing said.
     for mode, environ, status in (
         ("rank1", {}, 0),
+        ("os_exit", {}, 0),
         ("killed", {"FAKE_STATUS": "3"}, 3),
     ):
         run = _tdrun(tmp_path, mode, **environ)

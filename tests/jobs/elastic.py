@@ -14,7 +14,10 @@ the training data is a tf.data dataset the script batches itself (430 rows
 in 18 batches of 24 on 3 ranks, the last of 22; in 6 of 72 in one process);
 with ELASTIC_DATA=endless the same 432 rows as the arrays, batched and
 repeated, read `steps_per_epoch` batches an epoch (the same global batches
-as the arrays: the same numbers).
+as the arrays: the same numbers). Every rank notes the samples each of
+its training steps took in OUT-ledgerRANK, a line per step: the ranks
+then, the epoch, the step, the samples' ids (the model's first layer takes
+the id column off the inputs).
 """
 
 import glob
@@ -25,6 +28,7 @@ import sys
 import time
 
 import numpy as np
+import tensorflow as tf
 
 if os.environ.get("TF_USE_LEGACY_KERAS") == "1":  # the same script in tf_keras (Keras 2)
     import tf_keras as keras
@@ -54,6 +58,7 @@ class Kill(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         self._kill(str(batch))
+        Kill.at = (self.epoch, batch)
 
     def on_test_batch_begin(self, batch, logs=None):
         self._kill(f"v{batch}")
@@ -62,10 +67,34 @@ class Kill(keras.callbacks.Callback):
         self.ended.append((self.epoch, batch, time.time()))
 
 
+def _note(ids):
+    epoch, step = Kill.at
+    with open(f"{out}-ledger{rank}", "a") as f:
+        taken = ",".join(str(int(i)) for i in ids.numpy())
+        f.write(f"{transparent_dist.size()} {epoch} {step} {taken}\n")
+
+
+class Ledger(keras.layers.Layer):
+    """Takes the id column (the first) off the inputs; in training, notes
+    the ids each step takes (`_note`)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.supports_jit = False  # a py_function
+
+    def call(self, inputs, training=None):
+        if training:
+            tf.py_function(_note, [inputs[:, 0]], [])
+        return inputs[:, 1:]
+
+
 data = np.random.default_rng(0).normal(size=(576, 8)).astype("float32")
+y, vy = (d @ np.linspace(-1, 1, 8).astype("float32") for d in (data[:432], data[432:]))
+data = np.c_[np.arange(576, dtype="float32"), data]
 x, vx = data[:432], data[432:]
-y, vy = (d @ np.linspace(-1, 1, 8).astype("float32") for d in (x, vx))
-model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16), keras.layers.Dense(1)])
+model = keras.Sequential(
+    [keras.Input((9,)), Ledger(), keras.layers.Dense(16), keras.layers.Dense(1)]
+)
 model.compile(keras.optimizers.Adam(1e-2), "mse")
 # A global batch of 72: 24 per rank on 3 ranks, all of it in one process.
 batch = 72 // transparent_dist.size()
@@ -77,12 +106,8 @@ callbacks = [
 ]
 inputs = {"x": x, "y": y, "batch_size": batch}
 if os.environ.get("ELASTIC_DATA") == "dataset":
-    import tensorflow as tf
-
     inputs = {"x": tf.data.Dataset.from_tensor_slices((x[:430], y[:430])).batch(batch)}
 elif os.environ.get("ELASTIC_DATA") == "endless":
-    import tensorflow as tf
-
     endless = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch).repeat()
     inputs = {"x": endless, "steps_per_epoch": len(x) // batch}
 history = model.fit(

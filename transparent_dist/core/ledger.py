@@ -16,17 +16,20 @@ job: each notes its start and its end (with the script's status), one
 small file each, in the folder `TDRUN_LEDGER` names (tdrun makes it). A
 rank whose host cannot see the folder (another node, no shared file
 system) notes nothing and is not judged. Outside tdrun (`TDRUN_LEDGER`
-unset) nothing is written. A script that leaves by `os._exit(0)` on every
-rank skips its end note: tdrun would take it for a lost node.
+unset) nothing is written. A script that leaves by `os._exit(n)` (a
+common way round a hang at interpreter exit) notes its end first
+(`noting_os_exit`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["ENV", "judge", "note"]
+__all__ = ["ENV", "judge", "note", "noting_os_exit"]
 
 ENV = "TDRUN_LEDGER"
 # The launcher's own rank numbers: they do not change when a rank is lost
@@ -52,6 +55,28 @@ def note(kind: str, detail: str = "") -> None:
         Path(folder, f"{rank}.{kind}").write_text(f"{socket.gethostname()}\n{detail}\n")
     except OSError:
         pass
+
+
+@contextlib.contextmanager
+def noting_os_exit() -> Iterator[None]:
+    """Within: `os._exit(n)` notes this rank's end with `n` before it
+    leaves (it skips everything else, the end note after the script too).
+    The original is `os._exit` again after, and inside as `__wrapped__`."""
+    if not os.environ.get(ENV):
+        yield
+        return
+    original = os._exit
+
+    def leave(status: int) -> None:
+        note("end", str(status))
+        original(status)
+
+    leave.__wrapped__ = original  # type: ignore[attr-defined]
+    os._exit = leave
+    try:
+        yield
+    finally:
+        os._exit = original
 
 
 def _read(folder: str) -> dict[str, dict[int, str]]:

@@ -142,6 +142,7 @@ def main() -> None:
         print(f"transparent_dist {__version__}")
         sys.exit(0)
     ledger.note("start")
-    status = run(argv)
+    with ledger.noting_os_exit():
+        status = run(argv)
     ledger.note("end", str(status))
     sys.exit(status)
