@@ -213,6 +213,8 @@ def test_doctor_and_tdrun_know_open_mpi(open_mpi_venv):
     words = dry.stdout.split()
     assert words[:4] == [mpiexec, "-n", "64", "--oversubscribe"], dry.stdout + dry.stderr
     assert ("--allow-run-as-root" in words) == (os.geteuid() == 0)
+    # The wheel's Open MPI has ULFM: a lost rank does not end a tdrun job.
+    assert words[words.index("--with-ft") + 1] == "ulfm", dry.stdout
 
 
 SCRIPT = str(ROOT / "tests" / "jobs" / "elastic.py")

