@@ -133,6 +133,8 @@ def _assert_rank_2_then_0_lost(
     assert "in epoch 3; 1 of 2 ranks go on from step 2 of that epoch" in said[1], said
     last = batch.format(72) if arrays else batch.split(" and split")[0] + " into one batch"
     assert last in said[1], said
+    # The last rank alone exchanged nothing: no rate of 0 said for it.
+    assert " 0 samples/s" not in job.stderr + job.stdout, job.stderr[-3000:]
 
 
 def test_tf_keras_fit_goes_on_after_lost_ranks_under_ulfm(open_mpi_venv, tmp_path):

@@ -426,7 +426,9 @@ class FitSummary:
         # in the job makes this rank's time in it the build's.
         build = stats.build_seconds if totals[4] else 0.0
         elapsed -= build
-        if self._steps == 0 or elapsed <= 0:
+        if self._steps == 0 or elapsed <= 0 or totals[0] == 0:
+            # No step exchanged (the last rank left after a loss trains
+            # alone): no rate to give.
             return
         exchange = totals[1] / w.size
         log.info(
