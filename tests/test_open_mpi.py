@@ -140,8 +140,10 @@ def _assert_rank_2_then_0_lost(
 def test_tf_keras_fit_goes_on_after_lost_ranks_under_ulfm(open_mpi_venv, tmp_path):
     """tf_keras's fit, as Keras 3's in the test below (its script, in tf_keras),
     over a tf.data dataset the script batched by 24 (18 batches, the last of
-    22): 3 ranks, rank 2 killed as step 4 of epoch 2 begins, rank 0 as step
-    2 of epoch 3 does; each step after a loss is the same 3 batches, joined
+    22; filtered, so of unknown length: the epoch's length is counted, not
+    learnt again from the short resumed epoch): 3 ranks, rank 2 killed as
+    step 4 of epoch 2 begins, rank 0 as step 2 of epoch 3 does; each step
+    after a loss is the same 3 batches, joined
     and split over the survivors; rank 1 writes the files, the weights are
     the uninterrupted run's (one process, batches of 72; 1e-5). Before the
     survivors kept each step's batches, they took 2 of 3 and 1 of 3 of

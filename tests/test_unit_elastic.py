@@ -243,3 +243,44 @@ def test_step_counts_keep_the_ranks_the_job_started_with(monkeypatch):
         assert step_counts.before_validation_is_sharded(None, a, data, None).per_step == 3
         step_counts.adjust(a, passes)
         assert a["steps_per_epoch"] == 6, size
+
+
+def test_datasets_whose_interrupted_epoch_cannot_be_read_again_end_the_job(monkeypatch):
+    """A loss mid-epoch: a dataset that reshuffles on each pass (its
+    interrupted order cannot be drawn again), one of unknown length lost in
+    its first epoch (the epoch's length not known yet), and batches that
+    cannot be joined (padded_batch) end the job; a loss in validation, or
+    a dataset shuffled once (reshuffle_each_iteration=False), goes on."""
+    import numpy as np
+    import tensorflow as tf
+
+    from transparent_dist.adapters import keras_elastic
+    from transparent_dist.adapters.keras3_tensorflow import FRAMEWORK as fw
+
+    monkeypatch.setattr(world, "_WORLD", world.World(rank=0, size=2, started_size=3))
+    rows = tf.data.Dataset.from_tensor_slices((np.zeros((12, 2), "f"), np.zeros(12, "f")))
+    mid = keras_elastic.Resume(epoch=1, step=2, iterations=8, history=None, steps=6)
+    in_validation = keras_elastic.Resume(
+        epoch=1, step=6, iterations=12, history=None, steps=6, logs={"loss": 1.0}
+    )
+
+    class Noted:
+        def __init__(self, steps):
+            self.data_steps, self._steps = None, steps
+
+        def steps(self):
+            return self._steps
+
+    def why(x, resume=mid, steps=6):
+        return keras_elastic._why_not_go_on(fw, {"x": x}, Noted(steps), resume)
+
+    shuffled = rows.shuffle(12, seed=1).batch(4).prefetch(1)
+    assert "reshuffles on each pass" in why(shuffled)
+    assert why(shuffled, in_validation) is None
+    assert why(rows.shuffle(12, seed=1, reshuffle_each_iteration=False).batch(4)) is None
+    unknown = rows.filter(lambda *_: True).batch(4)
+    assert why(unknown) is None
+    assert "of unknown length, lost in its first epoch" in why(unknown, steps=None)
+    words = tf.data.Dataset.from_tensor_slices(tf.ragged.constant([[1], [2, 3], [4, 5, 6]]))
+    padded = words.map(lambda w: (w, 0.0)).padded_batch(2)
+    assert "differ in shape past their first dimension" in why(padded)

@@ -327,9 +327,10 @@ def _fit(fw: Framework, original: Any, a: dict, resume: Any = None, position: An
     if resume is not None:
         a["initial_epoch"] = resume.epoch
         if resume.skipped:
-            per_epoch = a["steps_per_epoch"]
-            # An endless dataset's resumed epoch is its steps left.
-            epoch_steps = (per_epoch - resume.step, per_epoch) if per_epoch else None
+            # The resumed epoch is its steps left, where the data's length
+            # does not say the epoch's (endless, or unknown: counted).
+            full = a["steps_per_epoch"] or resume.steps
+            epoch_steps = (full - resume.step, full) if full else None
             skipped = fw.backend.skip_batches(a["x"], lambda: resume.skipped, epoch_steps)
             if skipped is None:
                 raise RuntimeError(

@@ -58,6 +58,7 @@ from transparent_dist.adapters import keras_callback_state, keras_callbacks, roo
 from transparent_dist.core import collectives, elastic, log, shard_plan, unique, world
 from transparent_dist.tf import broadcast
 from transparent_dist.tf import inputs as tf_inputs
+from transparent_dist.tf.inputs import pipelines
 
 __all__ = ["Resume", "fit"]
 
@@ -116,6 +117,11 @@ class _FitPosition:
         # (`data_steps`, set by the adapter; None if not a dataset).
         self.first: tuple[int, int] | None = None
         self.data_steps: int | None = None
+        # The steps of a whole epoch as counted here (a dataset of unknown
+        # length: Keras's `params` do not say), and this epoch's first and
+        # last step numbers.
+        self.counted: int | None = None if earlier is None else earlier.counted
+        self.batches: list[int] = []
 
     def _restore_history(self) -> None:
         resume = self.resume
@@ -145,12 +151,19 @@ class _FitPosition:
             skipped = int(self.skip.numpy()) if self.skip is not None else 0
             self.first = (self.start, skipped)
         self.began = max(self.began, epoch)
+        self.batches = []
         if self.checkpointer is not None:
             self.base = self.checkpointer.service.global_step - self.start
+
+    def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+        if not self.batches:
+            self.batches = [batch, batch]
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
         # Keras made these plain numbers for the callbacks already.
         self.logs = logs
+        if self.batches:
+            self.batches[1] = batch
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         if self.skip is not None and self.data_steps != _INFINITE:
@@ -165,13 +178,19 @@ class _FitPosition:
                 logs.setdefault(key, value)
         # The script's callbacks, after this one, get this epoch's end.
         self.ended = max(self.ended, epoch)
+        if self.batches and not self.model.stop_training:
+            # tf_keras numbers a resumed epoch's steps on from the step.
+            first, last = self.batches
+            done = last + 1 if first == self.offset and first else self.offset + last - first + 1
+            self.counted = max(self.counted or 0, done)
 
     def on_train_end(self, logs: Any = None) -> None:
         self._restore_history()
 
     def steps(self) -> int | None:
         """A whole epoch's steps (None if unknown)."""
-        return self.full_steps or (getattr(self, "params", None) or {}).get("steps")
+        given = self.full_steps or (getattr(self, "params", None) or {}).get("steps")
+        return given or self.counted
 
     def continued(self, callbacks: Any, user: Any) -> Any:
         """The callbacks a run of fit gets, from the list `for_this_rank`
@@ -397,12 +416,36 @@ def _kind(fw: Any, data: Any) -> str:
     return tf_inputs.classify(x, y, weights, fw.arrays).kind
 
 
-def _why_not_go_on(fw: Any, arguments: dict, noted: Any = None) -> str | None:
+def _why_not_go_on(
+    fw: Any, arguments: dict, noted: Any = None, resume: Resume | None = None
+) -> str | None:
     """Why the survivors cannot go on with fit's data (see the module's
     docstring), or None."""
     kind = _training_kind(fw, arguments)
     if kind in _CANNOT_GO_ON:
         return f"the training data is {_CANNOT_GO_ON[kind]}"
+    x = arguments.get("x")
+    if kind == "dataset" and not pipelines.joinable(x.element_spec):
+        return (
+            "the training data is a tf.data dataset whose batches differ in shape past their "
+            "first dimension (padded_batch pads each to its own length): the survivors keep "
+            "each step's samples by joining its batches, which these cannot be"
+        )
+    mid_epoch = resume is not None and resume.logs is None and resume.skipped > 0
+    if kind == "dataset" and mid_epoch and pipelines.reshuffles(x):
+        # Its order is drawn anew by each iterator made of it, the
+        # interrupted pass's is gone: going on would repeat some samples
+        # and leave others out.
+        return (
+            "the training data is a tf.data dataset that reshuffles on each pass (shuffle "
+            "before batch), whose order in the interrupted epoch cannot be drawn again "
+            "mid-epoch"
+        )
+    if kind == "dataset" and mid_epoch and noted is not None and not noted.steps():
+        return (
+            "the training data is a tf.data dataset of unknown length, lost in its first epoch "
+            "before its length was known"
+        )
     steps, length = (None, None) if noted is None else (noted.steps(), noted.data_steps)
     if arguments.get("steps_per_epoch") and steps and length and 0 < steps < length:
         # Keras reads one iterator over several epochs, made anew when a
@@ -462,12 +505,6 @@ def fit(
             return run(dict(arguments), resume, noted)
         except Exception as error:  # noqa: BLE001 - recover() re-raises what is not a loss
             loss = elastic.recover(error)
-            if (reason := _why_not_go_on(fw, arguments, noted)) is not None:
-                elastic.leave(
-                    f"lost {loss.where()}; {reason}: ending the job; {elastic.where_to_resume()}"
-                    if world.get().is_root
-                    else ""
-                )
             history = keras_callback_state.snapshot_history(model)
             resume = _roll_back(fw, model, noted, history)
             if noted.data_steps == _INFINITE and noted.first is not None:
@@ -475,6 +512,12 @@ def fit(
                 # step since its first epoch drew a batch of it.
                 start, offset = noted.first
                 resume = dataclasses.replace(resume, batches=offset + resume.iterations - start)
+            if (reason := _why_not_go_on(fw, arguments, noted, resume)) is not None:
+                elastic.leave(
+                    f"lost {loss.where()}; {reason}: ending the job; {elastic.where_to_resume()}"
+                    if world.get().is_root
+                    else ""
+                )
             _go_on_checkpointing(noted, resume)
             # The steps were traced for the old world (its size is a
             # constant in them: the divided loss, the summed target).

@@ -62,9 +62,12 @@ __all__ = [
     "generator_batches",
     "is_file_backed",
     "iterator_made",
+    "joinable",
+    "joined_rows",
     "num_rows",
     "rank_rows_batches",
     "read_on_demand",
+    "reshuffles",
     "rows_of",
     "shard_arrays",
 ]
@@ -402,6 +405,8 @@ def joined_rows(pieces: list[Any], rank: int, size: int, what: str = "the datase
             return None
         if all(isinstance(leaf, np.ndarray) for leaf in leaves):
             return np.concatenate(leaves)
+        if isinstance(leaves[0], tf.SparseTensor):
+            return tf.sparse.concat(0, list(leaves))
         return tf.concat(leaves, 0)
 
     try:
@@ -487,6 +492,38 @@ def iterator_made(dataset: Any) -> None:
         return
     if on_iter is not None:
         on_iter()
+
+
+def joinable(spec: Any) -> bool:
+    """Whether batches of element spec `spec` can be joined along their
+    first dimension (`joined_rows`): every dimension past it fixed."""
+    leaves = tf.nest.flatten(spec)
+    return all(
+        not isinstance(leaf, (tf.TensorSpec, tf.SparseTensorSpec, tf.RaggedTensorSpec))
+        or leaf.shape.rank is not None
+        and (isinstance(leaf, tf.RaggedTensorSpec) or leaf.shape[1:].is_fully_defined())
+        for leaf in leaves
+    )
+
+
+def reshuffles(dataset: tf.data.Dataset) -> bool:
+    """Whether `dataset`, or a dataset it is made from, shuffles anew on
+    each pass (`shuffle(..., reshuffle_each_iteration=True)`, the default):
+    each iterator made of it draws another order. (A shuffle inside a
+    function it maps or interleaves is not seen.)"""
+    seen, pending = set(), [dataset]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if getattr(current, "_reshuffle_each_iteration", False) is True:
+            return True
+        try:
+            pending.extend(current._inputs())
+        except (AttributeError, NotImplementedError, TypeError):
+            continue
+    return False
 
 
 def dataset_batches(dataset: tf.data.Dataset, plan: ShardPlan) -> tf.data.Dataset:

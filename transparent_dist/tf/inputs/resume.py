@@ -48,8 +48,8 @@ def skip_first(
     at every epoch's iterator: the resumed epoch skips what it had done,
     and once it is set to 0 the epochs after it are whole. `epoch_steps`:
     the resumed epoch's and a full epoch's steps of a dataset that never
-    ends (`steps_per_epoch`); its `steps()` counts every batch read since
-    its iterator was made, over epochs."""
+    ends (`steps_per_epoch`; its `steps()` counts every batch read since
+    its iterator was made, over epochs) or whose length is unknown."""
     import tensorflow as tf
 
     if not isinstance(dataset, tf.data.Dataset):
@@ -59,9 +59,10 @@ def skip_first(
         tf.autograph.experimental.do_not_convert(lambda _: dataset.skip(skip))
     )
     full = int(dataset.cardinality())
-    if epoch_steps is not None and full == tf.data.INFINITE_CARDINALITY:
+    if epoch_steps is not None and full < 0:  # endless, or of unknown length
         _EPOCH_LENGTHS[resumed] = epoch_steps
-        _ENDLESS.add(resumed)
+        if full == tf.data.INFINITE_CARDINALITY:
+            _ENDLESS.add(resumed)
     elif full > 0:
         _EPOCH_LENGTHS[resumed] = (full - int(skip.numpy()), full)
     return resumed, skip
