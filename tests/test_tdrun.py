@@ -164,3 +164,51 @@ def test_tdrun_says_how_a_lost_rank_could_be_survived_where_mpich_ends_the_job(t
     ):
         run = _tdrun(tmp_path, mode, **{**hydra, **environ})
         assert (run.returncode, "tdrun:" in run.stderr) == (status, False), (mode, run.stderr)
+
+
+def test_a_tdrun_killed_outright_takes_the_launcher_with_it(tmp_path):
+    """tdrun waits for `mpiexec` as its child: SIGKILLed (no handler can
+    run), the launcher still gets SIGTERM (`PR_SET_PDEATHSIG`) and ends the
+    job, as it did when tdrun's process became the launcher's. Before,
+    the launcher went on alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    fake = tmp_path / "mpiexec"
+    pid_file = tmp_path / "launcher.pid"
+    fake.write_text(
+        '#!/bin/bash\nif [ "$1" = "--version" ]; then echo "mpiexec (Open MPI) 5.0.11"; exit 0; fi\n'
+        f"echo $$ > {pid_file}\nexec sleep 60\n"
+    )
+    fake.chmod(0o755)
+    code = (
+        "import sys; from transparent_dist.runtime import launcher; "
+        "launcher.find_launcher = lambda *a, **k: ('mpiexec', sys.argv[1]); "
+        "sys.exit(launcher.main(sys.argv[2:]))"
+    )
+    env = {**os.environ, "TD_ELASTIC": "off"}
+    tdrun = subprocess.Popen([sys.executable, "-c", code, str(fake), "-n", "2", "x.py"], env=env)
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    launcher_pid = int(pid_file.read_text())
+    tdrun.send_signal(signal.SIGKILL)
+    tdrun.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while not _gone(launcher_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not _gone(launcher_pid):
+        os.kill(launcher_pid, signal.SIGKILL)
+        raise AssertionError("the launcher outlived a tdrun killed outright")
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or a zombie left for init to reap."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True

@@ -26,6 +26,7 @@ its ranks' handlers.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -41,6 +42,17 @@ LOST_STATUS = 1
 _FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
+def _die_with_tdrun() -> None:
+    """In the launcher's process before it starts: SIGTERM to it when tdrun
+    dies (Linux `PR_SET_PDEATHSIG`), so that a tdrun killed outright
+    (SIGKILL) does not leave the job running, as it did not when tdrun's
+    process became the launcher's."""
+    try:
+        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))
+    except (OSError, AttributeError):
+        pass
+
+
 def run(command: list[str], open_mpi: bool = True, hint: str = "") -> int:
     """Runs the `mpiexec` `command` (launcher first; `open_mpi`: Open MPI's,
     which passes a variable on only when told, `-x`; MPICH's Hydra passes
@@ -51,7 +63,9 @@ def run(command: list[str], open_mpi: bool = True, hint: str = "") -> int:
         command = [command[0], "-x", ledger.ENV, *command[1:]]
     sys.stdout.flush()
     try:
-        child = subprocess.Popen(command, env={**os.environ, ledger.ENV: folder})
+        child = subprocess.Popen(
+            command, env={**os.environ, ledger.ENV: folder}, preexec_fn=_die_with_tdrun
+        )
         previous = {number: signal.getsignal(number) for number in (*_FORWARDED, signal.SIGINT)}
         for number in _FORWARDED:
             signal.signal(number, lambda number, frame: child.send_signal(number))
