@@ -95,6 +95,14 @@ if sys.argv[1] == "abort":
 """
 
 
+# tdrun with the launcher given as its first argument (a stand-in).
+TDRUN_WITH = (
+    "import sys; from transparent_dist.runtime import launcher; "
+    "launcher.find_launcher = lambda *a, **k: ('mpiexec', sys.argv[1]); "
+    "sys.exit(launcher.main(sys.argv[2:]))"
+)
+
+
 def _tdrun(tmp_path, mode, **environ):
     import os
     import subprocess
@@ -104,15 +112,10 @@ def _tdrun(tmp_path, mode, **environ):
     fake.write_text(FAKE_OPEN_MPI)
     fake.chmod(0o755)
     script.write_text(RANKS)
-    code = (
-        "import sys; from transparent_dist.runtime import launcher; "
-        "launcher.find_launcher = lambda *a, **k: ('mpiexec', sys.argv[1]); "
-        "sys.exit(launcher.main(sys.argv[2:]))"
-    )
     (tmp_path / "tmp").mkdir(exist_ok=True)
     env = {**os.environ, "FAKE_PYTHON": sys.executable, "TMPDIR": str(tmp_path / "tmp"), **environ}
     env.pop("TD_CHECKPOINT_DIR", None)
-    command = [sys.executable, "-c", code, str(fake), "-n", "2", str(script), mode]
+    command = [sys.executable, "-c", TDRUN_WITH, str(fake), "-n", "2", str(script), mode]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -184,13 +187,10 @@ def test_a_tdrun_killed_outright_takes_the_launcher_with_it(tmp_path):
         f"echo $$ > {pid_file}\nexec sleep 60\n"
     )
     fake.chmod(0o755)
-    code = (
-        "import sys; from transparent_dist.runtime import launcher; "
-        "launcher.find_launcher = lambda *a, **k: ('mpiexec', sys.argv[1]); "
-        "sys.exit(launcher.main(sys.argv[2:]))"
-    )
     env = {**os.environ, "TD_ELASTIC": "off"}
-    tdrun = subprocess.Popen([sys.executable, "-c", code, str(fake), "-n", "2", "x.py"], env=env)
+    tdrun = subprocess.Popen(
+        [sys.executable, "-c", TDRUN_WITH, str(fake), "-n", "2", "x.py"], env=env
+    )
     deadline = time.monotonic() + 30
     while not pid_file.exists() and time.monotonic() < deadline:
         time.sleep(0.05)

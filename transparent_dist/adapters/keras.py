@@ -129,6 +129,13 @@ class Framework:
     def fitting() -> bool:
         return fitting()
 
+    def classify_validation(self, validation_data: Any) -> tf_inputs.Data:
+        """`fit`'s `validation_data` (a dataset, or a tuple Keras unpacks)
+        classified as its training data is."""
+        vd = validation_data
+        vx, vy, vw = self.unpack(tuple(vd)) if isinstance(vd, (tuple, list)) else (vd, None, None)
+        return tf_inputs.classify(vx, vy, vw, self.arrays)
+
 
 def callbacks_of(module: Any) -> dict[str, Any]:
     """The `Framework` fields a Keras's `callbacks` module gives (Keras 3's
@@ -249,8 +256,7 @@ def _shard_validation(fw: Framework, a: dict, batch_size: Any) -> bool:
     vd = a["validation_data"]
     if vd is None:
         return False
-    vx, vy, vw = fw.unpack(tuple(vd)) if isinstance(vd, (tuple, list)) else (vd, None, None)
-    data = tf_inputs.classify(vx, vy, vw, fw.arrays)
+    data = fw.classify_validation(vd)
     vbatch = a["validation_batch_size"] or batch_size
     (vx, vy, vw, vbatch), whole = _for_evaluation(fw, data, vbatch, "the validation data")
     a["validation_data"] = vx if vy is None and vw is None else (vx, vy, vw)

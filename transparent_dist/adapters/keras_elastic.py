@@ -408,14 +408,6 @@ def _training_kind(fw: Any, arguments: dict) -> str:
     return tf_inputs.classify(x, y, weights, fw.arrays).kind
 
 
-def _kind(fw: Any, data: Any) -> str:
-    """The kind of a `validation_data` argument."""
-    x, y, weights = (
-        fw.unpack(tuple(data)) if isinstance(data, (tuple, list)) else (data, None, None)
-    )
-    return tf_inputs.classify(x, y, weights, fw.arrays).kind
-
-
 def _why_not_go_on(
     fw: Any, arguments: dict, noted: Any = None, resume: Resume | None = None
 ) -> str | None:
@@ -456,7 +448,8 @@ def _why_not_go_on(
             "per pass, one iterator across epochs, whose place the survivors cannot rebuild"
         )
     validation = arguments.get("validation_data")
-    if validation is not None and (kind := _kind(fw, validation)) in _VALIDATION_CANNOT_GO_ON:
+    kind = None if validation is None else fw.classify_validation(validation).kind
+    if kind in _VALIDATION_CANNOT_GO_ON:
         return f"the validation data is {_CANNOT_GO_ON[kind]}"
     return None
 

@@ -113,8 +113,7 @@ def _validation(fw: Any, a: dict) -> tuple[tf_inputs.Data | None, int | None]:
     vd = a["validation_data"]
     if vd is None:
         return None, None
-    vx, vy, vw = fw.unpack(tuple(vd)) if isinstance(vd, (tuple, list)) else (vd, None, None)
-    return tf_inputs.classify(vx, vy, vw, fw.arrays), a["validation_batch_size"]
+    return fw.classify_validation(vd), a["validation_batch_size"]
 
 
 def before_validation_is_sharded(

@@ -58,6 +58,13 @@ class ShardPlan:
     def local_batch(self) -> int:
         return max(1, self.global_batch // self.size)
 
+    def whole(self) -> ShardPlan:
+        """The plan of one process taking all of the data itself, in this
+        plan's local batches (a call every rank makes on all of it)."""
+        return dataclasses.replace(
+            self, rank=0, size=1, global_batch=self.local_batch, batch_ranks=0
+        )
+
     @property
     def round_size(self) -> int:
         """The script's batches one step takes over all ranks: one per rank

@@ -152,7 +152,7 @@ def build_command(
     return command + list(extra) + [sys.executable, "-m", "transparent_dist", *target]
 
 
-def _no_ulfm_hint(open_mpi: bool, launcher: str, command: list[str]) -> str:
+def _no_ulfm_hint(open_mpi: bool, command: list[str]) -> str:
     """How the survivors of a lost rank could have gone on, where this
     job's MPI ends it (for `supervise`); empty where they would have."""
     if not _elastic():
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         from transparent_dist.runtime import supervise
 
         open_mpi = flavour(launcher) == "Open MPI"
-        return supervise.run(command, open_mpi, _no_ulfm_hint(open_mpi, launcher, command))
+        return supervise.run(command, open_mpi, _no_ulfm_hint(open_mpi, command))
     sys.stdout.flush()
     os.execv(command[0], command)  # the launcher takes over: signals reach it directly
     return 0  # not reached

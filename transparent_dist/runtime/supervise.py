@@ -36,9 +36,8 @@ import tempfile
 
 from transparent_dist.core import ledger
 
-__all__ = ["LOST_STATUS", "run"]
+__all__ = ["run"]
 
-LOST_STATUS = 1
 _FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 

@@ -189,8 +189,7 @@ def plan_for(batch_size: int | None, shuffle: Any = False) -> ShardPlan:
 def whole_plan(batch_size: int | None) -> ShardPlan:
     """The plan of a call every rank makes on all of the data itself, in
     the batches one process takes with `batch_size`."""
-    plan = plan_for(batch_size)
-    return dataclasses.replace(plan, rank=0, size=1, global_batch=plan.local_batch, batch_ranks=0)
+    return plan_for(batch_size).whole()
 
 
 def fewer_than_ranks(data: Data, what: str) -> tuple[Data, bool]:
@@ -222,9 +221,7 @@ def _file_rows(data: Data, what: str, plan: ShardPlan, contiguous: bool) -> tf.d
     pipelines.agree_on_samples(n, what, 1 if contiguous else plan.size)
     if contiguous and n < plan.size:
         # predict, fewer rows than ranks: every rank reads them all.
-        plan = dataclasses.replace(
-            plan, rank=0, size=1, global_batch=plan.local_batch, batch_ranks=0
-        )
+        plan = plan.whole()
     return pipelines.file_batches(inputs, n, plan, contiguous)
 
 

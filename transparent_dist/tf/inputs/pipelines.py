@@ -350,24 +350,35 @@ def balanced_rounds(
     round (`sharding.last_steps`), so no rank ever gets an empty batch and
     every sample is used once. The source is read once per epoch on every
     rank, so a shuffling dataset shuffles alike everywhere. Holds at most
-    one round of batches. `agree(has_round)` is called once per round and
-    at the end, for sources whose length the ranks do not know up front.
+    one round of batches (two with `round_size`). `agree(has_round)` is
+    called once per round and at the end, for sources whose length the
+    ranks do not know up front.
 
     `round_size`: the ranks the batches were first dealt to, when a lost
     rank left fewer (`ShardPlan.round_size`). Each step is then the step
     those ranks took, its pieces joined and split by rows over the `size`
     ranks left (`joined_rows`): the same global batches, the same steps."""
     dealt = size if round_size is None else round_size
-    for pieces in _global_steps(batches, dealt, agree, what):
-        yield pieces[rank] if dealt == size else joined_rows(pieces, rank, size, what)
+    if dealt == size:
+        for (own,) in _global_steps(batches, size, [rank], agree, what):
+            yield own
+        return
+    for pieces in _global_steps(batches, dealt, list(range(dealt)), agree, what):
+        yield joined_rows(pieces, rank, size, what)
 
 
 def _global_steps(
-    batches: Iterator[Any], size: int, agree: Callable[[bool], None] | None, what: str
+    batches: Iterator[Any],
+    size: int,
+    ranks: list[int],
+    agree: Callable[[bool], None] | None,
+    what: str,
 ) -> Iterator[list[Any]]:
-    """Each step of one pass over `batches` dealt to `size` ranks: the list
-    of every rank's batch, in rank order (see `balanced_rounds`)."""
-    pending = None  # the last full round, held until the source ends
+    """Each step of one pass over `batches` dealt to `size` ranks: the
+    batches of `ranks` in it, in that order (see `balanced_rounds`). Holds
+    the round being read, and of the round before only the batches of
+    `ranks` and its last."""
+    pending = None  # (the batches of `ranks`, the last batch) of the last full round
     current: list[Any] = []
     for batch in batches:
         current.append(batch)
@@ -376,8 +387,8 @@ def _global_steps(
         if agree is not None:
             agree(True)
         if pending is not None:
-            yield pending
-        pending, current = current, []
+            yield pending[0]
+        pending, current = ([current[r] for r in ranks], current[-1]), []
     if agree is not None:
         agree(False)
         collectives.check_agreement(
@@ -385,11 +396,8 @@ def _global_steps(
             len(current),
             world.get().data_comm,
         )
-    last = None if pending is None else pending[-1]
-    ends = [
-        epoch_end(None if pending is None else pending[r], last, current, r, size, what)
-        for r in range(size)
-    ]
+    own, last = pending if pending is not None else ([None] * len(ranks), None)
+    ends = [epoch_end(own[i], last, current, r, size, what) for i, r in enumerate(ranks)]
     yield from (list(step) for step in zip(*ends, strict=True))
 
 
