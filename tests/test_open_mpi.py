@@ -148,17 +148,15 @@ def test_tf_keras_fit_goes_on_after_lost_ranks_under_ulfm(open_mpi_venv, tmp_pat
     the uninterrupted run's (one process, batches of 72; 1e-5). Before the
     survivors kept each step's batches, they took 2 of 3 and 1 of 3 of
     them per step: 0.08 off."""
-    script = str(ROOT / "tests" / "jobs" / "elastic.py")
-    env = {**_env(), "TF_USE_LEGACY_KERAS": "1", "ELASTIC_DATA": "dataset"}
     background_result("elastic-alone-tf_keras").check()
     alone = ALONE["tf_keras"]
-    job = subprocess.run(
-        [str(VENV / "bin" / "mpiexec"), "--with-ft", "ulfm", "-n", "3", str(open_mpi_venv)]
-        + ["-m", "transparent_dist", script, "2:1:4,0:2:2", str(tmp_path / "lost")],
-        env={**env, **OPEN_MPI_ENV},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    job = _ulfm_job(
+        open_mpi_venv,
+        3,
+        "2:1:4,0:2:2",
+        tmp_path / "lost",
+        TF_USE_LEGACY_KERAS="1",
+        ELASTIC_DATA="dataset",
     )
     _assert_rank_2_then_0_lost(job, _DATASET_STEPS)
     _assert_every_sample_once(tmp_path / "lost", 430)
