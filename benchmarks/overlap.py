@@ -249,14 +249,19 @@ def _compute_pair(args: argparse.Namespace, env: dict) -> dict:
 
 
 def _burst(rate: str) -> str:
-    """tbf's bucket: rate x 0.5 ms, at least 32 kB (measured here: 32 kB
+    """tbf's bucket: rate x 0.5 ms, at least 128 kB. Measured here: 32 kB
     holds 1 Gbit/s to 0.90 of line rate and 10 Gbit/s to 0.34; 64 kB and
-    about 300 kB reach 0.95, the TCP payload's share of the frames)."""
+    about 300 kB reach 0.95, the TCP payload's share of the frames. And a
+    bucket smaller than a GSO packet (64 kB) makes tbf cut every such packet
+    into frames in software: a 25 MB allreduce at 1 Gbit/s then cost both
+    "nodes" together 294 ms of CPU (this machine's 2 cores, which the ranks'
+    compute needs), against 65 ms with a 128 kB bucket, at the same 217-222
+    ms on the link (/proc/stat; a real NIC would not take that CPU)."""
     units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
     for unit, scale in units.items():
         if rate.lower().endswith(unit):
             bits = float(rate[: -len(unit)]) * scale
-            return f"{max(32, int(bits * 0.5e-3 / 8 / 1024))}kb"
+            return f"{max(128, int(bits * 0.5e-3 / 8 / 1024))}kb"
     raise ValueError(f"rate {rate!r}: give it as e.g. 1gbit, 500mbit")
 
 

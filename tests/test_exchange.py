@@ -39,12 +39,19 @@ def test_buckets_are_bit_identical_to_one_fused_buffer(paths, prefix):
 
 
 def test_early_buckets_do_not_wait_for_the_rest_of_backprop(paths):
-    # One exchange op per variable, last layer first: only the op for the
-    # first layer's kernel depends on the first layer's kernel gradient (the
-    # last step of backprop); the others may run while it is computed.
+    # Tiny buckets, last layer first: only the last ops depend on the first
+    # layer's kernel gradient (the last work of backprop); the others may
+    # run while it is computed. And a kernel computed in blocks sends each
+    # block as soon as it exists: the op sending block j waits for blocks
+    # 0..j only (each op also waits for the one before it).
     ancestry = paths[1][0]["ancestry"]
-    assert ancestry["exchanges"] == ancestry["variables"] == 6
-    assert ancestry["waits_for_first_layer"] == [False] * 5 + [True]
+    waits = ancestry["waits_for_first_layer"]
+    assert ancestry["exchanges"] > ancestry["variables"] == 6
+    assert not waits[0] and waits[-1] and waits == sorted(waits)
+    blocks = ancestry["second_kernel_blocks"]
+    awaited = [n for n in ancestry["second_kernel_blocks_awaited"] if n < blocks]
+    assert blocks == 64 and awaited == sorted(awaited)
+    assert set(range(1, blocks)) <= set(awaited)
 
 
 def test_buckets_follow_one_negotiation_in_bucket_order(paths):
@@ -53,8 +60,8 @@ def test_buckets_follow_one_negotiation_in_bucket_order(paths):
     # communication thread the buckets in the same order.
     ancestry = paths[1][0]["ancestry"]
     assert ancestry["negotiations"] == 1
-    assert ancestry["buckets"] == list(range(6))
-    assert ancestry["chained"] == [True] * 6
+    assert ancestry["buckets"] == list(range(ancestry["exchanges"]))
+    assert ancestry["chained"] == [True] * ancestry["exchanges"]
 
 
 def test_native_op_equals_numpy_exchange(paths):

@@ -51,21 +51,27 @@ for name, settings in {
 
 
 def bucket_ancestry() -> dict:
-    """With one bucket per variable, which gradients each exchange op of a
-    traced train step waits for (its ancestors in the graph)."""
+    """With one bucket per variable or block of one (`backprop_order`), which
+    gradients each exchange op of a traced train step waits for (its
+    ancestors in the graph)."""
     import tensorflow as tf
+
+    from transparent_dist.tf import backprop_order
 
     transparent_dist.configure(fusion_mb=0.0001, compression="none", native="auto")
     model = keras.Sequential(
         [keras.Input((10,)), keras.layers.Dense(64), keras.layers.Dense(64), keras.layers.Dense(1)]
     )
     optimizer = keras.optimizers.SGD(0.01)
+    blocks = {}
 
     @tf.function
     def step(x, y):
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean((model(x) - y) ** 2)
         grads = tape.gradient(loss, model.trainable_variables)
+        for i, g in enumerate(grads):
+            blocks[i] = [p.op.name for p in backprop_order.pieces(g) or [g]]
         optimizer.apply(grads, model.trainable_variables)
 
     graph = step.get_concrete_function(tf.zeros((4, 10)), tf.zeros((4, 1))).graph
@@ -81,18 +87,20 @@ def bucket_ancestry() -> dict:
                     stack.append(parent)
         return seen
 
-    # The MatMul computing the first layer's kernel gradient: the last op of
-    # backprop.
-    first_kernel_grad = next(
-        op.name
-        for op in graph.get_operations()
-        if op.type == "MatMul" and "gradient" in op.name.lower() and op.inputs[0].shape[-1] == 10
-    )
+    # Variables: kernel, bias of each layer. The first layer's kernel
+    # gradient is the last work of backprop; the second layer's is computed
+    # in blocks, each of which may leave before the next is computed.
+    first_kernel, second_kernel = blocks[0], blocks[2]
     return {
         "exchanges": len(exchanges),
         "variables": len(model.trainable_variables),
-        "waits_for_first_layer": [first_kernel_grad in ancestors(op) for op in exchanges],
-        "control_inputs": [[c.type for c in op.control_inputs] for op in exchanges],
+        "second_kernel_blocks": len(second_kernel),
+        "waits_for_first_layer": [
+            any(name in ancestors(op) for name in first_kernel) for op in exchanges
+        ],
+        "second_kernel_blocks_awaited": [
+            sum(name in ancestors(op) for name in second_kernel) for op in exchanges
+        ],
         "negotiations": sum(op.type == "TdNegotiate" for op in graph.get_operations()),
         "buckets": [op.get_attr("bucket") for op in exchanges],
         # Each exchange starts after the one before it (the first after the

@@ -39,6 +39,7 @@ _CHOICES = {
     "native": ("auto", "on", "off"),
     "resume": ("auto", "force", "fresh"),
     "elastic": ("auto", "off"),
+    "backprop_order": ("weights_first", "off"),
 }
 
 
@@ -80,6 +81,10 @@ class Settings:
     # behind 4), optional 16-bit compression, and a Chrome-trace timeline.
     fusion_mb: float = 4.0
     compression: str = "none"
+    # Each layer's weight gradient before its input gradient, a large one
+    # in blocks of `fusion_mb` (tf/backprop_order.py): the exchange starts
+    # earlier. "off": TensorFlow's own gradient functions.
+    backprop_order: str = "weights_first"
     timeline: str = ""
     # The compiled exchange op ("auto": used when it builds, else the numpy
     # exchange with a warning; "on": required; "off": never).

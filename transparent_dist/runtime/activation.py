@@ -47,10 +47,12 @@ KERAS_BACKENDS = {
 
 def _on_tensorflow(tf: ModuleType) -> None:
     from transparent_dist.adapters import custom_loops, tf1
-    from transparent_dist.tf import placement
+    from transparent_dist.tf import backprop_order, placement
     from transparent_dist.tf.inputs import seeds
 
     placement.apply(tf)
+    if world.get().size > 1:
+        backprop_order.install()
     tf1.install()
     custom_loops.install()
     seeds.agree_on_global_seed(tf)
@@ -160,6 +162,7 @@ RESETS = (
     "transparent_dist.adapters.tf1",
     "transparent_dist.adapters.custom_loops",
     "transparent_dist.adapters.fit_start",
+    "transparent_dist.tf.backprop_order",
     "transparent_dist.tf.exchange",
     "transparent_dist.tf.native.op",
     "transparent_dist.tf.native.build",

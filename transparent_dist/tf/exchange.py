@@ -41,7 +41,7 @@ from typing import Any
 
 from transparent_dist.core import collectives, config, log, step_state, timeline, world
 from transparent_dist.core.step_state import StepState
-from transparent_dist.tf import host_op, native, sparse
+from transparent_dist.tf import backprop_order, host_op, native, sparse
 
 __all__ = [
     "Arithmetic",
@@ -58,6 +58,8 @@ __all__ = [
     "uses_native",
 ]
 
+# What one bucket entry is: (index of the gradient, number of its block).
+Unit = tuple[int, int]
 # TD_COMPRESSION: the dtype float32 gradients travel in.
 _COMPRESSED = {"fp16": "float16", "bf16": "bfloat16"}
 
@@ -232,29 +234,54 @@ def average(grads: Sequence[Any], state: StepState | None = None) -> list[Any]:
     present = [i for i in present if not isinstance(grads[i], tf.IndexedSlices)]
     if not present:
         return grads
-    dense = {i: tf.convert_to_tensor(grads[i]) for i in present}
-    # Backprop yields the last layers' gradients first: their bucket goes
-    # first, so its allreduce can run while earlier layers still compute.
-    buckets = _buckets(list(reversed(present)), dense, config.SETTINGS.fusion_mb)
+    dense = _units(grads, present)
+    buckets = _buckets(list(dense), dense, config.SETTINGS.fusion_mb)
     log.debug(
-        f"gradient exchange: {len(present)} tensors in {len(buckets)} bucket(s), "
-        f"compression {config.SETTINGS.compression}"
+        f"gradient exchange: {len(present)} tensors ({len(dense)} blocks) in {len(buckets)} "
+        f"bucket(s), compression {config.SETTINGS.compression}"
     )
+    out: dict[Unit, Any] = {}
     if totals is not None:
         for number, bucket in enumerate(buckets):
-            after = _native_average(bucket, dense, grads, weight, totals, after, number, rule)
+            after = _native_average(bucket, dense, out, weight, totals, after, number, rule)
     else:
-        _numpy_average(buckets, dense, grads, weight, w.comm)
+        _numpy_average(buckets, dense, out, weight, w.comm)
+    _join(out, grads)
     if rule.times_ranks:
         for i in present:
             grads[i] = grads[i] * tf.cast(w.size, grads[i].dtype)
     return grads
 
 
+def _units(grads: list[Any], present: list[int]) -> dict[Unit, Any]:
+    """What the exchange sends, in the order it sends it: each gradient of
+    `present`, or each block of one that `backprop_order` computed in
+    blocks, in the order they are computed. Backprop yields the last
+    layers' gradients first: they go first, so their allreduce runs while
+    the earlier layers' gradients are computed."""
+    import tensorflow as tf
+
+    units: dict[Unit, Any] = {}
+    for i in reversed(present):
+        for j, block in enumerate(backprop_order.pieces(grads[i]) or [grads[i]]):
+            units[(i, j)] = tf.convert_to_tensor(block)
+    return units
+
+
+def _join(averaged: dict[Unit, Any], grads: list[Any]) -> None:
+    """Puts the averaged units back into `grads`: a gradient sent in blocks
+    is their join along rows, as `backprop_order` computed it."""
+    import tensorflow as tf
+
+    for i in sorted({i for i, _ in averaged}):
+        blocks = [averaged[(i, j)] for j in range(sum(key[0] == i for key in averaged))]
+        grads[i] = blocks[0] if len(blocks) == 1 else tf.concat(blocks, axis=0)
+
+
 def _native_average(
-    bucket: list[int],
-    dense: dict[int, Any],
-    grads: list[Any],
+    bucket: list[Unit],
+    dense: dict[Unit, Any],
+    grads: dict[Unit, Any],
     weight: Any,
     totals: Any,
     after: list[Any],
@@ -290,7 +317,11 @@ def _native_average(
 
 
 def _numpy_average(
-    buckets: list[list[int]], dense: dict[int, Any], grads: list[Any], weight: Any, comm: Any
+    buckets: list[list[Unit]],
+    dense: dict[Unit, Any],
+    grads: dict[Unit, Any],
+    weight: Any,
+    comm: Any,
 ) -> None:
     """The buckets through `tf.numpy_function` over `collectives` (where the
     native op cannot be built)."""
@@ -319,7 +350,7 @@ def _native_dtype(name: str) -> str:
     return name if name in native.DTYPES else "float32"
 
 
-def _by_dtype(indices: list[int], dtype_of: Any) -> dict[str, list[int]]:
+def _by_dtype(indices: list[Any], dtype_of: Any) -> dict[str, list[Any]]:
     """`indices` grouped by `dtype_of(i)`, groups in first-seen order (the
     same on every rank, since every rank passes the same layout)."""
     groups: dict[str, list[int]] = {}
@@ -329,7 +360,7 @@ def _by_dtype(indices: list[int], dtype_of: Any) -> dict[str, list[int]]:
 
 
 def _put_back(
-    indices: list[int], results: list[Any], dense: dict[int, Any], grads: list[Any]
+    indices: list[Unit], results: list[Any], dense: dict[Unit, Any], grads: dict[Unit, Any]
 ) -> None:
     """Stores exchanged `results` in `grads`, in the gradients' own dtypes."""
     import tensorflow as tf
@@ -338,7 +369,7 @@ def _put_back(
         grads[i] = tf.cast(tensor, dense[i].dtype) if tensor.dtype != dense[i].dtype else tensor
 
 
-def _buckets(order: list[int], tensors: dict[int, Any], limit_mb: float) -> list[list[int]]:
+def _buckets(order: list[Unit], tensors: dict[Unit, Any], limit_mb: float) -> list[list[Unit]]:
     """Consecutive runs of `order` of at most `limit_mb` MB each (a tensor
     larger than that is a bucket of its own); one bucket when the limit is 0."""
     limit = limit_mb * 1e6
