@@ -23,10 +23,11 @@ def ordered():
 
 @pytest.fixture
 def small_blocks():
-    saved = config.SETTINGS.fusion_mb
+    saved = config.SETTINGS.fusion_mb, config.SETTINGS.backprop_order
     config.SETTINGS.fusion_mb = 0.0025  # a (16, 64) float32 weight (4 kB): 2 blocks of 8 rows
+    config.SETTINGS.backprop_order = "blocks"
     yield
-    config.SETTINGS.fusion_mb = saved
+    config.SETTINGS.fusion_mb, config.SETTINGS.backprop_order = saved
 
 
 def _traced_gradients(x, weights, layer=None):
@@ -101,7 +102,7 @@ def test_large_weight_gradient_comes_in_row_blocks_in_order(ordered, small_block
 
 
 def test_input_gradient_waits_for_the_weight_gradient(ordered):
-    # A weight under the block size: not blocked, only ordered.
+    # On one node ("auto"): not blocked, only ordered.
     x = tf.ones((4, 8))
     _, graph, seen = _traced_gradients(x, _weights())
     assert seen["pieces"] == [None, None]
@@ -180,3 +181,24 @@ def test_setting_off_leaves_tensorflows_gradients(ordered, small_blocks):
         config.SETTINGS.backprop_order = saved
     assert seen["pieces"] == [None, None]
     assert not any(op.control_inputs for op in graph.get_operations() if op.type == "MatMul")
+
+
+@pytest.mark.parametrize(
+    ("setting", "local_size", "size", "blocks"),
+    [
+        ("auto", 2, 2, False),  # one node: joining the blocks costs a copy as large as the exchange
+        ("auto", 1, 2, True),  # across nodes
+        ("blocks", 2, 2, True),
+        ("weights_first", 1, 2, False),
+    ],
+)
+def test_blocks_across_nodes_by_default(monkeypatch, setting, local_size, size, blocks):
+    import types
+
+    from transparent_dist.core import world
+
+    monkeypatch.setattr(config.SETTINGS, "backprop_order", setting)
+    monkeypatch.setattr(
+        world, "get", lambda: types.SimpleNamespace(local_size=local_size, size=size)
+    )
+    assert backprop_order.blocks_here() is blocks

@@ -20,7 +20,9 @@ rng = np.random.default_rng(0)
 x = rng.normal(size=(512, 10)).astype("float32")
 y = np.tanh(x @ rng.normal(size=(10, 1))).astype("float32")
 result = {}
-base = {"fusion_mb": 64.0, "compression": "none", "native": "auto"}
+# Blocks (`backprop_order`) as across nodes: with tiny buckets every kernel
+# is computed in row blocks, sent one by one.
+base = {"fusion_mb": 64.0, "compression": "none", "native": "auto", "backprop_order": "blocks"}
 for name, settings in {
     "fused": base,
     "buckets": {**base, "fusion_mb": 0.0005},  # one bucket per variable
@@ -58,7 +60,9 @@ def bucket_ancestry() -> dict:
 
     from transparent_dist.tf import backprop_order
 
-    transparent_dist.configure(fusion_mb=0.0001, compression="none", native="auto")
+    transparent_dist.configure(
+        fusion_mb=0.0001, compression="none", native="auto", backprop_order="blocks"
+    )
     model = keras.Sequential(
         [keras.Input((10,)), keras.layers.Dense(64), keras.layers.Dense(64), keras.layers.Dense(1)]
     )

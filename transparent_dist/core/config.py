@@ -39,7 +39,7 @@ _CHOICES = {
     "native": ("auto", "on", "off"),
     "resume": ("auto", "force", "fresh"),
     "elastic": ("auto", "off"),
-    "backprop_order": ("weights_first", "off"),
+    "backprop_order": ("auto", "blocks", "weights_first", "off"),
 }
 
 
@@ -82,9 +82,10 @@ class Settings:
     fusion_mb: float = 4.0
     compression: str = "none"
     # Each layer's weight gradient before its input gradient, a large one
-    # in blocks of `fusion_mb` (tf/backprop_order.py): the exchange starts
-    # earlier. "off": TensorFlow's own gradient functions.
-    backprop_order: str = "weights_first"
+    # in blocks of `fusion_mb` ("auto": only when the ranks span several
+    # nodes; tf/backprop_order.py): the exchange starts earlier. "off":
+    # TensorFlow's own gradient functions.
+    backprop_order: str = "auto"
     timeline: str = ""
     # The compiled exchange op ("auto": used when it builds, else the numpy
     # exchange with a warning; "on": required; "off": never).
