@@ -26,9 +26,9 @@ def op():
     lib = ctypes.CDLL(str(path))
     saved = dict(native_op._STATE)
     native_op._STATE.update(tried=True, module=module, lib=lib)
-    handles = collectives.native_handles(MPI.COMM_SELF)
-    lib.td_configure.argtypes = [ctypes.c_ssize_t] * (len(handles) + 1)
+    lib.td_configure.argtypes = [ctypes.c_ssize_t] * 9
     lib.td_take_spans.argtypes = [ctypes.POINTER(ctypes.c_double), ctypes.c_int]
+    handles = collectives.native_handles(MPI.COMM_SELF)
 
     def configure(threaded: bool) -> None:
         assert lib.td_configure(*handles, int(threaded)) == 0

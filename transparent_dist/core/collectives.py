@@ -518,9 +518,8 @@ def free(comm: Any) -> None:
 def native_handles(comm: Any) -> list[int]:
     """What compiled code needs to call MPI_Allreduce on `comm` itself, as
     integers: the addresses of MPI_Allreduce and MPI_Op_create in the MPI
-    library mpi4py loaded, the handles of `comm`, MPI_FLOAT, MPI_DOUBLE,
-    MPI_UINT16_T, MPI_SUM and MPI_IN_PLACE, and the addresses of
-    MPI_Iallreduce and MPI_Test."""
+    library mpi4py loaded, and the handles of `comm`, MPI_FLOAT,
+    MPI_DOUBLE, MPI_UINT16_T, MPI_SUM and MPI_IN_PLACE."""
     import ctypes
 
     from mpi4py import MPI
@@ -540,8 +539,6 @@ def native_handles(comm: Any) -> list[int]:
         MPI._handleof(MPI.UINT16_T),
         MPI._handleof(MPI.SUM),
         int(MPI.IN_PLACE),
-        address("MPI_Iallreduce"),
-        address("MPI_Test"),
     ]
 
 

@@ -78,8 +78,6 @@ using tensorflow::Tensor;
 typedef int (*AllreduceFn)(const void*, void*, int, intptr_t, intptr_t, intptr_t);
 typedef void (*UserFn)(void*, void*, int*, void*);
 typedef int (*OpCreateFn)(UserFn, int, void*);
-typedef int (*IallreduceFn)(const void*, void*, int, intptr_t, intptr_t, intptr_t, void*);
-typedef int (*TestFn)(void*, int*, void*);
 
 // A chunk stays in a core's L2 cache between being scaled and being read by
 // MPI. (Measured on a 2-core EPYC VM, 25 MB of gradients: 128 KB chunks
@@ -89,16 +87,11 @@ constexpr size_t kChunkBytes = 1 << 20;
 
 struct Mpi {
   AllreduceFn allreduce = nullptr;
-  IallreduceFn iallreduce = nullptr;
-  TestFn test = nullptr;
   intptr_t comm = 0, float32 = 0, float64 = 0, uint16 = 0, sum = 0, in_place = 0;
   intptr_t half_sum = 0, bfloat16_sum = 0;
 };
 Mpi g_mpi;
 std::atomic<bool> g_ready{false};
-// How a transfer is waited for (see Reduce).
-constexpr double kSpinSeconds = 500e-6;
-constexpr int kPollMicroseconds = 50;
 
 // Counters read by transparent_dist.native.counters() (seconds, bytes).
 enum Counter {
@@ -314,31 +307,8 @@ template <> intptr_t SumOp<Eigen::bfloat16>() { return g_mpi.bfloat16_sum; }
 template <typename W>
 tensorflow::Status Reduce(W* data, int64_t n, double* reduce_seconds) {
   const double start = Now();
-  int rc = 0;
-  if (g_mpi.iallreduce != nullptr) {
-    // Started, then tested, sleeping between tests once it has taken
-    // longer than a chunk over shared memory: a thread spinning in
-    // MPI_Allreduce for a whole transfer over a slow link takes a core from
-    // the backward pass it runs beside. (Measured on the shaped 1 Gbit/s
-    // link of benchmarks/overlap.py: 25 MB allreduced in the same 217 ms
-    // with a core's CPU spent waiting, 200 ms, and with 75 ms; the plugin's
-    // step 474 -> 424 ms with the weight gradients in blocks.)
-    int64_t request = 0;  // an int (MPICH) or a pointer (Open MPI) is written here
-    rc = g_mpi.iallreduce(reinterpret_cast<const void*>(g_mpi.in_place), data,
-                          static_cast<int>(n), Datatype<W>(), SumOp<W>(), g_mpi.comm, &request);
-    int flag = 0;
-    alignas(16) char status[256];
-    while (rc == 0) {
-      rc = g_mpi.test(&request, &flag, status);
-      if (flag) break;
-      if (Now() - start > kSpinSeconds) {
-        std::this_thread::sleep_for(std::chrono::microseconds(kPollMicroseconds));
-      }
-    }
-  } else {
-    rc = g_mpi.allreduce(reinterpret_cast<const void*>(g_mpi.in_place), data,
-                         static_cast<int>(n), Datatype<W>(), SumOp<W>(), g_mpi.comm);
-  }
+  const int rc = g_mpi.allreduce(reinterpret_cast<const void*>(g_mpi.in_place), data,
+                                 static_cast<int>(n), Datatype<W>(), SumOp<W>(), g_mpi.comm);
   *reduce_seconds += Now() - start;
   if (rc != 0) {
     return tensorflow::errors::Internal("transparent_dist: MPI_Allreduce failed with code ", rc);
@@ -607,12 +577,10 @@ extern "C" {
 // may run on the communication thread.
 int td_configure(intptr_t allreduce, intptr_t op_create, intptr_t comm, intptr_t float32,
                  intptr_t float64, intptr_t uint16, intptr_t sum, intptr_t in_place,
-                 intptr_t iallreduce, intptr_t test, intptr_t threaded) {
+                 intptr_t threaded) {
   std::lock_guard<std::mutex> lock(g_exchange_mutex);
   g_threaded.store(threaded != 0);
   g_mpi.allreduce = reinterpret_cast<AllreduceFn>(allreduce);
-  g_mpi.iallreduce = reinterpret_cast<IallreduceFn>(iallreduce);
-  g_mpi.test = reinterpret_cast<TestFn>(test);
   g_mpi.comm = comm;
   g_mpi.float32 = float32;
   g_mpi.float64 = float64;

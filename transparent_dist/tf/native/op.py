@@ -67,12 +67,11 @@ def reset() -> None:
 def _configure(lib: Any, comm: Any) -> None:
     import ctypes
 
-    handles = collectives.native_handles(comm)
-    lib.td_configure.argtypes = [ctypes.c_ssize_t] * (len(handles) + 1)
+    lib.td_configure.argtypes = [ctypes.c_ssize_t] * 9
     lib.td_configure.restype = ctypes.c_int
     # The communication thread calls MPI while Python threads may too.
     threaded = world.thread_level() == "multiple"
-    code = lib.td_configure(*handles, int(threaded))
+    code = lib.td_configure(*collectives.native_handles(comm), int(threaded))
     if code != 0:
         raise RuntimeError(f"MPI_Op_create failed with code {code}")
     lib.td_counters.argtypes = [ctypes.POINTER(ctypes.c_double)]
