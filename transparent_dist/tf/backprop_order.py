@@ -58,9 +58,11 @@ _ORIGINAL: dict[str, Any] = {}
 def install() -> None:
     """Orders (and blocks) the gradients of the ops above; idempotent. The
     replaced gradient functions stay reachable (`_ORIGINAL`)."""
-    from tensorflow.python.framework import ops
+    from transparent_dist.tf import internals
 
-    registry = ops._gradient_registry._registry
+    # TensorFlow's op type -> gradient function table (the tape and
+    # tf.gradients both look the function up there, at each gradient).
+    registry = internals.ops._gradient_registry._registry
     for op_type, blocks in _ORDERED.items():
         if op_type in _ORIGINAL or op_type not in registry:
             continue
@@ -71,9 +73,11 @@ def install() -> None:
 
 def uninstall() -> None:
     """Puts the original gradient functions back."""
-    from tensorflow.python.framework import ops
+    from transparent_dist.tf import internals
 
-    registry = ops._gradient_registry._registry
+    # TensorFlow's op type -> gradient function table (the tape and
+    # tf.gradients both look the function up there, at each gradient).
+    registry = internals.ops._gradient_registry._registry
     for op_type, original in _ORIGINAL.items():
         registry[op_type]["type"] = original
     _ORIGINAL.clear()

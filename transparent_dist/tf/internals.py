@@ -12,6 +12,7 @@ from tensorflow.python.client import session
 from tensorflow.python.data.ops import dataset_ops
 from tensorflow.python.eager import context
 from tensorflow.python.eager.polymorphic_function import polymorphic_function
+from tensorflow.python.framework import ops
 from tensorflow.python.ops import variables
 from tensorflow.python.summary.writer import writer
 from tensorflow.python.training import monitored_session, saver
@@ -22,6 +23,7 @@ __all__ = [
     "context",
     "dataset_ops",
     "monitored_session",
+    "ops",
     "polymorphic_function",
     "saver",
     "session",
