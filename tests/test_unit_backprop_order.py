@@ -16,9 +16,12 @@ from transparent_dist.tf import backprop_order, exchange  # noqa: E402
 
 @pytest.fixture
 def ordered():
+    saved = config.SETTINGS.backprop_order
+    config.SETTINGS.backprop_order = "weights_first"
     backprop_order.install()
     yield
     backprop_order.uninstall()
+    config.SETTINGS.backprop_order = saved
 
 
 @pytest.fixture
@@ -102,7 +105,7 @@ def test_large_weight_gradient_comes_in_row_blocks_in_order(ordered, small_block
 
 
 def test_input_gradient_waits_for_the_weight_gradient(ordered):
-    # On one node ("auto"): not blocked, only ordered.
+    # "weights_first": not blocked, only ordered.
     x = tf.ones((4, 8))
     _, graph, seen = _traced_gradients(x, _weights())
     assert seen["pieces"] == [None, None]
@@ -184,21 +187,8 @@ def test_setting_off_leaves_tensorflows_gradients(ordered, small_blocks):
 
 
 @pytest.mark.parametrize(
-    ("setting", "local_size", "size", "blocks"),
-    [
-        ("auto", 2, 2, False),  # one node: joining the blocks costs a copy as large as the exchange
-        ("auto", 1, 2, True),  # across nodes
-        ("blocks", 2, 2, True),
-        ("weights_first", 1, 2, False),
-    ],
+    ("setting", "blocks"), [("off", False), ("weights_first", False), ("blocks", True)]
 )
-def test_blocks_across_nodes_by_default(monkeypatch, setting, local_size, size, blocks):
-    import types
-
-    from transparent_dist.core import world
-
+def test_blocks_only_when_asked(monkeypatch, setting, blocks):
     monkeypatch.setattr(config.SETTINGS, "backprop_order", setting)
-    monkeypatch.setattr(
-        world, "get", lambda: types.SimpleNamespace(local_size=local_size, size=size)
-    )
     assert backprop_order.blocks_here() is blocks

@@ -39,7 +39,7 @@ _CHOICES = {
     "native": ("auto", "on", "off"),
     "resume": ("auto", "force", "fresh"),
     "elastic": ("auto", "off"),
-    "backprop_order": ("auto", "blocks", "weights_first", "off"),
+    "backprop_order": ("off", "weights_first", "blocks"),
 }
 
 
@@ -81,11 +81,11 @@ class Settings:
     # behind 4), optional 16-bit compression, and a Chrome-trace timeline.
     fusion_mb: float = 4.0
     compression: str = "none"
-    # Each layer's weight gradient before its input gradient, a large one
-    # in blocks of `fusion_mb` ("auto": only when the ranks span several
-    # nodes; tf/backprop_order.py): the exchange starts earlier. "off":
-    # TensorFlow's own gradient functions.
-    backprop_order: str = "auto"
+    # "weights_first": each layer's weight gradient before its input
+    # gradient; "blocks": and a large one in blocks of `fusion_mb`, sent one
+    # by one (tf/backprop_order.py): the exchange starts earlier, which pays
+    # on slow links only (docs/scaling.md). "off": TensorFlow's own order.
+    backprop_order: str = "off"
     timeline: str = ""
     # The compiled exchange op ("auto": used when it builds, else the numpy
     # exchange with a warning; "on": required; "off": never).

@@ -25,10 +25,9 @@ for, is done only when both are. Here, for the large products (`MatMul`,
 input's gradient after it: the same operations, in an order, so the
 backward pass takes as long as before and the first bytes leave earlier.
 
-Where the gradients cross a network (`blocks_here`), a large 2-D weight's
-gradient (`MatMul`, the weight of a `Dense` layer) is also computed in
-blocks of rows, one after the other, `TD_FUSION_MB` each at most, and
-joined: `exchange.average` sees through the join (`pieces`) and
+With `TD_BACKPROP_ORDER=blocks`, a large 2-D weight's gradient (`MatMul`,
+the weight of a `Dense` layer) is also computed in blocks of rows, one
+after the other, `TD_FUSION_MB` each at most, and joined: `exchange.average` sees through the join (`pieces`) and
 sends each block as soon as it exists, so the link starts on a layer's
 gradient while the rest of it computes, and after the backward pass only
 the last block is left to send. Each block is the same sums over the batch
@@ -36,6 +35,13 @@ as the whole product, so the gradient equals the unsplit one to float
 rounding (the kernels may sum in another order, ~1e-7); the plugin installs
 this only when more than one rank trains, so one process stays plain
 TensorFlow, bit for bit.
+
+Off by default (`TD_BACKPROP_ORDER=off`): on this project's two shaped
+"nodes" (benchmarks/overlap.py, docs/scaling.md) the order made the step
+faster over a 1 Gbit/s link (490 -> 458 ms, in blocks 445) and slower over
+10 Gbit/s (301 -> 334, in blocks 349), where the exchange already hid
+behind the compute. Turn it on where the exchange takes longer than the
+backward pass.
 """
 
 from __future__ import annotations
@@ -139,21 +145,12 @@ def _ordered(original: Any, blocks: bool) -> Any:
 
 
 def blocks_here() -> bool:
-    """Whether large weight gradients are computed in blocks in this job
-    (`TD_BACKPROP_ORDER`): "blocks" always, "weights_first" never, "auto"
-    when the ranks span more than one node. The same answer on every rank
-    (the exchange's buckets depend on it). On one node the exchange is a
-    copy through shared memory, and joining the blocks again is a copy as
-    large: measured here (2 ranks, the 6.3 M-parameter MLP at batch 32,
-    benchmarks/exchange_worker.py), blocks made the step 21 -> 26 ms, the
-    order alone changed nothing."""
-    from transparent_dist.core import config, world
+    """Whether large weight gradients are computed in blocks
+    (`TD_BACKPROP_ORDER=blocks`); the same answer on every rank, since the
+    exchange's buckets depend on it."""
+    from transparent_dist.core import config
 
-    mode = config.SETTINGS.backprop_order
-    if mode == "auto":
-        w = world.get()
-        return w.local_size < w.size
-    return mode == "blocks"
+    return config.SETTINGS.backprop_order == "blocks"
 
 
 def _blockable(op: Any, grad: Any) -> bool:
