@@ -80,24 +80,15 @@ def main() -> int:
     if args.worker:
         _worker(args.sleep_us[0], args.calls)
         return 0
-    sys.path.insert(0, str(HERE.parent / "tests"))
-    sys.path.insert(0, str(HERE))
-    import overlap
-    from netns_cluster import Cluster
+    import overlap  # benchmarks/ is sys.path[0]
 
-    why = Cluster.unavailable()
-    if why:
-        raise SystemExit(f"link_cpu.py needs the namespace harness: {why}")
+    Cluster = overlap.harness("link_cpu.py")  # noqa: N806 - the class
     rows = []
-    default_burst = overlap._burst
     with Cluster(nodes=2) as cluster:
         env = {**overlap._env(HERE.parent, 1), **Cluster.environment()}
         for rate in args.rates:
             for burst in args.bursts:
-                overlap._burst = (
-                    default_burst if burst == "auto" else (lambda rate, burst=burst: burst)
-                )
-                tc = overlap._shape(cluster, rate)
+                tc = overlap._shape(cluster, rate, None if burst == "auto" else burst)
                 for sleep_us in args.sleep_us:
                     command = cluster.mpiexec(ranks=2, per_node=1) + [
                         sys.executable,

@@ -254,9 +254,10 @@ def _burst(rate: str) -> str:
     about 300 kB reach 0.95, the TCP payload's share of the frames. And a
     bucket smaller than a GSO packet (64 kB) makes tbf cut every such packet
     into frames in software: a 25 MB allreduce at 1 Gbit/s then cost both
-    "nodes" together 294 ms of CPU (this machine's 2 cores, which the ranks'
-    compute needs), against 65 ms with a 128 kB bucket, at the same 217-222
-    ms on the link (/proc/stat; a real NIC would not take that CPU)."""
+    "nodes" together 216 ms of CPU (this machine's 2 cores, which the ranks'
+    compute needs), against 44 ms with a 128 kB bucket, at the same 216-218
+    ms on the link (benchmarks/link_cpu.py, docs/link_cpu.json; a real NIC
+    would not take that CPU)."""
     units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
     for unit, scale in units.items():
         if rate.lower().endswith(unit):
@@ -265,9 +266,10 @@ def _burst(rate: str) -> str:
     raise ValueError(f"rate {rate!r}: give it as e.g. 1gbit, 500mbit")
 
 
-def _shape(cluster: object, rate: str) -> str:
-    """Shapes every node's link on the way out; returns the tc line used."""
-    burst = _burst(rate)
+def _shape(cluster: object, rate: str, burst: str | None = None) -> str:
+    """Shapes every node's link on the way out, with tbf's bucket `burst`
+    (by default `_burst(rate)`); returns the tc line used."""
+    burst = burst or _burst(rate)
     for i, ns in enumerate(cluster.namespaces):
         dev = f"{cluster.tag}p{i}"
         command = ["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root"]
@@ -307,15 +309,23 @@ def _sweep(command: list[str], env: dict, args: argparse.Namespace, sizes: list[
     )
 
 
-def run(args: argparse.Namespace) -> dict:
+def harness(script: str) -> type:
+    """The namespace harness's `Cluster` (tests/netns_cluster.py), for
+    `script` and the other benchmarks that shape its link; SystemExit,
+    naming `script`, where it cannot run (root, `ip netns`, `tc`)."""
     sys.path.insert(0, str(ROOT / "tests"))
     from netns_cluster import Cluster
 
     why = Cluster.unavailable()
     if why:
-        raise SystemExit(f"overlap.py needs the namespace harness: {why}")
+        raise SystemExit(f"{script} needs the namespace harness: {why}")
     if shutil.which("tc") is None:
-        raise SystemExit("overlap.py shapes the link with `tc` (iproute2): not found")
+        raise SystemExit(f"{script} shapes the link with `tc` (iproute2): not found")
+    return Cluster
+
+
+def run(args: argparse.Namespace) -> dict:
+    Cluster = harness("overlap.py")  # noqa: N806 - the class
     tree = Path(args.tree).resolve()
     if not (tree / "transparent_dist" / "__init__.py").exists():
         raise SystemExit(f"--tree {tree}: no transparent_dist/ there")

@@ -122,14 +122,9 @@ def main() -> int:
     if args.worker:
         _worker(Path(args.worker))
         return 0
-    sys.path.insert(0, str(HERE.parent / "tests"))
-    sys.path.insert(0, str(HERE))
-    import overlap
-    from netns_cluster import Cluster
+    import overlap  # benchmarks/ is sys.path[0]
 
-    why = Cluster.unavailable()
-    if why:
-        raise SystemExit(f"overlap_profile.py needs the namespace harness: {why}")
+    Cluster = overlap.harness("overlap_profile.py")  # noqa: N806 - the class
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("prof*"):

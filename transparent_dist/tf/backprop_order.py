@@ -20,15 +20,16 @@ A layer's backward pass computes two products: the gradient of its weight
 (which goes to the exchange, and nowhere else) and the gradient of its
 input (which the layers before it wait for). TensorFlow starts both at once
 and they share the cores, so the weight's gradient, the one the link waits
-for, is done only when both are. Here, for the large products (`MatMul`,
-`BatchMatMulV2`, `Conv2D`), the weight's gradient comes first and the
+for, is done only when both are. Here, for `MatMul`, `Conv2D` and `Conv3D`
+with a variable as one input, the weight's gradient comes first and the
 input's gradient after it: the same operations, in an order, so the
 backward pass takes as long as before and the first bytes leave earlier.
 
 With `TD_BACKPROP_ORDER=blocks`, a large 2-D weight's gradient (`MatMul`,
 the weight of a `Dense` layer) is also computed in blocks of rows, one
-after the other, `TD_FUSION_MB` each at most, and joined: `exchange.average` sees through the join (`pieces`) and
-sends each block as soon as it exists, so the link starts on a layer's
+after the other, `TD_FUSION_MB` each at most, and joined:
+`exchange.average` sees through the join (`pieces`) and sends each block
+as soon as it exists, so the link starts on a layer's
 gradient while the rest of it computes, and after the backward pass only
 the last block is left to send. Each block is the same sums over the batch
 as the whole product, so the gradient equals the unsplit one to float
@@ -64,11 +65,7 @@ _ORIGINAL: dict[str, Any] = {}
 def install() -> None:
     """Orders (and blocks) the gradients of the ops above; idempotent. The
     replaced gradient functions stay reachable (`_ORIGINAL`)."""
-    from transparent_dist.tf import internals
-
-    # TensorFlow's op type -> gradient function table (the tape and
-    # tf.gradients both look the function up there, at each gradient).
-    registry = internals.ops._gradient_registry._registry
+    registry = _registry()
     for op_type, blocks in _ORDERED.items():
         if op_type in _ORIGINAL or op_type not in registry:
             continue
@@ -79,14 +76,18 @@ def install() -> None:
 
 def uninstall() -> None:
     """Puts the original gradient functions back."""
-    from transparent_dist.tf import internals
-
-    # TensorFlow's op type -> gradient function table (the tape and
-    # tf.gradients both look the function up there, at each gradient).
-    registry = internals.ops._gradient_registry._registry
+    registry = _registry()
     for op_type, original in _ORIGINAL.items():
         registry[op_type]["type"] = original
     _ORIGINAL.clear()
+
+
+def _registry() -> dict[str, dict[str, Any]]:
+    """TensorFlow's table of op type -> gradient function: the tape and
+    `tf.gradients` both look the function up there, at each gradient."""
+    from transparent_dist.tf import internals
+
+    return internals.ops._gradient_registry._registry
 
 
 reset = uninstall  # `activation.reset`: the plugin off, TensorFlow's own gradients back
@@ -130,8 +131,8 @@ def _ordered(original: Any, blocks: bool) -> Any:
         if len(weights) != 1:
             return original(op, grad)
         weight = weights[0]
-        if blocks and weight == 1 and _blockable(op, grad):
-            return _blocked_matmul_grad(op, grad, original)
+        if blocks and weight == 1 and _blockable(op):
+            return _blocked_matmul_grad(op, grad)
         grads = list(original(op, grad))
         first = grads[weight]
         if first is None:
@@ -153,21 +154,21 @@ def blocks_here() -> bool:
     return config.SETTINGS.backprop_order == "blocks"
 
 
-def _blockable(op: Any, grad: Any) -> bool:
+def _blockable(op: Any) -> bool:
+    """Whether `MatMul(a, w)`'s weight gradient is computed in blocks: asked
+    for, untransposed, 2-D, of known shape and larger than a bucket."""
     from transparent_dist.core import config
 
-    if op.get_attr("transpose_a") or op.get_attr("transpose_b"):
+    if not blocks_here() or op.get_attr("transpose_a") or op.get_attr("transpose_b"):
         return False
     a, b = op.inputs[0], op.inputs[1]
     if not (a.dtype.is_floating and a.shape.rank == 2 and b.shape.is_fully_defined()):
-        return False
-    if not blocks_here():
         return False
     limit = config.SETTINGS.fusion_mb * 1e6
     return limit > 0 and b.shape.num_elements() * b.dtype.size > limit
 
 
-def _blocked_matmul_grad(op: Any, grad: Any, original: Any) -> list[Any]:
+def _blocked_matmul_grad(op: Any, grad: Any) -> list[Any]:
     """`MatMul(a, w)`'s gradients: dw = a^T grad in row blocks of at most
     `TD_FUSION_MB`, one after the other, then da = grad w^T."""
     import tensorflow as tf

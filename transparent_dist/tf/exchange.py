@@ -273,9 +273,11 @@ def _join(averaged: dict[Unit, Any], grads: list[Any]) -> None:
     is their join along rows, as `backprop_order` computed it."""
     import tensorflow as tf
 
-    for i in sorted({i for i, _ in averaged}):
-        blocks = [averaged[(i, j)] for j in range(sum(key[0] == i for key in averaged))]
-        grads[i] = blocks[0] if len(blocks) == 1 else tf.concat(blocks, axis=0)
+    blocks: dict[int, list[Any]] = {}
+    for i, j in sorted(averaged):
+        blocks.setdefault(i, []).append(averaged[(i, j)])
+    for i, parts in blocks.items():
+        grads[i] = parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
 
 
 def _native_average(
@@ -353,7 +355,7 @@ def _native_dtype(name: str) -> str:
 def _by_dtype(indices: list[Any], dtype_of: Any) -> dict[str, list[Any]]:
     """`indices` grouped by `dtype_of(i)`, groups in first-seen order (the
     same on every rank, since every rank passes the same layout)."""
-    groups: dict[str, list[int]] = {}
+    groups: dict[str, list[Any]] = {}
     for i in indices:
         groups.setdefault(dtype_of(i), []).append(i)
     return groups
