@@ -129,6 +129,10 @@ def check_settings() -> None:
             f"with status {SETTINGS_STATUS}\n"
         )
         sys.stderr.flush()
+    # Every rank ends here alike; the end-of-script phase would compare the
+    # same differing settings again and end the job with another message
+    # and status.
+    _END["settings_failed"] = True
     raise SystemExit(SETTINGS_STATUS)
 
 
@@ -183,7 +187,7 @@ def enter(kind: str, arguments: dict | None = None, comm: Any = None) -> None:
     )
 
 
-_END: dict[str, Any] = {"done": False}
+_END: dict[str, Any] = {"done": False, "settings_failed": False}
 
 
 def _end_check() -> None:
@@ -197,14 +201,17 @@ def _end_check() -> None:
     _END["done"] = True
     if world.is_finalized():
         return
-    try:
-        enter("script end")
-    except CollectiveError as error:
-        failures.handle(CollectiveError, error, None)
+    if _END["settings_failed"]:
+        pass  # `check_settings` ended the job on every rank, and said why
     else:
-        # Every rank is here and MPI still works: the one safe point for
-        # the end-of-run summaries' gathers (before the watchdog stops).
-        loop_summary.at_script_end(world.get().control_comm)
+        try:
+            enter("script end")
+        except CollectiveError as error:
+            failures.handle(CollectiveError, error, None)
+        else:
+            # Every rank is here and MPI still works: the one safe point for
+            # the end-of-run summaries' gathers (before the watchdog stops).
+            loop_summary.at_script_end(world.get().control_comm)
     # The listener first: it may be in one of the watchdog's pollers.
     listener.stop()
     stall.stop()
@@ -234,7 +241,7 @@ def reset() -> None:
     (`activation.reset`): the next `fit` is #1 again."""
     remove_end_check()
     _COUNTS.clear()
-    _END["done"] = False
+    _END.update(done=False, settings_failed=False)
 
 
 class Wish(enum.IntFlag):
